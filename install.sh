@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# snapcrypt installer: the README's first command.
+#
+#   ./install.sh
+#
+# On Debian 12 (as root, or with sudo): installs the system packages snapcrypt
+# needs at run time and for its tests, Node.js 24 into ./.tools (unless `node`
+# on PATH is already >= 24), the npm dependencies, builds, checks the
+# bin/snapcrypt wrappers and runs `bin/snapcrypt demo`.
+# Prints one line per step; a failing step's full log is printed.
+# Safe to run again.
+set -euo pipefail
+
+ROOT=$(CDPATH='' cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)
+cd "$ROOT"
+SNAPCRYPT_ROOT=$ROOT
+# shellcheck source=scripts/env.sh
+. "$ROOT/scripts/env.sh"
+
+APT_PACKAGES=(btrfs-progs openssh-server openssh-client rsync attr sudo time)
+NODE_SPEC="node@$SNAPCRYPT_MIN_NODE_MAJOR"
+
+LOG_DIR="$SNAPCRYPT_TOOLS_DIR/logs"
+mkdir -p "$LOG_DIR"
+
+say() { printf '[install] %s\n' "$*"; }
+
+# step NAME CMD...: run CMD with its output in $LOG_DIR/NAME.log; print one
+# line; on failure print the whole log and exit with CMD's status.
+step() {
+	local name=$1 log="$LOG_DIR/$1.log" rc=0
+	shift
+	printf '[install] %s ... ' "$name"
+	"$@" >"$log" 2>&1 </dev/null || rc=$?
+	if ((rc == 0)); then
+		echo ok
+		return 0
+	fi
+	echo "FAILED (exit $rc)"
+	echo "----- $log -----" >&2
+	cat "$log" >&2
+	echo "----- end of $log -----" >&2
+	exit "$rc"
+}
+
+# --- 1. system packages ------------------------------------------------------
+missing_packages() {
+	local p status
+	for p in "${APT_PACKAGES[@]}"; do
+		status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null) || status=
+		[[ $status == "install ok installed" ]] || printf '%s\n' "$p"
+	done
+}
+
+apt_install() {
+	local -a sudo=()
+	if ((EUID != 0)); then
+		if ! command -v sudo >/dev/null 2>&1; then
+			echo "not root and no sudo: install these as root: $*" >&2
+			return 1
+		fi
+		sudo=(sudo -n)
+		# Ask for the password up front if needed (not in CI: no stdin).
+		[[ -t 0 ]] && sudo=(sudo)
+	fi
+	"${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update
+	"${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@"
+}
+
+mapfile -t MISSING < <(missing_packages)
+if ((${#MISSING[@]} == 0)); then
+	say "system packages: all present (${APT_PACKAGES[*]})"
+else
+	if ! command -v apt-get >/dev/null 2>&1; then
+		echo "[install] apt-get not found: please install ${MISSING[*]} with your package manager" >&2
+		exit 1
+	fi
+	if ((EUID != 0)) && [[ -t 0 ]]; then
+		# sudo may prompt: don't hide the prompt behind the log redirection.
+		sudo -v
+	fi
+	step "apt-install-${#MISSING[@]}-packages(${MISSING[*]})" apt_install "${MISSING[@]}"
+fi
+
+# --- 2. Node.js >= 24 ----------------------------------------------------------
+install_tools_node() {
+	command -v npm >/dev/null 2>&1 || {
+		echo "npm not found on PATH: it is needed to fetch Node.js $SNAPCRYPT_MIN_NODE_MAJOR from the npm registry" >&2
+		return 1
+	}
+	rm -rf "$SNAPCRYPT_TOOLS_DIR/node_modules" "$SNAPCRYPT_TOOLS_DIR/package-lock.json"
+	[[ -f $SNAPCRYPT_TOOLS_DIR/package.json ]] ||
+		printf '{\n  "private": true,\n  "description": "snapcrypt local toolchain (see install.sh)"\n}\n' >"$SNAPCRYPT_TOOLS_DIR/package.json"
+	# The `node` package's preinstall script fetches node-linux-<arch> from
+	# the registry, so scripts must run.
+	npm install --prefix "$SNAPCRYPT_TOOLS_DIR" --ignore-scripts=false \
+		--no-audit --no-fund --loglevel=warn "$NODE_SPEC"
+	snapcrypt_node_ok "$SNAPCRYPT_TOOLS_NODE" || {
+		echo "$SNAPCRYPT_TOOLS_NODE is not a working Node.js >= $SNAPCRYPT_MIN_NODE_MAJOR" >&2
+		return 1
+	}
+}
+
+if [[ -x $SNAPCRYPT_TOOLS_NODE ]] && snapcrypt_node_ok "$SNAPCRYPT_TOOLS_NODE"; then
+	say "node: reusing $SNAPCRYPT_TOOLS_NODE ($("$SNAPCRYPT_TOOLS_NODE" --version))"
+elif sys_node=$(command -v node 2>/dev/null) && snapcrypt_node_ok "$sys_node"; then
+	say "node: using $sys_node ($("$sys_node" --version))"
+else
+	step "node-$SNAPCRYPT_MIN_NODE_MAJOR-into-.tools" install_tools_node
+fi
+if ! snapcrypt_use_node; then
+	snapcrypt_no_node_message
+	exit 1
+fi
+say "node: $SNAPCRYPT_NODE is $("$SNAPCRYPT_NODE" --version), npm $(npm --version)"
+
+# --- 3. npm dependencies and build ---------------------------------------------
+if [[ -f package-lock.json ]]; then
+	step npm-ci npm ci --no-audit --no-fund
+else
+	step npm-install npm install --no-audit --no-fund
+fi
+step build npm run build
+
+# --- 4. wrappers -----------------------------------------------------------------
+# bin/snapcrypt and bin/snapcrypt-server are committed POSIX sh scripts that
+# find this node (scripts/env.sh); make sure they are executable (a copy may
+# have dropped the bit) and that the programs they run were built.
+check_wrappers() {
+	local p
+	for p in snapcrypt snapcrypt-server; do
+		chmod +x "bin/$p"
+		[[ -f dist/src/programs/$p.js ]] || {
+			echo "dist/src/programs/$p.js was not built (is src/programs/$p.ts there?)" >&2
+			return 1
+		}
+	done
+	sh -c 'SNAPCRYPT_ROOT=$1; . "$1/scripts/env.sh"; snapcrypt_find_node && echo "wrappers use $SNAPCRYPT_NODE"' \
+		sh "$ROOT"
+}
+step wrappers check_wrappers
+# Under ssh (snapcrypt-server) PATH is minimal: warn if node would not be found.
+if ! env -i PATH=/usr/local/bin:/usr/bin:/bin sh -c \
+	'SNAPCRYPT_ROOT=$1; . "$1/scripts/env.sh"; snapcrypt_find_node' sh "$ROOT"; then
+	say "note: under ssh's minimal PATH bin/snapcrypt-server will not find $SNAPCRYPT_NODE; for remote use put a node >= $SNAPCRYPT_MIN_NODE_MAJOR in /usr/local/bin or /usr/bin"
+fi
+
+# --- 5. demo -----------------------------------------------------------------------
+say "demo: bin/snapcrypt demo"
+bin/snapcrypt demo
+say "done: run bin/snapcrypt --help, or ./test.sh for the tests"

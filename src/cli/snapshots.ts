@@ -1,0 +1,30 @@
+import { type Command, commonHelp, fmtBytes, table } from './common.js';
+
+export const snapshotsCommand: Command = {
+  name: 'snapshots',
+  summary: 'list snapshots',
+  usage: `Usage: snapcrypt snapshots --repo R
+
+Lists the snapshots, oldest first: ID, time (the storage's clock, when it was sealed), host, paths,
+size and number of files.
+
+${commonHelp}`,
+  options: {},
+  allowPositionals: false,
+  async run(ctx) {
+    const repo = await ctx.openRepo();
+    const snaps = await repo.listSnapshots();
+    const rows = [['ID', 'Time', 'Host', 'Paths', 'Size', 'Files']];
+    for (const s of snaps) {
+      const paths = s.root.paths.map((p) => p.toString('utf8'));
+      rows.push([s.rootId.slice(0, 8), s.info.name, s.root.host, paths.join(' '), fmtBytes(s.root.stats.bytes), String(s.root.stats.files)]);
+      ctx.emit({
+        type: 'snapshot', id: s.rootId.slice(0, 8), fullId: s.rootId, time: s.info.name, host: s.root.host, user: s.root.user,
+        paths, tags: s.root.tags, bytes: s.root.stats.bytes, files: s.root.stats.files, dirs: s.root.stats.dirs, clientTime: s.root.clientTime,
+      });
+    }
+    if (snaps.length === 0) ctx.out('no snapshots yet');
+    else ctx.out(table(rows) + `\n${snaps.length} snapshot${snaps.length === 1 ? '' : 's'}`);
+    return 0;
+  },
+};

@@ -1,0 +1,242 @@
+/**
+ * All cryptography of snapcrypt (docs/FORMAT.md, "Cryptography"). Pure: randomness comes in as a
+ * parameter, nothing here touches files, the network or the clock.
+ *
+ * - Master secret: 64 random bytes. HKDF-SHA256 derives the id key and the encryption key from it.
+ * - Object id: HMAC-SHA256(idKey, type || plaintext), so equal plaintexts dedup and the server learns
+ *   nothing from ids.
+ * - Object encryption: AES-256-GCM under a per-object key
+ *     subkey = HMAC-SHA256(encKey, "snapcrypt/v1/object" || id || salt)
+ *   with a fresh random 16-byte salt and 12-byte nonce for every write (I2: key and nonce never repeat,
+ *   even when the same id is written twice), the header and id as associated data (an object only opens
+ *   under its own name, I3), and the plaintext padded with Padmé so sizes leak little (I1).
+ * - Key files: the master secret and repository parameters, sealed with AES-256-GCM under a key
+ *   derived from a passphrase by Argon2id (or scrypt), parameters recorded in the file (I9).
+ */
+import { argon2, createCipheriv, createDecipheriv, createHmac, hkdfSync, scrypt, timingSafeEqual } from 'node:crypto';
+import { SnapError, IntegrityError } from './errors.js';
+
+export type Rng = (n: number) => Buffer;
+
+export const OBJECT_VERSION = 1;
+export const ObjectType = { data: 1, tree: 2, snapshot: 3 } as const;
+export type ObjectTypeCode = (typeof ObjectType)[keyof typeof ObjectType];
+export const Compression = { none: 0, zstd: 1 } as const;
+
+const SALT_LEN = 16;
+const NONCE_LEN = 12;
+const TAG_LEN = 16;
+export const OBJECT_HEADER_LEN = 1 + SALT_LEN + NONCE_LEN;
+export const OBJECT_OVERHEAD = OBJECT_HEADER_LEN + TAG_LEN;
+/** Padded objects are never smaller than this, so tiny files all look alike. */
+export const MIN_PADDED_SIZE = 256;
+const OBJECT_LABEL = Buffer.from('snapcrypt/v1/object');
+
+export interface Keys {
+  readonly idKey: Buffer;
+  readonly encKey: Buffer;
+}
+
+export function deriveKeys(master: Buffer): Keys {
+  if (master.length !== 64) throw new SnapError('integrity', 'Master secret must be 64 bytes');
+  const salt = Buffer.alloc(0);
+  return {
+    idKey: Buffer.from(hkdfSync('sha256', master, salt, 'snapcrypt/v1/id', 32)),
+    encKey: Buffer.from(hkdfSync('sha256', master, salt, 'snapcrypt/v1/enc', 32)),
+  };
+}
+
+/** Object id (32 bytes) of a plaintext of the given type. */
+export function objectId(keys: Keys, type: ObjectTypeCode, plaintext: Uint8Array): Buffer {
+  return createHmac('sha256', keys.idKey).update(Uint8Array.of(type)).update(plaintext).digest();
+}
+
+/** Padmé (Nikitin et al. 2019): round L up so that at most O(log log L) bits of it remain. */
+export function padme(len: number): number {
+  if (len <= 2) return len;
+  const e = Math.floor(Math.log2(len));
+  const s = Math.floor(Math.log2(e)) + 1;
+  const lastBits = e - s;
+  const mask = 2 ** lastBits - 1;
+  return Math.ceil(len / (mask + 1)) * (mask + 1);
+}
+
+/** Size of the stored object for an inner plaintext (type, compression, length, payload) of n bytes. */
+export function paddedObjectSize(innerLen: number): number {
+  return Math.max(MIN_PADDED_SIZE, padme(innerLen + OBJECT_OVERHEAD));
+}
+
+function objectSubkey(keys: Keys, id: Buffer, salt: Buffer): Buffer {
+  return createHmac('sha256', keys.encKey).update(OBJECT_LABEL).update(id).update(salt).digest();
+}
+
+function uvarLen(n: number): number {
+  let len = 1;
+  while (n >= 0x80) {
+    n = Math.floor(n / 0x80);
+    len++;
+  }
+  return len;
+}
+
+/**
+ * Encrypt one object. `payload` is what is stored (already compressed if compression != none);
+ * the id was computed over the uncompressed plaintext.
+ */
+export function sealObject(
+  keys: Keys,
+  id: Buffer,
+  type: ObjectTypeCode,
+  compression: number,
+  payload: Uint8Array,
+  rng: Rng,
+): Buffer {
+  const innerLen = 2 + uvarLen(payload.length) + payload.length;
+  const total = paddedObjectSize(innerLen);
+  const out = Buffer.alloc(total); // zero-filled: padding is zeros
+  out[0] = OBJECT_VERSION;
+  const salt = rng(SALT_LEN);
+  const nonce = rng(NONCE_LEN);
+  salt.copy(out, 1);
+  nonce.copy(out, 1 + SALT_LEN);
+  const header = out.subarray(0, OBJECT_HEADER_LEN);
+  const inner = Buffer.alloc(total - OBJECT_OVERHEAD);
+  let p = 0;
+  inner[p++] = type;
+  inner[p++] = compression;
+  let n = payload.length;
+  while (n >= 0x80) {
+    inner[p++] = (n % 0x80) | 0x80;
+    n = Math.floor(n / 0x80);
+  }
+  inner[p++] = n;
+  inner.set(payload, p);
+  const cipher = createCipheriv('aes-256-gcm', objectSubkey(keys, id, salt), nonce, { authTagLength: TAG_LEN });
+  cipher.setAAD(Buffer.concat([header, id]));
+  const c1 = cipher.update(inner);
+  const c2 = cipher.final();
+  c1.copy(out, OBJECT_HEADER_LEN);
+  c2.copy(out, OBJECT_HEADER_LEN + c1.length);
+  cipher.getAuthTag().copy(out, total - TAG_LEN);
+  return out;
+}
+
+export interface OpenedObject {
+  readonly type: ObjectTypeCode;
+  readonly compression: number;
+  /** Stored payload (still compressed if compression != none). */
+  readonly payload: Buffer;
+}
+
+/** Decrypt and authenticate one object stored under `id`. Throws IntegrityError on any mismatch. */
+export function openObject(keys: Keys, id: Buffer, data: Buffer): OpenedObject {
+  const hex = id.toString('hex');
+  if (data.length < OBJECT_OVERHEAD + 3) throw new IntegrityError(hex, `Object ${hex} is truncated (${data.length} bytes)`);
+  if (data[0] !== OBJECT_VERSION) throw new IntegrityError(hex, `Object ${hex} has unknown version ${data[0]}`);
+  const header = data.subarray(0, OBJECT_HEADER_LEN);
+  const salt = data.subarray(1, 1 + SALT_LEN);
+  const nonce = data.subarray(1 + SALT_LEN, OBJECT_HEADER_LEN);
+  const tag = data.subarray(data.length - TAG_LEN);
+  const decipher = createDecipheriv('aes-256-gcm', objectSubkey(keys, id, salt), nonce, { authTagLength: TAG_LEN });
+  decipher.setAAD(Buffer.concat([header, id]));
+  decipher.setAuthTag(tag);
+  let inner: Buffer;
+  try {
+    inner = Buffer.concat([decipher.update(data.subarray(OBJECT_HEADER_LEN, data.length - TAG_LEN)), decipher.final()]);
+  } catch {
+    throw new IntegrityError(hex, `Object ${hex} failed authentication (corrupt, truncated, or not the object of this id)`);
+  }
+  const type = inner[0]!;
+  const compression = inner[1]!;
+  let p = 2;
+  let len = 0;
+  let mul = 1;
+  for (;;) {
+    if (p >= inner.length || mul > 2 ** 49) throw new IntegrityError(hex, `Object ${hex} has a malformed length`);
+    const b = inner[p++]!;
+    len += (b & 0x7f) * mul;
+    if ((b & 0x80) === 0) break;
+    mul *= 0x80;
+  }
+  if (p + len > inner.length) throw new IntegrityError(hex, `Object ${hex} has a malformed length`);
+  if (type !== ObjectType.data && type !== ObjectType.tree && type !== ObjectType.snapshot) {
+    throw new IntegrityError(hex, `Object ${hex} has unknown type ${type}`);
+  }
+  return { type, compression, payload: inner.subarray(p, p + len) };
+}
+
+/** Check that a decoded plaintext really has this id (catches a wrong key or a forged object). */
+export function checkObjectId(keys: Keys, id: Buffer, type: ObjectTypeCode, plaintext: Uint8Array): void {
+  const actual = objectId(keys, type, plaintext);
+  if (!timingSafeEqual(actual, id)) {
+    const hex = id.toString('hex');
+    throw new IntegrityError(hex, `Object ${hex} does not hash to its id`);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Passphrase key derivation and key wrapping
+
+export type KdfParams =
+  | { readonly name: 'argon2id'; readonly memoryKiB: number; readonly passes: number; readonly parallelism: number }
+  | { readonly name: 'scrypt'; readonly N: number; readonly r: number; readonly p: number };
+
+/** RFC 9106, second recommended option: 64 MiB, 3 passes, 4 lanes (about 0.25 s here). */
+export const DEFAULT_KDF: KdfParams = { name: 'argon2id', memoryKiB: 65536, passes: 3, parallelism: 4 };
+export const DEFAULT_SCRYPT: KdfParams = { name: 'scrypt', N: 2 ** 17, r: 8, p: 1 };
+/** Weak parameters, only for tests (SNAPCRYPT_TEST_WEAK_KDF=1); the file records them. */
+export const TEST_KDF: KdfParams = { name: 'argon2id', memoryKiB: 64, passes: 1, parallelism: 1 };
+
+export function checkKdfParams(p: KdfParams): void {
+  const ok =
+    p.name === 'argon2id'
+      ? Number.isInteger(p.memoryKiB) && p.memoryKiB >= 8 * p.parallelism && p.memoryKiB <= 4 * 1024 * 1024 &&
+        Number.isInteger(p.passes) && p.passes >= 1 && p.passes <= 64 &&
+        Number.isInteger(p.parallelism) && p.parallelism >= 1 && p.parallelism <= 64
+      : Number.isInteger(Math.log2(p.N)) && p.N >= 2 && p.N <= 2 ** 22 &&
+        Number.isInteger(p.r) && p.r >= 1 && p.r <= 32 && Number.isInteger(p.p) && p.p >= 1 && p.p <= 16;
+  if (!ok) throw new SnapError('integrity', `Key file has unusable KDF parameters ${JSON.stringify(p)}`);
+}
+
+export const WRAP_LABEL = 'snapcrypt/v1/key';
+
+/** Associated data that binds a wrapped key to its KDF parameters and salt. */
+export function wrapAad(kdf: KdfParams, salt: Buffer): Buffer {
+  return Buffer.from(`${WRAP_LABEL}\n${JSON.stringify(kdf)}\n${salt.toString('base64')}`);
+}
+
+export function wrapSecret(wrapKey: Buffer, aad: Buffer, nonce: Buffer, secret: Buffer): Buffer {
+  const cipher = createCipheriv('aes-256-gcm', wrapKey, nonce, { authTagLength: TAG_LEN });
+  cipher.setAAD(aad);
+  return Buffer.concat([cipher.update(secret), cipher.final(), cipher.getAuthTag()]);
+}
+
+/** Returns null when the key does not open the data (wrong passphrase). */
+export function unwrapSecret(wrapKey: Buffer, aad: Buffer, nonce: Buffer, data: Buffer): Buffer | null {
+  if (data.length < TAG_LEN) return null;
+  const decipher = createDecipheriv('aes-256-gcm', wrapKey, nonce, { authTagLength: TAG_LEN });
+  decipher.setAAD(aad);
+  decipher.setAuthTag(data.subarray(data.length - TAG_LEN));
+  try {
+    return Buffer.concat([decipher.update(data.subarray(0, data.length - TAG_LEN)), decipher.final()]);
+  } catch {
+    return null;
+  }
+}
+
+/** Derive the 32-byte wrapping key from a passphrase. */
+export function deriveWrapKey(passphrase: Buffer, kdf: KdfParams, salt: Buffer): Promise<Buffer> {
+  checkKdfParams(kdf);
+  return new Promise((resolve, reject) => {
+    const done = (err: Error | null, key: Buffer) => (err ? reject(err) : resolve(Buffer.from(key)));
+    if (kdf.name === 'argon2id') {
+      argon2(
+        'argon2id',
+        { message: passphrase, nonce: salt, parallelism: kdf.parallelism, tagLength: 32, memory: kdf.memoryKiB, passes: kdf.passes },
+        (err, key) => done(err, key as Buffer),
+      );
+    } else {
+      scrypt(passphrase, salt, 32, { N: kdf.N, r: kdf.r, p: kdf.p, maxmem: 256 * kdf.N * kdf.r + 1024 * 1024 }, done);
+    }
+  });
+}

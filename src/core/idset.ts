@@ -1,0 +1,86 @@
+/**
+ * Compact sets and lists of 32-byte object ids: one Buffer of sorted ids and binary search, so that
+ * memory is 32 bytes per id rather than a JavaScript object per id (I8).
+ */
+export const ID_BYTES = 32;
+
+/** Append-only list of ids; sortedUnique() gives the clear-text index format. */
+export class IdList {
+  private buf = Buffer.allocUnsafe(ID_BYTES * 1024);
+  private n = 0;
+  get length(): number {
+    return this.n;
+  }
+  push(id: Uint8Array): void {
+    if ((this.n + 1) * ID_BYTES > this.buf.length) {
+      const next = Buffer.allocUnsafe(this.buf.length * 2);
+      this.buf.copy(next, 0, 0, this.n * ID_BYTES);
+      this.buf = next;
+    }
+    this.buf.set(id, this.n * ID_BYTES);
+    this.n++;
+  }
+  pushHex(hex: string): void {
+    this.push(Buffer.from(hex, 'hex'));
+  }
+  /** Sorted, de-duplicated concatenation of the ids. */
+  sortedUnique(): Buffer {
+    const n = this.n;
+    const buf = this.buf;
+    const keys = new Float64Array(n);
+    const order = new Uint32Array(n);
+    for (let i = 0; i < n; i++) {
+      keys[i] = buf.readUIntBE(i * ID_BYTES, 6);
+      order[i] = i;
+    }
+    order.sort((a, b) => {
+      const d = keys[a]! - keys[b]!;
+      if (d !== 0) return d;
+      return Buffer.compare(buf.subarray(a * ID_BYTES, (a + 1) * ID_BYTES), buf.subarray(b * ID_BYTES, (b + 1) * ID_BYTES));
+    });
+    const out = Buffer.allocUnsafe(n * ID_BYTES);
+    let m = 0;
+    for (let k = 0; k < n; k++) {
+      const i = order[k]!;
+      const src = buf.subarray(i * ID_BYTES, (i + 1) * ID_BYTES);
+      if (m > 0 && src.equals(out.subarray((m - 1) * ID_BYTES, m * ID_BYTES))) continue;
+      src.copy(out, m * ID_BYTES);
+      m++;
+    }
+    return out.subarray(0, m * ID_BYTES);
+  }
+}
+
+/** Membership over a sorted id buffer, plus ids added later. */
+export class IdSet {
+  private readonly sorted: Buffer;
+  private readonly added = new Set<string>();
+  constructor(sorted: Buffer) {
+    this.sorted = sorted;
+  }
+  static empty(): IdSet {
+    return new IdSet(Buffer.alloc(0));
+  }
+  get size(): number {
+    return this.sorted.length / ID_BYTES + this.added.size;
+  }
+  has(id: Buffer): boolean {
+    let lo = 0;
+    let hi = this.sorted.length / ID_BYTES - 1;
+    while (lo <= hi) {
+      const mid = (lo + hi) >>> 1;
+      const c = this.sorted.compare(id, 0, ID_BYTES, mid * ID_BYTES, (mid + 1) * ID_BYTES);
+      if (c === 0) return true;
+      if (c < 0) lo = mid + 1;
+      else hi = mid - 1;
+    }
+    return this.added.size > 0 && this.added.has(id.toString('hex'));
+  }
+  add(id: Buffer): void {
+    if (!this.has(id)) this.added.add(id.toString('hex'));
+  }
+}
+
+export function* idsOf(index: Buffer): Generator<Buffer> {
+  for (let p = 0; p + ID_BYTES <= index.length; p += ID_BYTES) yield index.subarray(p, p + ID_BYTES);
+}

@@ -1,0 +1,661 @@
+/**
+ * Storage in a local directory: the shared machinery of every file-system driver (DirStorage) and the
+ * portable driver (LocalDirStorage) whose snapshots are directories of hard links.
+ *
+ * Layout under the root (see storage/types.ts): current/{config,keys/*,objects/xx/<id>,head,index,lock}
+ * and snapshots/<name>/. Directories are created 0700 and files 0400: a repository is private by
+ * default and no file is ever written in place (new content always arrives by rename or link).
+ *
+ * How each write is made safe:
+ * - putObject writes `.tmp-<random>` in the object's directory, fsyncs it, then link()s it to its
+ *   final name (link never replaces: an existing object is left alone) and removes the temp. A name
+ *   therefore only ever points at a complete, fsynced file. The directory entry is made durable at the
+ *   next commit (the commit fsyncs every object directory before it writes head).
+ * - writeFile (config, keys/*) and commit's head and index use temp + fsync + rename + fsync of the
+ *   directory: readers see the old or the new file.
+ * - commit: (1) validates head and index and checks that every listed object is in current; on failure
+ *   nothing at all is changed; (2) fsyncs the object directories, then writes index, then head; (3)
+ *   deletes objects the index does not list and stale temp files, fsyncing each directory; (4) removes
+ *   leftover `snapshots/.tmp-*`; (5) seals.
+ * - LocalDirStorage seals by building `snapshots/.tmp-<name>` (a hard link of every object, copies of
+ *   config, keys/*, head, index; every file and directory fsynced; directories made 0500), then renaming
+ *   it to `snapshots/<name>` and fsyncing `snapshots/`.
+ *
+ * What a crash leaves:
+ * - during putObject: at most a `.tmp-*` file (ignored by readers, removed by the next commit). After a
+ *   power loss an object whose directory entry was not yet durable may be gone; the next commit refuses
+ *   with 'integrity' naming it and the client sends it again.
+ * - during commit steps 1-2: current unchanged, or a new index with the old head (every object of both
+ *   is still present, since nothing is deleted before head is written).
+ * - during step 3: the new head and index, plus some unreferenced objects that the next commit deletes.
+ * - during sealing: current complete, no new snapshot (a partial `.tmp-<name>` directory is ignored by
+ *   listSnapshots and deleted by the next commit). A snapshot exists completely or not at all; the
+ *   client commits again. Earlier snapshots are never touched.
+ *
+ * Limits of the hard-link fallback: a snapshot's objects share their inodes with current and with the
+ * other snapshots, so objects MUST be immutable: an in-place write, chmod or chown of one object file
+ * changes it in every snapshot (the drivers never do that; objects are 0400). Sealed snapshots are
+ * protected from this interface only, not from the file system's owner. A file system's link limit
+ * (65000 on ext4) bounds how many snapshots can share one object.
+ */
+import { randomBytes } from 'node:crypto';
+import { constants } from 'node:fs';
+import * as fsp from 'node:fs/promises';
+import { hostname } from 'node:os';
+import { join, resolve } from 'node:path';
+import { IntegrityError, SnapError } from '../core/errors.js';
+import { isValidFileName, isValidObjectId } from '../storage/types.js';
+import type { Lock, ObjectReader, SnapshotInfo, Storage } from '../storage/types.js';
+
+export interface DirStorageOptions {
+  /** Source of snapshot names and times (ms since the epoch); Date.now by default. */
+  readonly clock?: () => number;
+}
+
+export const DIR_MODE = 0o700;
+const FILE_MODE = 0o400;
+const SEALED_DIR_MODE = 0o500;
+const TMP_PREFIX = '.tmp-';
+const ID_BYTES = 32;
+const SNAPSHOT_NAME = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$/;
+const PREFIX_NAME = /^[0-9a-f]{2}$/;
+
+/** A snapshot name is exactly what Date.toISOString() gives for some time (no path tricks possible). */
+export function isSnapshotName(name: string): boolean {
+  if (!SNAPSHOT_NAME.test(name)) return false;
+  const time = Date.parse(name);
+  return Number.isFinite(time) && new Date(time).toISOString() === name;
+}
+
+function errnoOf(err: unknown): string | undefined {
+  return typeof err === 'object' && err !== null && 'code' in err && typeof err.code === 'string'
+    ? err.code
+    : undefined;
+}
+
+function messageOf(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}
+
+function ioError(what: string, err: unknown): SnapError {
+  if (err instanceof SnapError) return err;
+  return new SnapError('io', `${what}: ${messageOf(err)}`, { cause: err });
+}
+
+/** A user-supplied string, quoted and shortened for an error message. */
+function quote(s: string): string {
+  return JSON.stringify(s.length > 80 ? `${s.slice(0, 80)}...` : s);
+}
+
+function checkId(id: string): void {
+  if (!isValidObjectId(id)) {
+    throw new SnapError('usage', `Invalid object id ${quote(id)}: expected 64 lower-case hex digits`);
+  }
+}
+
+/** isValidFileName, minus key names starting with a dot ("keys/..", "keys/.tmp-x"). */
+function checkFileName(name: string): void {
+  if (!isValidFileName(name) || name.startsWith('keys/.')) {
+    throw new SnapError(
+      'usage',
+      `Invalid repository file name ${quote(name)}: expected config, head, index or keys/NAME (NAME of letters, digits, "._-", not starting with ".")`,
+    );
+  }
+}
+
+function isKeyName(name: string): boolean {
+  return !name.startsWith('.') && isValidFileName(`keys/${name}`);
+}
+
+function tmpName(): string {
+  return TMP_PREFIX + randomBytes(8).toString('hex');
+}
+
+/** Directory entries, or [] if the directory does not exist. */
+async function readdirOrEmpty(dir: string): Promise<string[]> {
+  try {
+    return await fsp.readdir(dir);
+  } catch (err) {
+    if (errnoOf(err) === 'ENOENT') return [];
+    throw err;
+  }
+}
+
+async function pathExists(path: string): Promise<boolean> {
+  try {
+    await fsp.lstat(path);
+    return true;
+  } catch (err) {
+    if (errnoOf(err) === 'ENOENT') return false;
+    throw err;
+  }
+}
+
+async function readText(path: string): Promise<string | null> {
+  try {
+    return await fsp.readFile(path, 'utf8');
+  } catch (err) {
+    if (errnoOf(err) === 'ENOENT') return null;
+    throw err;
+  }
+}
+
+async function fsyncPath(path: string): Promise<void> {
+  const fh = await fsp.open(path, 'r');
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+/**
+ * Write data to a fresh temp file in dir, fsync it and give it its final name: by rename (replacing)
+ * or by link (never replacing; returns false if the name already existed).
+ */
+async function writeDurable(dir: string, name: string, data: Buffer, replace: boolean): Promise<boolean> {
+  const tmp = join(dir, tmpName());
+  try {
+    const fh = await fsp.open(tmp, 'wx', FILE_MODE);
+    try {
+      await fh.writeFile(data);
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
+    if (replace) {
+      await fsp.rename(tmp, join(dir, name));
+      return true;
+    }
+    try {
+      await fsp.link(tmp, join(dir, name));
+      return true;
+    } catch (err) {
+      if (errnoOf(err) === 'EEXIST') return false;
+      throw err;
+    }
+  } finally {
+    await fsp.rm(tmp, { force: true }).catch(() => undefined);
+  }
+}
+
+/** rm -rf that also copes with read-only (0500) directories left by an interrupted seal. */
+async function removeTree(path: string): Promise<void> {
+  try {
+    await fsp.rm(path, { recursive: true, force: true });
+  } catch (err) {
+    const code = errnoOf(err);
+    if (code !== 'EACCES' && code !== 'EPERM') throw err;
+    await makeWritable(path);
+    await fsp.rm(path, { recursive: true, force: true });
+  }
+}
+
+async function makeWritable(path: string): Promise<void> {
+  const st = await fsp.lstat(path).catch(() => null);
+  if (!st?.isDirectory()) return;
+  await fsp.chmod(path, DIR_MODE);
+  for (const name of await fsp.readdir(path)) await makeWritable(join(path, name));
+}
+
+/** Binary search of a sorted index for one id. */
+function indexHas(index: Buffer, id: Buffer): boolean {
+  let lo = 0;
+  let hi = index.length / ID_BYTES;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    const c = id.compare(index, mid * ID_BYTES, (mid + 1) * ID_BYTES);
+    if (c === 0) return true;
+    if (c > 0) lo = mid + 1;
+    else hi = mid;
+  }
+  return false;
+}
+
+/** Walks a sorted index prefix by prefix (00..ff), giving the hex ids under each. */
+class IndexCursor {
+  private pos = 0;
+  private readonly index: Buffer;
+  constructor(index: Buffer) {
+    this.index = index;
+  }
+  take(prefix: number): Set<string> {
+    const ids = new Set<string>();
+    while (this.pos < this.index.length && this.index[this.pos] === prefix) {
+      ids.add(this.index.toString('hex', this.pos, this.pos + ID_BYTES));
+      this.pos += ID_BYTES;
+    }
+    return ids;
+  }
+}
+
+function prefixName(p: number): string {
+  return p.toString(16).padStart(2, '0');
+}
+
+/** Read access to one state directory (current or a sealed snapshot). */
+class DirReader implements ObjectReader {
+  protected readonly dir: string;
+  /** Names this state in messages, e.g. "/srv/repo/current". */
+  protected readonly label: string;
+
+  constructor(dir: string) {
+    this.dir = dir;
+    this.label = dir;
+  }
+
+  protected objectDir(id: string): string {
+    return join(this.dir, 'objects', id.slice(0, 2));
+  }
+
+  async getObject(id: string): Promise<Buffer> {
+    checkId(id);
+    try {
+      return await fsp.readFile(join(this.objectDir(id), id));
+    } catch (err) {
+      if (errnoOf(err) === 'ENOENT') throw new SnapError('not-found', `Object ${id} is not in ${this.label}`);
+      throw ioError(`Cannot read object ${id} in ${this.label}`, err);
+    }
+  }
+
+  async readFile(name: string): Promise<Buffer | null> {
+    checkFileName(name);
+    try {
+      return await fsp.readFile(join(this.dir, name));
+    } catch (err) {
+      if (errnoOf(err) === 'ENOENT') return null;
+      throw ioError(`Cannot read ${name} in ${this.label}`, err);
+    }
+  }
+
+  async listKeys(): Promise<string[]> {
+    try {
+      return (await readdirOrEmpty(join(this.dir, 'keys'))).filter(isKeyName).sort();
+    } catch (err) {
+      throw ioError(`Cannot list the key files in ${this.label}`, err);
+    }
+  }
+
+  async *listObjects(): AsyncIterable<string> {
+    let prefixes: string[];
+    try {
+      prefixes = (await readdirOrEmpty(join(this.dir, 'objects'))).filter((n) => PREFIX_NAME.test(n));
+    } catch (err) {
+      throw ioError(`Cannot list the objects in ${this.label}`, err);
+    }
+    for (const prefix of prefixes) {
+      let dir;
+      try {
+        dir = await fsp.opendir(join(this.dir, 'objects', prefix));
+      } catch (err) {
+        const code = errnoOf(err);
+        if (code === 'ENOENT' || code === 'ENOTDIR') continue;
+        throw ioError(`Cannot list the objects in ${this.label}`, err);
+      }
+      for await (const entry of dir) {
+        if (isValidObjectId(entry.name) && entry.name.startsWith(prefix)) yield entry.name;
+      }
+    }
+  }
+}
+
+interface LockHolder {
+  readonly owner: string;
+  readonly host: string;
+  readonly pid: number;
+  readonly time: string;
+}
+
+function parseLock(text: string): LockHolder | null {
+  try {
+    const v: unknown = JSON.parse(text);
+    if (typeof v !== 'object' || v === null) return null;
+    const { owner, host, pid, time } = v as Record<string, unknown>;
+    if (typeof owner !== 'string' || typeof host !== 'string' || typeof time !== 'string') return null;
+    if (typeof pid !== 'number' || !Number.isSafeInteger(pid) || pid <= 0) return null;
+    return { owner, host, pid, time };
+  } catch {
+    return null;
+  }
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return errnoOf(err) === 'EPERM'; // exists, but belongs to someone else
+  }
+}
+
+/**
+ * Everything a directory-backed storage does, except creating `current` and sealing it: the part that
+ * differs between the hard-link fallback and btrfs.
+ */
+export abstract class DirStorage extends DirReader implements Storage {
+  readonly location: string;
+  protected readonly root: string;
+  protected readonly current: string;
+  protected readonly snapshotsDir: string;
+  protected readonly clock: () => number;
+
+  constructor(root: string, opts?: DirStorageOptions) {
+    const abs = resolve(root);
+    super(join(abs, 'current'));
+    this.location = abs;
+    this.root = abs;
+    this.current = join(abs, 'current');
+    this.snapshotsDir = join(abs, 'snapshots');
+    this.clock = opts?.clock ?? Date.now;
+  }
+
+  /** Create `current` itself (plain directory or subvolume); it may exist after an interrupted init. */
+  protected abstract createCurrent(): Promise<void>;
+  /** Turn the durable, pruned `current` into snapshots/<name> (which does not exist), all or nothing. */
+  protected abstract seal(name: string): Promise<void>;
+
+  protected notARepository(): SnapError {
+    return new SnapError(
+      'not-a-repository',
+      `No repository at ${this.location}: ${join(this.current, 'config')} is missing; initialize the repository first`,
+    );
+  }
+
+  /** Errors of an operation inside current: a missing area is named as such, the rest is 'io'. */
+  protected async failure(what: string, err: unknown): Promise<SnapError> {
+    if (err instanceof SnapError) return err;
+    if (errnoOf(err) === 'ENOENT' && !(await this.exists().catch(() => true))) return this.notARepository();
+    return ioError(what, err);
+  }
+
+  protected async syncDir(dir: string): Promise<void> {
+    await fsyncPath(dir);
+  }
+
+  async exists(): Promise<boolean> {
+    try {
+      return await pathExists(join(this.current, 'config'));
+    } catch (err) {
+      throw ioError(`Cannot check for a repository at ${this.location}`, err);
+    }
+  }
+
+  async init(config: Buffer): Promise<void> {
+    const exists = new SnapError('exists', `Cannot create a repository at ${this.location}: one already exists there`);
+    if (await this.exists()) throw exists;
+    try {
+      await fsp.mkdir(this.root, { recursive: true, mode: DIR_MODE });
+      await this.createCurrent();
+      for (const dir of [join(this.current, 'objects'), join(this.current, 'keys'), this.snapshotsDir]) {
+        await fsp.mkdir(dir, { recursive: true, mode: DIR_MODE });
+      }
+      await this.syncDir(this.current);
+      await this.syncDir(this.root);
+      // config last, and never replacing: a half-done init can be run again, a concurrent one fails.
+      if (!(await writeDurable(this.current, 'config', config, false))) throw exists;
+      await this.syncDir(this.current);
+    } catch (err) {
+      throw ioError(`Cannot create a repository at ${this.location}`, err);
+    }
+  }
+
+  async writeFile(name: string, data: Buffer): Promise<void> {
+    checkFileName(name);
+    if (name !== 'config' && !name.startsWith('keys/')) {
+      throw new SnapError('usage', `Cannot write ${name} directly: only config and keys/NAME are writable (head and index are written by commit)`);
+    }
+    const path = join(this.current, name);
+    const dir = join(path, '..');
+    try {
+      await writeDurable(dir, name.slice(name.lastIndexOf('/') + 1), data, true);
+      await this.syncDir(dir);
+    } catch (err) {
+      throw await this.failure(`Cannot write ${path}`, err);
+    }
+  }
+
+  async putObject(id: string, data: Buffer): Promise<void> {
+    checkId(id);
+    const dir = this.objectDir(id);
+    try {
+      if (await pathExists(join(dir, id))) return;
+      await fsp.mkdir(dir, { mode: DIR_MODE }).catch((err: unknown) => {
+        if (errnoOf(err) !== 'EEXIST') throw err;
+      });
+      await writeDurable(dir, id, data, false);
+    } catch (err) {
+      throw await this.failure(`Cannot store object ${id} in ${this.current}`, err);
+    }
+  }
+
+  async commit(head: Buffer, index: Buffer): Promise<SnapshotInfo> {
+    const headId = this.checkCommitInput(head, index);
+    if (!(await this.exists())) throw this.notARepository();
+    try {
+      await this.checkPresentAndSync(index);
+      await writeDurable(this.current, 'index', index, true);
+      await writeDurable(this.current, 'head', head, true);
+      await this.syncDir(this.current);
+      await this.prune(index);
+      for (const name of await readdirOrEmpty(this.snapshotsDir)) {
+        if (name.startsWith(TMP_PREFIX)) await removeTree(join(this.snapshotsDir, name));
+      }
+      const info = await this.newSnapshotName();
+      await this.seal(info.name);
+      return info;
+    } catch (err) {
+      throw await this.failure(`Cannot commit to ${this.location}`, err);
+    }
+  }
+
+  /** Validates head (64 hex + "\n") and index (sorted unique 32-byte ids listing head); returns head's id. */
+  private checkCommitInput(head: Buffer, index: Buffer): string {
+    const text = head.toString('latin1');
+    if (!/^[0-9a-f]{64}\n$/.test(text)) {
+      throw new SnapError('integrity', `Cannot commit to ${this.location}: head must be 64 lower-case hex digits and a newline`);
+    }
+    const headId = text.slice(0, 64);
+    if (index.length % ID_BYTES !== 0) {
+      throw new SnapError('integrity', `Cannot commit to ${this.location}: index of ${index.length} bytes is not a whole number of 32-byte ids`);
+    }
+    for (let pos = ID_BYTES; pos < index.length; pos += ID_BYTES) {
+      if (index.compare(index, pos, pos + ID_BYTES, pos - ID_BYTES, pos) >= 0) {
+        throw new SnapError('integrity', `Cannot commit to ${this.location}: index is not sorted strictly ascending at entry ${pos / ID_BYTES}`);
+      }
+    }
+    if (!indexHas(index, Buffer.from(headId, 'hex'))) {
+      throw new IntegrityError(headId, `Cannot commit to ${this.location}: the head object ${headId} is not listed in the index`);
+    }
+    return headId;
+  }
+
+  /** Every indexed id must be in current; fsyncs each object directory so their entries are durable. */
+  private async checkPresentAndSync(index: Buffer): Promise<void> {
+    const cursor = new IndexCursor(index);
+    let missing = 0;
+    let first: string | undefined;
+    for (let p = 0; p < 256; p++) {
+      const wanted = cursor.take(p);
+      const dir = join(this.current, 'objects', prefixName(p));
+      const present = new Set(await readdirOrEmpty(dir));
+      for (const id of wanted) {
+        if (present.has(id)) continue;
+        missing++;
+        first ??= id;
+      }
+      if (present.size > 0 && missing === 0) await this.syncDir(dir);
+    }
+    if (first !== undefined) {
+      throw new IntegrityError(
+        first,
+        `Cannot commit to ${this.location}: object ${first} listed in the index is missing from current (${missing} missing); upload it again`,
+      );
+    }
+  }
+
+  /** Deletes unlisted objects and stale temp files from current; fsyncs what changed. */
+  private async prune(index: Buffer): Promise<void> {
+    const cursor = new IndexCursor(index);
+    for (let p = 0; p < 256; p++) {
+      const prefix = prefixName(p);
+      const wanted = cursor.take(p);
+      const dir = join(this.current, 'objects', prefix);
+      let changed = false;
+      for (const name of await readdirOrEmpty(dir)) {
+        const unlisted = isValidObjectId(name) && name.startsWith(prefix) && !wanted.has(name);
+        if (unlisted || name.startsWith(TMP_PREFIX)) {
+          await fsp.rm(join(dir, name), { force: true });
+          changed = true;
+        }
+      }
+      if (changed) await this.syncDir(dir);
+    }
+    for (const dir of [this.current, join(this.current, 'keys')]) {
+      for (const name of await readdirOrEmpty(dir)) {
+        if (name.startsWith(TMP_PREFIX)) await fsp.rm(join(dir, name), { force: true });
+      }
+      await this.syncDir(dir);
+    }
+  }
+
+  /** The clock's time as a name; bumped by 1 ms while a snapshot of that name exists. */
+  private async newSnapshotName(): Promise<SnapshotInfo> {
+    let time = this.clock();
+    if (!Number.isSafeInteger(time) || Number.isNaN(new Date(time).getTime())) {
+      throw new SnapError('internal', `The storage clock gave an invalid time: ${time}`);
+    }
+    while (await pathExists(join(this.snapshotsDir, new Date(time).toISOString()))) time++;
+    return { name: new Date(time).toISOString(), time };
+  }
+
+  async listSnapshots(): Promise<SnapshotInfo[]> {
+    let names: string[];
+    try {
+      names = (await readdirOrEmpty(this.snapshotsDir)).filter(isSnapshotName).sort();
+    } catch (err) {
+      throw ioError(`Cannot list the snapshots in ${this.location}`, err);
+    }
+    return names.map((name) => ({ name, time: Date.parse(name) }));
+  }
+
+  async openSnapshot(name: string): Promise<ObjectReader> {
+    if (!isSnapshotName(name)) {
+      throw new SnapError('usage', `Invalid snapshot name ${quote(name)}: expected a time like 2026-11-26T23:15:02.123Z`);
+    }
+    const dir = join(this.snapshotsDir, name);
+    const st = await fsp.stat(dir).catch((err: unknown) => {
+      if (errnoOf(err) === 'ENOENT') return null;
+      throw ioError(`Cannot open snapshot ${name} in ${this.location}`, err);
+    });
+    if (!st?.isDirectory()) throw new SnapError('not-found', `No snapshot ${name} in ${this.location}`);
+    return new DirReader(dir);
+  }
+
+  async lock(owner: string): Promise<Lock> {
+    const path = join(this.current, 'lock');
+    const mine = `${JSON.stringify({ owner, host: hostname(), pid: process.pid, time: new Date(this.clock()).toISOString() })}\n`;
+    for (let attempt = 0; attempt < 5; attempt++) {
+      let held: string | null;
+      try {
+        // link() of a complete temp file: as exclusive as O_EXCL, and never an empty lock file.
+        if (await writeDurable(this.current, 'lock', Buffer.from(mine), false)) {
+          return { release: () => this.unlock(path, mine) };
+        }
+        held = await readText(path);
+      } catch (err) {
+        if (errnoOf(err) === 'ENOENT' && (await this.exists())) continue; // temp removed by a commit
+        throw await this.failure(`Cannot lock ${this.location}`, err);
+      }
+      if (held === null) continue; // released meanwhile
+      const holder = parseLock(held);
+      if (holder === null || holder.host !== hostname() || processAlive(holder.pid)) {
+        throw this.lockedError(path, holder);
+      }
+      await this.removeStaleLock(path, held);
+    }
+    throw new SnapError('locked', `Cannot lock ${this.location}: ${path} keeps changing; another process is competing for it, try again`);
+  }
+
+  private lockedError(path: string, holder: LockHolder | null): SnapError {
+    const who =
+      holder === null
+        ? `an unreadable lock file ${path}`
+        : `${quote(holder.owner)} (pid ${holder.pid} on host ${holder.host}, since ${holder.time})`;
+    return new SnapError(
+      'locked',
+      `Repository ${this.location} is locked by ${who}; if no snapcrypt process holds it any more, delete ${path}`,
+    );
+  }
+
+  /** Moves the lock aside, checks it is still the stale one we judged, deletes it (or puts it back). */
+  private async removeStaleLock(path: string, stale: string): Promise<void> {
+    const aside = join(this.current, tmpName());
+    try {
+      await fsp.rename(path, aside);
+    } catch (err) {
+      if (errnoOf(err) === 'ENOENT') return;
+      throw ioError(`Cannot remove the stale lock ${path}`, err);
+    }
+    if ((await readText(aside)) !== stale) await fsp.link(aside, path).catch(() => undefined);
+    await fsp.rm(aside, { force: true });
+  }
+
+  private async unlock(path: string, mine: string): Promise<void> {
+    try {
+      if ((await readText(path)) === mine) await fsp.rm(path, { force: true });
+    } catch (err) {
+      throw ioError(`Cannot release the lock ${path}`, err);
+    }
+  }
+
+  async close(): Promise<void> {}
+}
+
+/** The portable driver: snapshots are directories of hard links to current's immutable objects. */
+export class LocalDirStorage extends DirStorage {
+  protected override async createCurrent(): Promise<void> {
+    await fsp.mkdir(this.current, { recursive: true, mode: DIR_MODE });
+  }
+
+  protected override async seal(name: string): Promise<void> {
+    const tmp = join(this.snapshotsDir, TMP_PREFIX + name);
+    await fsp.mkdir(tmp, { mode: DIR_MODE });
+    const objects = join(tmp, 'objects');
+    await fsp.mkdir(objects, { mode: DIR_MODE });
+    for (const prefix of await readdirOrEmpty(join(this.current, 'objects'))) {
+      if (!PREFIX_NAME.test(prefix)) continue;
+      const ids = (await readdirOrEmpty(join(this.current, 'objects', prefix))).filter(
+        (n) => isValidObjectId(n) && n.startsWith(prefix),
+      );
+      if (ids.length === 0) continue;
+      const dir = join(objects, prefix);
+      await fsp.mkdir(dir, { mode: DIR_MODE });
+      for (const id of ids) await fsp.link(join(this.current, 'objects', prefix, id), join(dir, id));
+      await this.sealDir(dir);
+    }
+    await this.sealDir(objects);
+    const keys = join(tmp, 'keys');
+    await fsp.mkdir(keys, { mode: DIR_MODE });
+    for (const key of (await readdirOrEmpty(join(this.current, 'keys'))).filter(isKeyName)) {
+      await copyDurable(join(this.current, 'keys', key), join(keys, key));
+    }
+    await this.sealDir(keys);
+    for (const file of ['config', 'head', 'index']) {
+      await copyDurable(join(this.current, file), join(tmp, file));
+    }
+    await this.sealDir(tmp);
+    await fsp.rename(tmp, join(this.snapshotsDir, name));
+    await this.syncDir(this.snapshotsDir);
+  }
+
+  private async sealDir(dir: string): Promise<void> {
+    await fsp.chmod(dir, SEALED_DIR_MODE);
+    await this.syncDir(dir);
+  }
+}
+
+async function copyDurable(src: string, dst: string): Promise<void> {
+  await fsp.copyFile(src, dst, constants.COPYFILE_EXCL);
+  await fsp.chmod(dst, FILE_MODE);
+  await fsyncPath(dst);
+}

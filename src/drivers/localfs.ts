@@ -1,0 +1,146 @@
+/** The local file system as a backup source and a restore target (node:fs plus the fsmeta helper). */
+import fs from 'node:fs';
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
+import { type NodeKindCode, type Xattr, NodeKind } from '../core/format.js';
+import type { SourceFs, SourceStat, TargetFs } from '../engine/source.js';
+import { FsMeta } from './fsmeta.js';
+
+const execFileAsync = promisify(execFile);
+const S_IFMT = 0o170000;
+
+function kindOfMode(mode: number): NodeKindCode {
+  switch (mode & S_IFMT) {
+    case 0o100000:
+      return NodeKind.file;
+    case 0o040000:
+      return NodeKind.dir;
+    case 0o120000:
+      return NodeKind.symlink;
+    case 0o010000:
+      return NodeKind.fifo;
+    case 0o020000:
+      return NodeKind.chardev;
+    case 0o060000:
+      return NodeKind.blockdev;
+    default:
+      return NodeKind.socket;
+  }
+}
+
+function toStat(s: fs.BigIntStats): SourceStat {
+  const mode = Number(s.mode);
+  return {
+    kind: kindOfMode(mode),
+    mode,
+    uid: Number(s.uid),
+    gid: Number(s.gid),
+    size: Number(s.size),
+    mtimeNs: s.mtimeNs,
+    ctimeNs: s.ctimeNs,
+    dev: Number(s.dev),
+    ino: Number(s.ino),
+    nlink: Number(s.nlink),
+    rdev: Number(s.rdev),
+  };
+}
+
+export class LocalSourceFs implements SourceFs {
+  private meta: FsMeta | null = null;
+  private get fsmeta(): FsMeta {
+    this.meta ??= FsMeta.start();
+    return this.meta;
+  }
+  lstat(p: Buffer): SourceStat {
+    return toStat(fs.lstatSync(p, { bigint: true }));
+  }
+  readdir(p: Buffer): Buffer[] {
+    return fs.readdirSync(p, { encoding: 'buffer' });
+  }
+  readlink(p: Buffer): Buffer {
+    return fs.readlinkSync(p, { encoding: 'buffer' });
+  }
+  open(p: Buffer): number {
+    return fs.openSync(p, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW);
+  }
+  read(fd: number, buf: Buffer, position: number): number {
+    return fs.readSync(fd, buf, 0, buf.length, position);
+  }
+  close(fd: number): void {
+    fs.closeSync(fd);
+  }
+  xattrs(p: Buffer): Promise<Xattr[]> {
+    return this.fsmeta.listXattrs(p);
+  }
+  async finish(): Promise<void> {
+    await this.meta?.close();
+    this.meta = null;
+  }
+}
+
+export class LocalTargetFs implements TargetFs {
+  readonly isRoot = process.getuid?.() === 0;
+  private meta: FsMeta | null = null;
+  private get fsmeta(): FsMeta {
+    this.meta ??= FsMeta.start();
+    return this.meta;
+  }
+  lstat(p: Buffer): SourceStat | null {
+    try {
+      return toStat(fs.lstatSync(p, { bigint: true }));
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
+      throw err;
+    }
+  }
+  mkdir(p: Buffer): void {
+    fs.mkdirSync(p, { mode: 0o700 });
+  }
+  create(p: Buffer): number {
+    return fs.openSync(p, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_NOFOLLOW, 0o600);
+  }
+  write(fd: number, buf: Buffer, position: number): void {
+    let off = 0;
+    while (off < buf.length) off += fs.writeSync(fd, buf, off, buf.length - off, position + off);
+  }
+  truncate(fd: number, size: number): void {
+    fs.ftruncateSync(fd, size);
+  }
+  close(fd: number): void {
+    fs.closeSync(fd);
+  }
+  rename(from: Buffer, to: Buffer): void {
+    fs.renameSync(from, to);
+  }
+  unlink(p: Buffer): void {
+    fs.unlinkSync(p);
+  }
+  remove(p: Buffer): void {
+    fs.rmSync(p, { force: true, recursive: true });
+  }
+  symlink(target: Buffer, p: Buffer): void {
+    fs.symlinkSync(target, p);
+  }
+  link(existing: Buffer, p: Buffer): void {
+    fs.linkSync(existing, p);
+  }
+  async mkfifo(p: Buffer, mode: number): Promise<void> {
+    await execFileAsync('mkfifo', ['-m', (mode & 0o777).toString(8), '--', p.toString()]);
+  }
+  chown(p: Buffer, uid: number, gid: number): void {
+    fs.lchownSync(p, uid, gid);
+  }
+  chmod(p: Buffer, mode: number): void {
+    fs.chmodSync(p, mode);
+  }
+  setXattr(p: Buffer, x: Xattr): Promise<void> {
+    return this.fsmeta.setXattr(p, x.name, x.value);
+  }
+  setTimes(p: Buffer, atimeNs: bigint, mtimeNs: bigint): Promise<void> {
+    return this.fsmeta.setTimes(p, atimeNs, mtimeNs);
+  }
+  async finish(): Promise<void> {
+    await this.meta?.close();
+    this.meta = null;
+  }
+}

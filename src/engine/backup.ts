@@ -1,0 +1,521 @@
+/**
+ * Backup: walk the source, reuse what the previous snapshot already has, split changed files into
+ * fixed-size chunks, store only objects current lacks, then commit (I4, I7).
+ *
+ * Unchanged files (same kind, size, mtime, ctime and inode as in the previous snapshot) are not read;
+ * their chunk lists are taken from the previous tree. A directory whose entries all match encodes to
+ * the same tree bytes, hence the same id, and is not stored again.
+ */
+import path from 'node:path';
+import {
+  type NodeKindCode, type SnapshotRoot, type SnapshotStats, type TreeEntry, type Xattr,
+  NodeKind, ZERO_CHUNK, encodeHead, encodeSnapshotRoot, encodeTree,
+} from '../core/format.js';
+import { ObjectType, objectId, type ObjectTypeCode } from '../core/crypto.js';
+import { IdList, type IdSet } from '../core/idset.js';
+import { SnapError } from '../core/errors.js';
+import type { Repository } from './repository.js';
+import type { SourceFs, SourceStat } from './source.js';
+import type { SnapshotInfo, ObjectReader } from '../storage/types.js';
+
+/** Excludes: the walker calls enter/leave around each directory it descends into. */
+export interface Excluder {
+  /** Called when entering a directory; ignoreFile is the content of its .snapcryptignore, if any. */
+  enter(dirRel: string, ignoreFile: string | null): void;
+  leave(): void;
+  /** rel: the path below / ('/'-separated, latin1-decoded bytes). */
+  isExcluded(rel: string, isDir: boolean): boolean;
+}
+
+export const IGNORE_FILE = '.snapcryptignore';
+const CACHEDIR_TAG = Buffer.from('CACHEDIR.TAG');
+const CACHEDIR_SIGNATURE = Buffer.from('Signature: 8a477f597d28d172789f06886806bc55');
+
+export interface BackupProgress {
+  filesDone: number;
+  bytesDone: number;
+  filesTotal: number | null;
+  bytesTotal: number | null;
+  currentPath: string;
+}
+
+export interface BackupOptions {
+  readonly paths: readonly string[];
+  readonly source: SourceFs;
+  readonly excluder?: Excluder;
+  readonly host: string;
+  readonly user: string;
+  readonly tags?: readonly string[];
+  readonly onWarning?: (path: string, message: string) => void;
+  readonly onProgress?: ((p: BackupProgress) => void) | undefined;
+  /** Walk once before the backup to know totals (for an ETA). */
+  readonly prescan?: boolean;
+  /** Test hook: called at named points of the run (crash tests). */
+  readonly onStep?: (step: string) => void;
+  /** Maximum bytes of chunks being compressed/encrypted/uploaded at once. */
+  readonly inflightBytes?: number;
+}
+
+export interface BackupResult {
+  readonly snapshot: SnapshotInfo;
+  readonly rootId: string;
+  readonly root: SnapshotRoot;
+}
+
+function newStats(): SnapshotStats {
+  return { files: 0, dirs: 0, symlinks: 0, others: 0, bytes: 0, filesRead: 0, bytesRead: 0, objectsAdded: 0, bytesAdded: 0, errors: 0 };
+}
+
+const display = (p: Buffer): string => p.toString('utf8');
+
+/** Stores objects that current lacks, with bounded memory in flight. */
+class Uploader {
+  private inflight = 0;
+  private pending = new Set<Promise<void>>();
+  private failure: unknown = null;
+  private waiters: Array<() => void> = [];
+  private readonly repo: Repository;
+  private readonly known: IdSet;
+  private readonly limit: number;
+  private readonly stats: SnapshotStats;
+  private readonly step: (s: string) => void;
+  constructor(repo: Repository, known: IdSet, limit: number, stats: SnapshotStats, step: (s: string) => void) {
+    this.repo = repo;
+    this.known = known;
+    this.limit = limit;
+    this.stats = stats;
+    this.step = step;
+  }
+
+  /** Store the object unless current has it; returns once it is queued (not necessarily stored). */
+  async store(type: ObjectTypeCode, id: Buffer, plain: Buffer): Promise<void> {
+    if (this.failure) throw this.failure;
+    if (this.known.has(id)) return;
+    this.known.add(id);
+    while (this.inflight > 0 && this.inflight + plain.length > this.limit) {
+      await new Promise<void>((resolve) => this.waiters.push(resolve));
+      if (this.failure) throw this.failure;
+    }
+    this.inflight += plain.length;
+    const p = (async () => {
+      try {
+        const sealed = await this.repo.sealPlain(type, plain, id);
+        this.step(type === ObjectType.data ? 'put-chunk' : 'put-tree');
+        await this.repo.storage.putObject(id.toString('hex'), sealed);
+        this.stats.objectsAdded++;
+        this.stats.bytesAdded += sealed.length;
+      } catch (err) {
+        this.failure ??= err;
+      } finally {
+        this.inflight -= plain.length;
+        const w = this.waiters;
+        this.waiters = [];
+        for (const f of w) f();
+      }
+    })();
+    this.pending.add(p);
+    void p.finally(() => this.pending.delete(p));
+  }
+
+  async drain(): Promise<void> {
+    while (this.pending.size > 0) await Promise.all([...this.pending]);
+    if (this.failure) throw this.failure;
+  }
+}
+
+interface Walk {
+  readonly repo: Repository;
+  readonly opts: BackupOptions;
+  readonly fs: SourceFs;
+  readonly up: Uploader;
+  readonly known: IdSet;
+  readonly refs: IdList;
+  readonly stats: SnapshotStats;
+  readonly prevReader: ObjectReader;
+  readonly hardlinks: Map<string, readonly Buffer[]>;
+  readonly progress: BackupProgress;
+  lastProgress: number;
+}
+
+function joinPath(dir: Buffer, name: Buffer): Buffer {
+  if (dir.length === 1 && dir[0] === 0x2f) return Buffer.concat([dir, name]);
+  return Buffer.concat([dir, Buffer.from('/'), name]);
+}
+
+function relOf(p: Buffer): string {
+  return p.toString('latin1').replace(/^\/+/, '');
+}
+
+function warn(w: Walk, p: Buffer, err: unknown): void {
+  w.stats.errors++;
+  const msg = err instanceof Error ? ((err as NodeJS.ErrnoException).code ?? err.message) : String(err);
+  w.opts.onWarning?.(display(p), msg);
+}
+
+function tick(w: Walk, p: Buffer): void {
+  if (!w.opts.onProgress) return;
+  const now = Date.now();
+  if (now - w.lastProgress < 200) return;
+  w.lastProgress = now;
+  w.progress.currentPath = display(p);
+  w.opts.onProgress({ ...w.progress });
+}
+
+function sameFile(st: SourceStat, prev: TreeEntry | undefined): prev is TreeEntry {
+  return (
+    prev !== undefined &&
+    prev.kind === NodeKind.file &&
+    prev.size === st.size &&
+    prev.mtimeNs === st.mtimeNs &&
+    prev.ctimeNs === st.ctimeNs &&
+    prev.inode === st.ino
+  );
+}
+
+async function readFileChunks(w: Walk, p: Buffer, st: SourceStat): Promise<{ chunks: Buffer[]; size: number }> {
+  const cs = w.repo.chunkSize;
+  const fd = w.fs.open(p);
+  const chunks: Buffer[] = [];
+  let pos = 0;
+  try {
+    for (;;) {
+      const buf = Buffer.allocUnsafe(cs);
+      let n = 0;
+      while (n < cs) {
+        const r = w.fs.read(fd, n === 0 ? buf : buf.subarray(n), pos + n);
+        if (r === 0) break;
+        n += r;
+      }
+      if (n === 0) break;
+      const data = n === cs ? buf : buf.subarray(0, n);
+      pos += n;
+      w.progress.bytesDone += n;
+      if (isZero(data)) {
+        chunks.push(ZERO_CHUNK);
+      } else {
+        const id = objectId(w.repo.keys, ObjectType.data, data);
+        chunks.push(id);
+        w.refs.push(id);
+        await w.up.store(ObjectType.data, id, data);
+      }
+      if (n < cs) break;
+    }
+  } finally {
+    w.fs.close(fd);
+  }
+  w.stats.filesRead++;
+  w.stats.bytesRead += pos;
+  void st;
+  return { chunks, size: pos };
+}
+
+const ZEROS = Buffer.alloc(64 * 1024);
+function isZero(b: Buffer): boolean {
+  for (let off = 0; off < b.length; off += ZEROS.length) {
+    const end = Math.min(b.length, off + ZEROS.length);
+    if (!b.subarray(off, end).equals(ZEROS.subarray(0, end - off))) return false;
+  }
+  return true;
+}
+
+function kindOf(st: SourceStat): NodeKindCode {
+  return st.kind;
+}
+
+/** Back up one file system object; returns its tree entry, or null if it was skipped. */
+async function backupNode(w: Walk, p: Buffer, name: Buffer, st: SourceStat, prev: TreeEntry | undefined): Promise<TreeEntry | null> {
+  const base = {
+    name,
+    mode: st.mode & 0o7777,
+    uid: st.uid,
+    gid: st.gid,
+    mtimeNs: st.mtimeNs,
+    ctimeNs: st.ctimeNs,
+    inode: st.ino,
+    nlink: st.nlink,
+    size: 0,
+    chunks: [] as Buffer[],
+    subtree: null,
+    target: null,
+    rdev: 0,
+  };
+  const kind = kindOf(st);
+  const unchangedMeta = prev !== undefined && prev.kind === kind && prev.ctimeNs === st.ctimeNs && prev.inode === st.ino;
+  const xattrs: readonly Xattr[] = unchangedMeta ? prev.xattrs : await w.fs.xattrs(p).catch((err) => (warn(w, p, err), []));
+  switch (kind) {
+    case NodeKind.file: {
+      w.stats.files++;
+      w.progress.filesDone++;
+      tick(w, p);
+      if (sameFile(st, prev) && prev.chunks.every((c) => c.equals(ZERO_CHUNK) || w.known.has(c))) {
+        for (const c of prev.chunks) if (!c.equals(ZERO_CHUNK)) w.refs.push(c);
+        w.stats.bytes += prev.size;
+        w.progress.bytesDone += prev.size;
+        return { ...base, kind, xattrs, size: prev.size, chunks: prev.chunks };
+      }
+      const hkey = st.nlink > 1 ? `${st.dev}:${st.ino}` : null;
+      const linked = hkey ? w.hardlinks.get(hkey) : undefined;
+      if (linked) {
+        for (const c of linked) if (!c.equals(ZERO_CHUNK)) w.refs.push(c);
+        w.stats.bytes += st.size;
+        return { ...base, kind, xattrs, size: st.size, chunks: linked };
+      }
+      const { chunks, size } = await readFileChunks(w, p, st);
+      if (hkey) w.hardlinks.set(hkey, chunks);
+      w.stats.bytes += size;
+      return { ...base, kind, xattrs, size, chunks };
+    }
+    case NodeKind.dir: {
+      w.stats.dirs++;
+      const prevTree = prev?.kind === NodeKind.dir && prev.subtree ? await loadPrevTree(w, prev.subtree) : null;
+      const subtree = await backupDir(w, p, prevTree);
+      return { ...base, kind, xattrs, subtree };
+    }
+    case NodeKind.symlink: {
+      w.stats.symlinks++;
+      return { ...base, kind, xattrs, target: w.fs.readlink(p) };
+    }
+    default:
+      w.stats.others++;
+      return { ...base, kind, xattrs, rdev: st.rdev };
+  }
+}
+
+async function loadPrevTree(w: Walk, id: Buffer): Promise<TreeEntry[] | null> {
+  try {
+    return await w.repo.loadTree(w.prevReader, id);
+  } catch (err) {
+    if (err instanceof SnapError && err.code === 'integrity') return null; // read it all again
+    throw err;
+  }
+}
+
+function readSmallFile(fs: SourceFs, p: Buffer, max: number): Buffer | null {
+  let fd: number;
+  try {
+    fd = fs.open(p);
+  } catch {
+    return null;
+  }
+  try {
+    const buf = Buffer.alloc(max);
+    const n = fs.read(fd, buf, 0);
+    return buf.subarray(0, n);
+  } finally {
+    fs.close(fd);
+  }
+}
+
+/** Back up the contents of directory p; returns the id of its tree. */
+async function backupDir(w: Walk, p: Buffer, prevTree: TreeEntry[] | null): Promise<Buffer> {
+  let names: Buffer[];
+  try {
+    names = w.fs.readdir(p);
+  } catch (err) {
+    warn(w, p, err);
+    names = [];
+  }
+  names.sort(Buffer.compare);
+  const prevByName = new Map<string, TreeEntry>();
+  if (prevTree) for (const e of prevTree) prevByName.set(e.name.toString('latin1'), e);
+  const entries: TreeEntry[] = [];
+  const rel = relOf(p);
+
+  // CACHEDIR.TAG: keep only the tag itself (as tar --exclude-caches-under does)
+  if (names.some((n) => n.equals(CACHEDIR_TAG))) {
+    const head = readSmallFile(w.fs, joinPath(p, CACHEDIR_TAG), CACHEDIR_SIGNATURE.length);
+    if (head?.equals(CACHEDIR_SIGNATURE)) names = [CACHEDIR_TAG];
+  }
+  let ignoreText: string | null = null;
+  if (w.opts.excluder && names.some((n) => n.toString('latin1') === IGNORE_FILE)) {
+    ignoreText = readSmallFile(w.fs, joinPath(p, Buffer.from(IGNORE_FILE)), 1 << 20)?.toString('latin1') ?? null;
+  }
+  w.opts.excluder?.enter(rel, ignoreText);
+  try {
+    for (const name of names) {
+      const child = joinPath(p, name);
+      let st: SourceStat;
+      try {
+        st = w.fs.lstat(child);
+      } catch (err) {
+        warn(w, child, err);
+        continue;
+      }
+      if (w.opts.excluder?.isExcluded(relOf(child), st.kind === NodeKind.dir)) continue;
+      try {
+        const e = await backupNode(w, child, name, st, prevByName.get(name.toString('latin1')));
+        if (e) entries.push(e);
+      } catch (err) {
+        if (err instanceof SnapError) throw err;
+        warn(w, child, err);
+      }
+    }
+  } finally {
+    w.opts.excluder?.leave();
+  }
+  return storeTree(w, entries);
+}
+
+async function storeTree(w: Walk, entries: TreeEntry[]): Promise<Buffer> {
+  const plain = encodeTree(entries);
+  const id = objectId(w.repo.keys, ObjectType.tree, plain);
+  w.refs.push(id);
+  await w.up.store(ObjectType.tree, id, plain);
+  return id;
+}
+
+/** A node of the tree of backup paths: /home/a/docs and /etc give / -> home -> a -> docs, / -> etc. */
+interface PathNode {
+  readonly children: Map<string, PathNode>;
+  target: boolean;
+}
+
+function buildPathTree(paths: readonly Buffer[]): PathNode {
+  const root: PathNode = { children: new Map(), target: false };
+  for (const p of paths) {
+    let node = root;
+    for (const part of p.toString('latin1').split('/').filter((s) => s.length > 0)) {
+      let next = node.children.get(part);
+      if (!next) {
+        next = { children: new Map(), target: false };
+        node.children.set(part, next);
+      }
+      node = next;
+    }
+    node.target = true;
+  }
+  return root;
+}
+
+/** Build the virtual directories above the backed-up paths, with the real directories' metadata. */
+async function backupAncestors(w: Walk, p: Buffer, node: PathNode, prevTree: TreeEntry[] | null): Promise<Buffer> {
+  const entries: TreeEntry[] = [];
+  const names = [...node.children.keys()].sort((a, b) => Buffer.compare(Buffer.from(a, 'latin1'), Buffer.from(b, 'latin1')));
+  for (const n of names) {
+    const child = node.children.get(n)!;
+    const name = Buffer.from(n, 'latin1');
+    const cp = joinPath(p, name);
+    const st = w.fs.lstat(cp); // checked before the walk started
+    const prev = prevTree?.find((e) => e.name.equals(name));
+    if (child.target) {
+      const e = await backupNode(w, cp, name, st, prev);
+      if (e) entries.push(e);
+    } else {
+      w.stats.dirs++;
+      const prevSub = prev?.kind === NodeKind.dir && prev.subtree ? await loadPrevTree(w, prev.subtree) : null;
+      const subtree = await backupAncestors(w, cp, child, prevSub);
+      entries.push({
+        kind: NodeKind.dir, name, mode: st.mode & 0o7777, uid: st.uid, gid: st.gid, mtimeNs: st.mtimeNs, ctimeNs: st.ctimeNs,
+        inode: st.ino, nlink: st.nlink, xattrs: await w.fs.xattrs(cp).catch(() => []), size: 0, chunks: [], subtree, target: null, rdev: 0,
+      });
+    }
+  }
+  return storeTree(w, entries);
+}
+
+/** Normalise and check the paths to back up: absolute, existing, no duplicates or nesting. */
+export function normalisePaths(paths: readonly string[], fs: SourceFs, cwd: string): Buffer[] {
+  if (paths.length === 0) throw new SnapError('usage', 'Nothing to back up: give at least one PATH');
+  const abs = [...new Set(paths.map((p) => path.resolve(cwd, p)))].sort();
+  for (const p of abs) {
+    try {
+      fs.lstat(Buffer.from(p));
+    } catch (err) {
+      throw new SnapError('not-found', `Cannot back up ${p}: ${(err as NodeJS.ErrnoException).code ?? String(err)}`);
+    }
+  }
+  const out = abs.filter((p) => !abs.some((q) => q !== p && (q === '/' || p.startsWith(q + '/'))));
+  return out.map((p) => Buffer.from(p));
+}
+
+export async function backup(repo: Repository, opts: BackupOptions): Promise<BackupResult> {
+  const step = opts.onStep ?? (() => {});
+  const started = new Date();
+  const paths = normalisePaths(opts.paths, opts.source, process.cwd());
+  step('start');
+  const known = await repo.knownObjects();
+  const parent = await repo.currentHead();
+  const stats = newStats();
+  const refs = new IdList();
+  const up = new Uploader(repo, known, opts.inflightBytes ?? 64 * 1024 * 1024, stats, step);
+  const w: Walk = {
+    repo, opts, fs: opts.source, up, known, refs, stats, prevReader: repo.storage, hardlinks: new Map(),
+    progress: { filesDone: 0, bytesDone: 0, filesTotal: null, bytesTotal: null, currentPath: '' }, lastProgress: 0,
+  };
+  if (opts.prescan && opts.onProgress) {
+    const t = prescan(opts.source, paths, opts.excluder);
+    w.progress.filesTotal = t.files;
+    w.progress.bytesTotal = t.bytes;
+  }
+  const prevRoot = parent ? await loadPrevTree(w, Buffer.from(parent.root.tree, 'hex')) : null;
+  const treeId = await backupAncestors(w, Buffer.from('/'), buildPathTree(paths), prevRoot);
+  step('trees-done');
+  await up.drain();
+  step('uploaded');
+  const root: SnapshotRoot = {
+    version: 1,
+    tree: treeId.toString('hex'),
+    paths,
+    host: opts.host,
+    user: opts.user,
+    clientTime: started.toISOString(),
+    parent: parent?.rootId ?? null,
+    chunkSize: repo.chunkSize,
+    stats,
+    tags: opts.tags ?? [],
+  };
+  const rootPlain = encodeSnapshotRoot(root);
+  const rootId = objectId(repo.keys, ObjectType.snapshot, rootPlain);
+  refs.push(rootId);
+  await up.store(ObjectType.snapshot, rootId, rootPlain);
+  await up.drain();
+  step('commit');
+  const snapshot = await repo.storage.commit(encodeHead(rootId.toString('hex')), refs.sortedUnique());
+  step('committed');
+  opts.onProgress?.({ ...w.progress, currentPath: '' });
+  return { snapshot, rootId: rootId.toString('hex'), root };
+}
+
+/** Count files and bytes below the paths (for an ETA), honouring excludes. */
+function prescan(fs: SourceFs, paths: readonly Buffer[], excluder: Excluder | undefined): { files: number; bytes: number } {
+  let files = 0;
+  let bytes = 0;
+  const visit = (p: Buffer, st: SourceStat): void => {
+    if (st.kind === NodeKind.file) {
+      files++;
+      bytes += st.size;
+      return;
+    }
+    if (st.kind !== NodeKind.dir) return;
+    let names: Buffer[];
+    try {
+      names = fs.readdir(p);
+    } catch {
+      return;
+    }
+    let text: string | null = null;
+    if (excluder && names.some((n) => n.toString('latin1') === IGNORE_FILE)) {
+      text = readSmallFile(fs, joinPath(p, Buffer.from(IGNORE_FILE)), 1 << 20)?.toString('latin1') ?? null;
+    }
+    excluder?.enter(relOf(p), text);
+    for (const n of names) {
+      const c = joinPath(p, n);
+      try {
+        const cst = fs.lstat(c);
+        if (excluder?.isExcluded(relOf(c), cst.kind === NodeKind.dir)) continue;
+        visit(c, cst);
+      } catch {
+        /* counted as an error by the real walk */
+      }
+    }
+    excluder?.leave();
+  };
+  for (const p of paths) {
+    try {
+      visit(p, fs.lstat(p));
+    } catch {
+      /* reported by the walk */
+    }
+  }
+  return { files, bytes };
+}

@@ -1,0 +1,276 @@
+/**
+ * The repository: keys, objects, trees and snapshots on top of a Storage that only moves bytes.
+ * A Repository opened read-only can load; only a WritableRepository (from openForWrite) can store.
+ */
+import { randomBytes } from 'node:crypto';
+import { zstdCompress, zstdDecompressSync, constants as zc } from 'node:zlib';
+import { promisify } from 'node:util';
+import os from 'node:os';
+import {
+  type Keys, type KdfParams, type ObjectTypeCode, Compression, DEFAULT_KDF, ObjectType, TEST_KDF,
+  checkObjectId, deriveKeys, deriveWrapKey, objectId, openObject, sealObject, unwrapSecret, wrapAad, wrapSecret,
+} from '../core/crypto.js';
+import {
+  type RepoConfig, type RepoSecret, type SnapshotRoot, type TreeEntry,
+  DEFAULT_CHUNK_SIZE, FORMAT_NAME, FORMAT_VERSION, MAX_CHUNK_SIZE, decodeConfig, decodeHead, decodeKeyFile,
+  decodeSecret, decodeSnapshotRoot, decodeTree, encodeConfig, encodeKeyFile, encodeSecret,
+} from '../core/format.js';
+import { IdSet, IdList } from '../core/idset.js';
+import { IntegrityError, SnapError } from '../core/errors.js';
+import type { ObjectReader, SnapshotInfo, Storage } from '../storage/types.js';
+import type { TreeCache } from './cache.js';
+
+const zstdCompressAsync = promisify(zstdCompress);
+export const rng = (n: number): Buffer => randomBytes(n);
+
+/** KDF for new key files: strong by default; SNAPCRYPT_TEST_WEAK_KDF=1 (tests only) makes it cheap. */
+export function kdfForNewKeys(): KdfParams {
+  return process.env['SNAPCRYPT_TEST_WEAK_KDF'] === '1' ? TEST_KDF : DEFAULT_KDF;
+}
+
+async function makeKeyFile(secret: RepoSecret, passphrase: Buffer, kdf: KdfParams): Promise<Buffer> {
+  const salt = rng(32);
+  const nonce = rng(12);
+  const wrapKey = await deriveWrapKey(passphrase, kdf, salt);
+  const data = wrapSecret(wrapKey, wrapAad(kdf, salt), nonce, encodeSecret(secret));
+  return encodeKeyFile({ version: 1, kdf, salt, nonce, data, created: new Date().toISOString() });
+}
+
+export interface SnapshotRecord {
+  readonly info: SnapshotInfo;
+  /** Root object id (hex); the short form (first 8 hex) is the snapshot's ID for users. */
+  readonly rootId: string;
+  readonly root: SnapshotRoot;
+  readonly reader: ObjectReader;
+}
+
+export class Repository {
+  readonly storage: Storage;
+  readonly config: RepoConfig;
+  readonly secret: RepoSecret;
+  readonly keys: Keys;
+  /** Name of the key file that opened the repository. */
+  readonly keyName: string;
+  readonly cache: TreeCache | null;
+
+  protected constructor(storage: Storage, config: RepoConfig, secret: RepoSecret, keyName: string, cache: TreeCache | null) {
+    this.storage = storage;
+    this.config = config;
+    this.secret = secret;
+    this.keys = deriveKeys(secret.master);
+    this.keyName = keyName;
+    this.cache = cache;
+  }
+
+  get chunkSize(): number {
+    return this.secret.chunkSize;
+  }
+
+  /** Create a new repository on an empty storage area. */
+  static async init(storage: Storage, passphrase: Buffer, opts: { chunkSize?: number } = {}): Promise<string> {
+    if (await storage.exists()) {
+      throw new SnapError('exists', `Cannot create repository at ${storage.location}: a repository already exists there`);
+    }
+    const chunkSize = opts.chunkSize ?? DEFAULT_CHUNK_SIZE;
+    const config: RepoConfig = { format: FORMAT_NAME, version: FORMAT_VERSION, id: rng(16).toString('hex') };
+    const secret: RepoSecret = { master: rng(64), repoId: config.id, chunkSize };
+    const keyFile = await makeKeyFile(secret, passphrase, kdfForNewKeys());
+    await storage.init(encodeConfig(config));
+    const keyName = rng(8).toString('hex');
+    await storage.writeFile(`keys/${keyName}`, keyFile);
+    return config.id;
+  }
+
+  /** Open with a passphrase: try every key file of current, then of the newest snapshot. */
+  static async open(storage: Storage, passphrase: Buffer, cache: ((repoId: string) => TreeCache | null) | null = null): Promise<Repository> {
+    const configBuf = await storage.readFile('config');
+    if (configBuf === null) {
+      throw new SnapError('not-a-repository', `Cannot open repository ${storage.location}: no repository there`, {
+        hint: 'create one with "snapcrypt init" or check --repo',
+      });
+    }
+    const config = decodeConfig(configBuf, storage.location);
+    const sources: ObjectReader[] = [storage];
+    const snaps = await storage.listSnapshots();
+    const newest = snaps[snaps.length - 1];
+    if (newest) sources.push(await storage.openSnapshot(newest.name));
+    let sawKey = false;
+    for (const src of sources) {
+      for (const name of await src.listKeys()) {
+        const buf = await src.readFile(`keys/${name}`);
+        if (!buf) continue;
+        let kf;
+        try {
+          kf = decodeKeyFile(buf, name);
+        } catch {
+          continue; // a damaged key file must not hide a good one
+        }
+        sawKey = true;
+        const wrapKey = await deriveWrapKey(passphrase, kf.kdf, kf.salt);
+        const plain = unwrapSecret(wrapKey, wrapAad(kf.kdf, kf.salt), kf.nonce, kf.data);
+        if (!plain) continue;
+        const secret = decodeSecret(plain);
+        if (secret.repoId !== config.id) {
+          throw new SnapError('integrity', `Key file ${name} belongs to another repository (${secret.repoId}, not ${config.id})`);
+        }
+        return new this(storage, config, secret, name, cache ? cache(config.id) : null);
+      }
+    }
+    if (!sawKey) throw new SnapError('not-a-repository', `Cannot open repository ${storage.location}: it has no key file`);
+    throw new SnapError('wrong-password', `Cannot open repository ${storage.location}: wrong passphrase (no key file opens with it)`);
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // keys
+
+  async listKeyNames(): Promise<string[]> {
+    return this.storage.listKeys();
+  }
+
+  /** Add a key file for another passphrase; returns its name. */
+  async addKey(passphrase: Buffer): Promise<string> {
+    const name = rng(8).toString('hex');
+    await this.storage.writeFile(`keys/${name}`, await makeKeyFile(this.secret, passphrase, kdfForNewKeys()));
+    return name;
+  }
+
+  /** Replace the key file that opened the repository with one for a new passphrase. */
+  async changePassphrase(passphrase: Buffer): Promise<void> {
+    await this.storage.writeFile(`keys/${this.keyName}`, await makeKeyFile(this.secret, passphrase, kdfForNewKeys()));
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // objects
+
+  /** Encrypt a plaintext into an object; returns id and the bytes to store. */
+  async sealPlain(type: ObjectTypeCode, plain: Buffer, id: Buffer = objectId(this.keys, type, plain)): Promise<Buffer> {
+    let payload: Buffer = plain;
+    let compression: number = Compression.none;
+    if (plain.length >= 128) {
+      const z = await zstdCompressAsync(plain, { params: { [zc.ZSTD_c_compressionLevel]: 3 } });
+      if (z.length < plain.length * 0.97) {
+        payload = z;
+        compression = Compression.zstd;
+      }
+    }
+    return sealObject(this.keys, id, type, compression, payload, rng);
+  }
+
+  /** Decrypt, decompress and authenticate one object. */
+  async loadObject(reader: ObjectReader, id: Buffer, type: ObjectTypeCode): Promise<Buffer> {
+    const hex = id.toString('hex');
+    let data: Buffer;
+    try {
+      data = await reader.getObject(hex);
+    } catch (err) {
+      if (err instanceof SnapError && err.code === 'not-found') throw new IntegrityError(hex, `Object ${hex} is missing`);
+      throw err;
+    }
+    return this.openData(id, type, data);
+  }
+
+  openData(id: Buffer, type: ObjectTypeCode, data: Buffer): Buffer {
+    const hex = id.toString('hex');
+    const o = openObject(this.keys, id, data);
+    if (o.type !== type) throw new IntegrityError(hex, `Object ${hex} has type ${o.type}, expected ${type}`);
+    let plain: Buffer;
+    if (o.compression === Compression.zstd) {
+      try {
+        plain = zstdDecompressSync(o.payload, { maxOutputLength: MAX_CHUNK_SIZE + 1024 * 1024 * 64 });
+      } catch {
+        throw new IntegrityError(hex, `Object ${hex} does not decompress`);
+      }
+    } else if (o.compression === Compression.none) {
+      plain = o.payload;
+    } else {
+      throw new IntegrityError(hex, `Object ${hex} uses unknown compression ${o.compression}`);
+    }
+    checkObjectId(this.keys, id, type, plain);
+    return plain;
+  }
+
+  async loadTree(reader: ObjectReader, id: Buffer): Promise<TreeEntry[]> {
+    const cached = this.cache?.get(id);
+    if (cached) {
+      try {
+        return decodeTree(this.openData(id, ObjectType.tree, cached));
+      } catch {
+        this.cache?.drop(id); // a damaged cache entry costs a download, never correctness
+      }
+    }
+    const hex = id.toString('hex');
+    let data: Buffer;
+    try {
+      data = await reader.getObject(hex);
+    } catch (err) {
+      if (err instanceof SnapError && err.code === 'not-found') throw new IntegrityError(hex, `Tree ${hex} is missing`);
+      throw err;
+    }
+    const tree = decodeTree(this.openData(id, ObjectType.tree, data));
+    this.cache?.put(id, data);
+    return tree;
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // snapshots
+
+  async readSnapshot(info: SnapshotInfo): Promise<SnapshotRecord> {
+    const reader = await this.storage.openSnapshot(info.name);
+    const head = await reader.readFile('head');
+    if (!head) throw new SnapError('integrity', `Snapshot ${info.name} has no head`);
+    const rootId = decodeHead(head);
+    const root = decodeSnapshotRoot(await this.loadObject(reader, Buffer.from(rootId, 'hex'), ObjectType.snapshot));
+    return { info, rootId, root, reader };
+  }
+
+  async listSnapshots(): Promise<SnapshotRecord[]> {
+    const out: SnapshotRecord[] = [];
+    for (const info of await this.storage.listSnapshots()) out.push(await this.readSnapshot(info));
+    return out;
+  }
+
+  /** "latest", a seal name (server time), or a unique prefix (>= 4 hex) of a snapshot root id. */
+  async resolveSnapshot(ref: string): Promise<SnapshotRecord> {
+    const infos = await this.storage.listSnapshots();
+    if (infos.length === 0) throw new SnapError('not-found', `Repository ${this.storage.location} has no snapshots yet`);
+    if (ref === 'latest') return this.readSnapshot(infos[infos.length - 1]!);
+    const byName = infos.find((i) => i.name === ref);
+    if (byName) return this.readSnapshot(byName);
+    if (!/^[0-9a-f]{4,64}$/.test(ref)) {
+      throw new SnapError('usage', `Snapshot "${ref}" is not a snapshot ID, a time name or "latest"`, { hint: 'see "snapcrypt snapshots"' });
+    }
+    const matches: SnapshotInfo[] = [];
+    for (const info of infos) {
+      const head = await (await this.storage.openSnapshot(info.name)).readFile('head');
+      if (head && decodeHead(head).startsWith(ref)) matches.push(info);
+    }
+    if (matches.length === 0) throw new SnapError('not-found', `No snapshot with ID ${ref} in ${this.storage.location}`);
+    if (matches.length > 1) throw new SnapError('usage', `Snapshot ID ${ref} is ambiguous (${matches.length} snapshots); give more digits`);
+    return this.readSnapshot(matches[0]!);
+  }
+
+  /** The snapshot root that current's head points at, if current is complete (the last commit). */
+  async currentHead(): Promise<{ rootId: string; root: SnapshotRoot } | null> {
+    const head = await this.storage.readFile('head');
+    if (!head) return null;
+    const rootId = decodeHead(head);
+    try {
+      const root = decodeSnapshotRoot(await this.loadObject(this.storage, Buffer.from(rootId, 'hex'), ObjectType.snapshot));
+      return { rootId, root };
+    } catch (err) {
+      if (err instanceof IntegrityError) return null; // unusable parent: back up from scratch
+      throw err;
+    }
+  }
+
+  /** Every object id present in current. */
+  async knownObjects(): Promise<IdSet> {
+    const list = new IdList();
+    for await (const hex of this.storage.listObjects()) list.pushHex(hex);
+    return new IdSet(list.sortedUnique());
+  }
+}
+
+export function hostName(): string {
+  return os.hostname();
+}

@@ -1,0 +1,84 @@
+/**
+ * The storage interface: it moves bytes and knows nothing of keys, formats or plaintext.
+ *
+ * A repository lives in an *area*: a directory (local, btrfs, or behind the SSH server) laid out as
+ *
+ *   current/            the state being written; after a commit exactly what the latest backup references
+ *     config            small clear-text file: format name, version, repository id (no secrets)
+ *     keys/<name>       key files (master key wrapped by a passphrase)
+ *     objects/<2 hex>/<64 hex>   immutable encrypted objects, named by their 256-bit id
+ *     head              id of the snapshot root object (64 hex + "\n") of the last commit
+ *     index             sorted list of the 32-byte ids of all objects the head references
+ *   snapshots/<name>/   sealed, read-only copies of current, one per commit, named by the storage's clock
+ *
+ * Contracts (every driver passes test/storage-conformance):
+ * - putObject is atomic and idempotent: after it resolves, the object is durable enough to survive a
+ *   crash of the writing process and getObject returns exactly those bytes; readers never see a
+ *   partial object under its final name. Putting an id that exists is a no-op.
+ * - getObject throws SnapError('not-found') for a missing object, and never returns partial data for
+ *   an object that was fully written.
+ * - writeFile (config, keys/*) is atomic: readers see the old or the new content, never a mix.
+ * - commit(head, index) checks that every id in index is present in current (else SnapError
+ *   'integrity', nothing sealed), writes head and index, removes objects of current that index does
+ *   not list, makes everything durable, then seals current as a new snapshot whose name comes from the
+ *   storage's own clock. A snapshot exists completely or not at all.
+ * - Sealed snapshots are never changed by any method of this interface.
+ * - lock() takes the area's exclusive writer lock or throws SnapError('locked'); a lock whose holder
+ *   is gone (dead process on this host, or older than its lease) is taken over.
+ */
+
+export interface SnapshotInfo {
+  /** Name chosen by the storage's clock, e.g. 2026-11-26T23:15:02.123Z; unique, sorts by time. */
+  readonly name: string;
+  /** Seal time, milliseconds since the epoch, from the storage's clock. */
+  readonly time: number;
+}
+
+/** Read access to one state of the area: `current` or one sealed snapshot. */
+export interface ObjectReader {
+  /** Bytes of one object; SnapError('not-found') if absent. */
+  getObject(id: string): Promise<Buffer>;
+  /** One of the small files (config, head, index, keys/NAME); null if absent. */
+  readFile(name: string): Promise<Buffer | null>;
+  /** Names of files under keys/. */
+  listKeys(): Promise<string[]>;
+  /** Every object id present (64 lower-case hex), in no particular order. */
+  listObjects(): AsyncIterable<string>;
+}
+
+export interface Lock {
+  release(): Promise<void>;
+}
+
+export interface Storage extends ObjectReader {
+  /** Human-readable location for messages (a path or an ssh:// URL). */
+  readonly location: string;
+  /** Whether an area (current/config) exists. */
+  exists(): Promise<boolean>;
+  /** Create the layout with the given config; SnapError('exists') if a repository is there. */
+  init(config: Buffer): Promise<void>;
+  /** Atomically write config or keys/NAME in current. */
+  writeFile(name: string, data: Buffer): Promise<void>;
+  /** Store an object in current (atomic, idempotent). */
+  putObject(id: string, data: Buffer): Promise<void>;
+  /** Check, prune, make durable and seal current; returns the new snapshot. */
+  commit(head: Buffer, index: Buffer): Promise<SnapshotInfo>;
+  /** Sealed snapshots, oldest first. */
+  listSnapshots(): Promise<SnapshotInfo[]>;
+  /** Read-only view of one sealed snapshot; SnapError('not-found') if absent. */
+  openSnapshot(name: string): Promise<ObjectReader>;
+  /** Exclusive writer lock on current. */
+  lock(owner: string): Promise<Lock>;
+  close(): Promise<void>;
+}
+
+/** Names accepted by writeFile/readFile: config, head, index, keys/<safe name>. */
+export function isValidFileName(name: string): boolean {
+  return (
+    name === 'config' || name === 'head' || name === 'index' || /^keys\/[A-Za-z0-9._-]{1,128}$/.test(name)
+  );
+}
+
+export function isValidObjectId(id: string): boolean {
+  return /^[0-9a-f]{64}$/.test(id);
+}

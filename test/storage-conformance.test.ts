@@ -1,0 +1,336 @@
+/**
+ * The storage conformance suite: every contract of src/storage/types.ts, run against every driver.
+ * The btrfs run needs SNAPCRYPT_TEST_BTRFS (a btrfs mount); it is skipped without it, except in CI.
+ */
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import * as fsp from 'node:fs/promises';
+import { hostname } from 'node:os';
+import { join } from 'node:path';
+import { describe, it } from 'node:test';
+import { isSnapError } from '../src/core/errors.js';
+import type { ErrorCode } from '../src/core/errors.js';
+import { BtrfsStorage } from '../src/drivers/btrfs.js';
+import { LocalDirStorage } from '../src/drivers/localdir.js';
+import { openStorage } from '../src/drivers/open.js';
+import type { ObjectReader, Storage } from '../src/storage/types.js';
+import { btrfsTempDir, btrfsTestDir, tempDir } from './env.js';
+
+/** Makes a storage for a fresh, not yet initialized area with the given clock. */
+type Factory = (clock: () => number) => Promise<Storage>;
+
+interface DriverChecks {
+  /** Driver-specific checks of a freshly sealed snapshot directory. */
+  sealed?(snapshotDir: string, storage: Storage): Promise<void>;
+}
+
+const T0 = Date.UTC(2026, 10, 26, 23, 15, 2, 123);
+const CONFIG = Buffer.from('snapcrypt-test-config v1\n');
+
+function idOf(data: Buffer): string {
+  return createHash('sha256').update(data).digest('hex');
+}
+
+function indexOf(ids: Iterable<string>): Buffer {
+  return Buffer.concat([...new Set(ids)].sort().map((id) => Buffer.from(id, 'hex')));
+}
+
+function headOf(id: string): Buffer {
+  return Buffer.from(`${id}\n`);
+}
+
+async function rejectsWith(p: Promise<unknown>, code: ErrorCode, match?: RegExp): Promise<void> {
+  await assert.rejects(p, (err: unknown) => {
+    assert.ok(isSnapError(err, code), `expected SnapError('${code}'), got ${String(err)}`);
+    if (match) assert.match(err.message, match);
+    return true;
+  });
+}
+
+async function collect(reader: ObjectReader): Promise<string[]> {
+  const ids: string[] = [];
+  for await (const id of reader.listObjects()) ids.push(id);
+  return ids.sort();
+}
+
+/** A storage with an adjustable clock, initialized, holding some objects. */
+async function setup(factory: Factory, objects = 3) {
+  let now = T0;
+  const clock = { set: (t: number) => (now = t) };
+  const storage = await factory(() => now);
+  await storage.init(CONFIG);
+  const blobs = Array.from({ length: objects }, (_, i) => Buffer.from(`object ${i}`));
+  const ids = blobs.map(idOf);
+  for (const [i, id] of ids.entries()) await storage.putObject(id, blobs[i]!);
+  return { storage, clock, blobs, ids };
+}
+
+function storageConformance(driver: string, factory: Factory | null, checks: DriverChecks = {}): void {
+  const skip = factory === null ? `${driver} is not available here` : false;
+  const make: Factory = factory ?? (() => Promise.reject(new Error('skipped')));
+
+  describe(`storage conformance: ${driver}`, { skip }, () => {
+    it('init creates an area once; a second init fails with exists', async () => {
+      const storage = await make(() => T0);
+      assert.equal(await storage.exists(), false);
+      await storage.init(CONFIG);
+      assert.equal(await storage.exists(), true);
+      assert.deepEqual(await storage.readFile('config'), CONFIG);
+      assert.deepEqual(await storage.listKeys(), []);
+      assert.deepEqual(await collect(storage), []);
+      assert.deepEqual(await storage.listSnapshots(), []);
+      await rejectsWith(storage.init(Buffer.from('other')), 'exists');
+      assert.deepEqual(await storage.readFile('config'), CONFIG);
+    });
+
+    it('putObject then getObject returns the same bytes; putting an existing id is a no-op', async () => {
+      const { storage } = await setup(make, 0);
+      const big = Buffer.alloc(1 << 20, 7);
+      const empty = Buffer.alloc(0);
+      for (const data of [big, empty]) {
+        await storage.putObject(idOf(data), data);
+        assert.deepEqual(await storage.getObject(idOf(data)), data);
+      }
+      await storage.putObject(idOf(big), Buffer.from('different bytes'));
+      assert.deepEqual(await storage.getObject(idOf(big)), big);
+      assert.deepEqual(await collect(storage), [idOf(big), idOf(empty)].sort());
+    });
+
+    it('getObject of an absent object fails with not-found', async () => {
+      const { storage } = await setup(make, 1);
+      await rejectsWith(storage.getObject('ab'.repeat(32)), 'not-found', /abab/);
+    });
+
+    it('rejects invalid object ids and file names with usage', async () => {
+      const { storage, ids } = await setup(make, 1);
+      const good = ids[0]!;
+      for (const id of ['', good.toUpperCase(), good.slice(1), `${good}0`, `../${good.slice(3)}`, `${good.slice(0, 63)}/`]) {
+        await rejectsWith(storage.getObject(id), 'usage');
+        await rejectsWith(storage.putObject(id, Buffer.from('x')), 'usage');
+      }
+      for (const name of ['', 'lock', 'objects', '../config', 'keys/../config', 'keys/..', 'keys/.', 'keys/', 'keys/a/b', 'current/config']) {
+        await rejectsWith(storage.readFile(name), 'usage');
+        await rejectsWith(storage.writeFile(name, Buffer.from('x')), 'usage');
+      }
+      for (const name of ['head', 'index', 'keys/.tmp-x']) {
+        await rejectsWith(storage.writeFile(name, Buffer.from('x')), 'usage');
+      }
+      assert.deepEqual(await collect(storage), [good]);
+    });
+
+    it('writeFile replaces config and key files; listKeys and readFile see them', async () => {
+      const { storage } = await setup(make, 0);
+      await storage.writeFile('keys/b', Buffer.from('key b'));
+      await storage.writeFile('keys/a.key', Buffer.from('key a'));
+      await storage.writeFile('keys/b', Buffer.from('key b2'));
+      await storage.writeFile('config', Buffer.from('config 2'));
+      assert.deepEqual(await storage.listKeys(), ['a.key', 'b']);
+      assert.deepEqual(await storage.readFile('keys/b'), Buffer.from('key b2'));
+      assert.deepEqual(await storage.readFile('config'), Buffer.from('config 2'));
+      assert.equal(await storage.readFile('keys/none'), null);
+      assert.equal(await storage.readFile('head'), null);
+    });
+
+    it('listObjects yields every stored id once', async () => {
+      const { storage, ids } = await setup(make, 40);
+      assert.deepEqual(await collect(storage), [...ids].sort());
+    });
+
+    it('commit refuses an index that lists a missing object and changes nothing', async () => {
+      const { storage, ids } = await setup(make, 3);
+      const first = await storage.commit(headOf(ids[0]!), indexOf([ids[0]!]));
+      const absent = 'ee'.repeat(32);
+      await rejectsWith(storage.commit(headOf(ids[1]!), indexOf([ids[1]!, absent])), 'integrity', new RegExp(absent));
+      assert.deepEqual(await storage.listSnapshots(), [first]);
+      assert.deepEqual(await storage.readFile('head'), headOf(ids[0]!));
+      assert.deepEqual(await storage.readFile('index'), indexOf([ids[0]!]));
+      assert.deepEqual(await collect(storage), [...ids].sort(), 'nothing pruned');
+    });
+
+    it('commit rejects a malformed index or head with integrity', async () => {
+      const { storage, ids } = await setup(make, 3);
+      const sorted = [...ids].sort();
+      const [a, b] = [Buffer.from(sorted[0]!, 'hex'), Buffer.from(sorted[1]!, 'hex')];
+      const head = headOf(sorted[0]!);
+      const bad: [Buffer, Buffer][] = [
+        [head, Buffer.concat([a, b.subarray(1)])], // not a multiple of 32 bytes
+        [head, Buffer.concat([b, a])], // unsorted
+        [head, Buffer.concat([a, a])], // duplicate
+        [head, Buffer.from('garbage')],
+        [headOf(sorted[2]!), Buffer.concat([a, b])], // head not listed
+        [Buffer.from(sorted[0]!), Buffer.concat([a, b])], // head without newline
+        [Buffer.from('not hex\n'), Buffer.concat([a, b])],
+      ];
+      for (const [h, index] of bad) await rejectsWith(storage.commit(h, index), 'integrity');
+      assert.deepEqual(await storage.listSnapshots(), []);
+      assert.equal(await storage.readFile('head'), null);
+      assert.deepEqual(await collect(storage), sorted);
+    });
+
+    it('commit writes head and index, prunes unlisted objects; the earlier snapshot keeps them', async () => {
+      const { storage, ids, blobs } = await setup(make, 3);
+      const first = await storage.commit(headOf(ids[0]!), indexOf(ids));
+      const index = indexOf([ids[0]!, ids[2]!]);
+      await storage.commit(headOf(ids[0]!), index);
+      assert.deepEqual(await storage.readFile('head'), headOf(ids[0]!));
+      assert.deepEqual(await storage.readFile('index'), index);
+      assert.deepEqual(await collect(storage), [ids[0]!, ids[2]!].sort());
+      await rejectsWith(storage.getObject(ids[1]!), 'not-found');
+      const old = await storage.openSnapshot(first.name);
+      assert.deepEqual(await collect(old), [...ids].sort());
+      assert.deepEqual(await old.getObject(ids[1]!), blobs[1]);
+      assert.deepEqual(await old.readFile('index'), indexOf(ids));
+    });
+
+    it('snapshots are listed oldest first, with unique names from the clock', async () => {
+      const { storage, clock, ids } = await setup(make, 1);
+      const commit = () => storage.commit(headOf(ids[0]!), indexOf(ids));
+      const a = await commit();
+      const b = await commit(); // same clock reading: bumped by 1 ms
+      clock.set(T0 + 3_600_000);
+      const c = await commit();
+      assert.deepEqual(a, { name: '2026-11-26T23:15:02.123Z', time: T0 });
+      assert.deepEqual(b, { name: '2026-11-26T23:15:02.124Z', time: T0 + 1 });
+      assert.deepEqual(c, { name: '2026-11-27T00:15:02.123Z', time: T0 + 3_600_000 });
+      clock.set(T0 - 1000); // a clock that went back still gives a unique, correctly sorted name
+      const d = await commit();
+      await fsp.mkdir(join(storage.location, 'snapshots', 'junk'));
+      await fsp.mkdir(join(storage.location, 'snapshots', '.tmp-2026-11-26T23:15:02.999Z'));
+      assert.deepEqual(await storage.listSnapshots(), [d, a, b, c]);
+    });
+
+    it('a snapshot is unaffected by later writes and commits to current', async () => {
+      const { storage, ids, blobs } = await setup(make, 2);
+      await storage.writeFile('keys/main', Buffer.from('key 1'));
+      const snap = await storage.commit(headOf(ids[0]!), indexOf(ids));
+      const reader = await storage.openSnapshot(snap.name);
+      const before = {
+        objects: await collect(reader),
+        keys: await reader.listKeys(),
+        files: await Promise.all(['config', 'head', 'index', 'keys/main'].map((f) => reader.readFile(f))),
+      };
+      await storage.writeFile('keys/main', Buffer.from('key 2'));
+      await storage.writeFile('keys/other', Buffer.from('key 3'));
+      await storage.writeFile('config', Buffer.from('config 2'));
+      const extra = Buffer.from('later object');
+      await storage.putObject(idOf(extra), extra);
+      await storage.commit(headOf(idOf(extra)), indexOf([idOf(extra)]));
+      const again = await storage.openSnapshot(snap.name);
+      assert.deepEqual(
+        {
+          objects: await collect(again),
+          keys: await again.listKeys(),
+          files: await Promise.all(['config', 'head', 'index', 'keys/main'].map((f) => again.readFile(f))),
+        },
+        before,
+      );
+      assert.deepEqual(before.files, [CONFIG, headOf(ids[0]!), indexOf(ids), Buffer.from('key 1')]);
+      for (const [i, id] of ids.entries()) assert.deepEqual(await again.getObject(id), blobs[i]);
+      await rejectsWith(again.getObject(idOf(extra)), 'not-found');
+    });
+
+    it('openSnapshot rejects path tricks and unknown names', async () => {
+      const { storage, ids } = await setup(make, 1);
+      const snap = await storage.commit(headOf(ids[0]!), indexOf(ids));
+      for (const name of ['../x', '..', '.', '', '/', 'current', `${snap.name}/..`, `../snapshots/${snap.name}`, `.tmp-${snap.name}`, `${snap.name} `, '2026-02-30T00:00:00.000Z', '2026-11-26T23:15:02Z']) {
+        await rejectsWith(storage.openSnapshot(name), 'usage');
+      }
+      await rejectsWith(storage.openSnapshot('2020-01-01T00:00:00.000Z'), 'not-found');
+      const reader = await storage.openSnapshot(snap.name);
+      await rejectsWith(reader.getObject('../../current'), 'usage');
+      await rejectsWith(reader.readFile('../lock'), 'usage');
+    });
+
+    it('lock is exclusive until released', async () => {
+      const { storage } = await setup(make, 0);
+      const lock = await storage.lock('first');
+      await rejectsWith(storage.lock('second'), 'locked', new RegExp(`"first" \\(pid ${process.pid} on host `));
+      await lock.release();
+      const again = await storage.lock('second');
+      await again.release();
+      await again.release(); // idempotent
+    });
+
+    it('a lock left by a dead process on this host is taken over', async () => {
+      const { storage } = await setup(make, 0);
+      const dead = { owner: 'crashed', host: hostname(), pid: 2_000_000_000, time: new Date(T0).toISOString() };
+      await fsp.writeFile(join(storage.location, 'current', 'lock'), JSON.stringify(dead));
+      const lock = await storage.lock('new');
+      await rejectsWith(storage.lock('third'), 'locked', /"new"/);
+      await lock.release();
+    });
+
+    it('a lock held on another host is refused, naming the holder and how to remove it', async () => {
+      const { storage } = await setup(make, 0);
+      const other = { owner: 'laptop backup', host: 'elsewhere.example', pid: 1, time: '2026-11-26T20:00:00.000Z' };
+      const path = join(storage.location, 'current', 'lock');
+      await fsp.writeFile(path, JSON.stringify(other));
+      await rejectsWith(storage.lock('me'), 'locked', /elsewhere\.example.*pid 1.*2026-11-26T20:00:00\.000Z.*delete .*lock/);
+      await fsp.writeFile(path, 'not json');
+      await rejectsWith(storage.lock('me'), 'locked', /unreadable/);
+    });
+
+    if (checks.sealed) {
+      const sealed = checks.sealed;
+      it('driver: a sealed snapshot is protected', async () => {
+        const { storage, ids } = await setup(make, 2);
+        const snap = await storage.commit(headOf(ids[0]!), indexOf(ids));
+        await sealed(join(storage.location, 'snapshots', snap.name), storage);
+      });
+    }
+  });
+}
+
+storageConformance('LocalDirStorage', async (clock) => new LocalDirStorage(join(await tempDir('localdir'), 'repo'), { clock }), {
+  async sealed(dir, storage) {
+    // The fallback's snapshot objects are hard links of current's (same inode), never copies.
+    for await (const id of storage.listObjects()) {
+      const a = await fsp.stat(join(dir, 'objects', id.slice(0, 2), id));
+      const b = await fsp.stat(join(storage.location, 'current', 'objects', id.slice(0, 2), id));
+      assert.equal(a.ino, b.ino);
+    }
+    assert.deepEqual((await fsp.readdir(join(storage.location, 'snapshots'))).filter((n) => n.startsWith('.tmp-')), []);
+  },
+});
+
+const btrfsDir = btrfsTestDir();
+storageConformance(
+  'BtrfsStorage',
+  btrfsDir === null
+    ? null
+    : async (clock) => {
+        const dir = await btrfsTempDir('conformance');
+        assert.ok(dir !== null);
+        return new BtrfsStorage(join(dir, 'repo'), { clock });
+      },
+  {
+    async sealed(dir) {
+      assert.ok(await BtrfsStorage.isSubvolume(dir));
+      assert.ok(await BtrfsStorage.isSubvolume(join(dir, '..', '..', 'current')));
+      assert.equal(execFileSync('btrfs', ['property', 'get', '-ts', dir, 'ro'], { encoding: 'utf8' }).trim(), 'ro=true');
+      await assert.rejects(fsp.writeFile(join(dir, 'new-file'), 'x'), { code: 'EROFS' });
+      await assert.rejects(fsp.writeFile(join(dir, 'config'), 'x'), { code: 'EROFS' });
+      await assert.rejects(fsp.rm(join(dir, 'objects'), { recursive: true }), { code: 'EROFS' });
+    },
+  },
+);
+
+describe('openStorage', () => {
+  it('picks LocalDirStorage off btrfs', async () => {
+    const dir = await tempDir('open');
+    if (await BtrfsStorage.isBtrfs(dir)) return; // the temp dir itself is on btrfs: nothing to check
+    assert.ok((await openStorage(join(dir, 'new', 'repo'))) instanceof LocalDirStorage);
+  });
+
+  it('picks BtrfsStorage on btrfs, unless current is a plain directory', { skip: btrfsDir === null }, async () => {
+    const dir = await btrfsTempDir('open');
+    assert.ok(dir !== null);
+    const fresh = await openStorage(join(dir, 'a', 'b'));
+    assert.ok(fresh instanceof BtrfsStorage);
+    await fresh.init(CONFIG);
+    assert.ok((await openStorage(join(dir, 'a', 'b'))) instanceof BtrfsStorage);
+    await new LocalDirStorage(join(dir, 'plain')).init(CONFIG);
+    assert.ok((await openStorage(join(dir, 'plain'))) instanceof LocalDirStorage);
+  });
+});
