@@ -25,12 +25,12 @@ mkdir -p "$LOG_DIR"
 
 say() { printf '[install] %s\n' "$*"; }
 
-# step NAME CMD...: run CMD with its output in $LOG_DIR/NAME.log; print one
-# line; on failure print the whole log and exit with CMD's status.
+# step LOG LABEL CMD...: run CMD with its output in $LOG_DIR/LOG.log; print
+# one line; on failure print the whole log and exit with CMD's status.
 step() {
-	local name=$1 log="$LOG_DIR/$1.log" rc=0
-	shift
-	printf '[install] %s ... ' "$name"
+	local log="$LOG_DIR/$1.log" label=$2 rc=0
+	shift 2
+	printf '[install] %s ... ' "$label"
 	"$@" >"$log" 2>&1 </dev/null || rc=$?
 	if ((rc == 0)); then
 		echo ok
@@ -59,12 +59,19 @@ apt_install() {
 			echo "not root and no sudo: install these as root: $*" >&2
 			return 1
 		fi
+		# Non-interactive: credentials were cached by `sudo -v` below if needed.
 		sudo=(sudo -n)
-		# Ask for the password up front if needed (not in CI: no stdin).
-		[[ -t 0 ]] && sudo=(sudo)
 	fi
-	"${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update
-	"${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@"
+	# Wait (up to 10 min) for another apt/dpkg run to release its locks.
+	local -a apt=("${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600)
+	local try
+	for try in 1 2 3 4 5; do
+		"${apt[@]}" update && break
+		((try < 5)) || return 1
+		echo "apt-get update failed (try $try); retrying in 10s" >&2
+		sleep 10
+	done
+	"${apt[@]}" install -y --no-install-recommends "$@"
 }
 
 mapfile -t MISSING < <(missing_packages)
@@ -79,7 +86,7 @@ else
 		# sudo may prompt: don't hide the prompt behind the log redirection.
 		sudo -v
 	fi
-	step "apt-install-${#MISSING[@]}-packages(${MISSING[*]})" apt_install "${MISSING[@]}"
+	step apt "system packages: installing ${MISSING[*]}" apt_install "${MISSING[@]}"
 fi
 
 # --- 2. Node.js >= 24 ----------------------------------------------------------
@@ -101,26 +108,24 @@ install_tools_node() {
 	}
 }
 
-if [[ -x $SNAPCRYPT_TOOLS_NODE ]] && snapcrypt_node_ok "$SNAPCRYPT_TOOLS_NODE"; then
-	say "node: reusing $SNAPCRYPT_TOOLS_NODE ($("$SNAPCRYPT_TOOLS_NODE" --version))"
-elif sys_node=$(command -v node 2>/dev/null) && snapcrypt_node_ok "$sys_node"; then
-	say "node: using $sys_node ($("$sys_node" --version))"
-else
-	step "node-$SNAPCRYPT_MIN_NODE_MAJOR-into-.tools" install_tools_node
+# Reuse .tools (an earlier run) or a system node >= 24; else install into .tools.
+if ! { [[ -x $SNAPCRYPT_TOOLS_NODE ]] && snapcrypt_node_ok "$SNAPCRYPT_TOOLS_NODE"; } &&
+	! { sys_node=$(command -v node 2>/dev/null) && snapcrypt_node_ok "$sys_node"; }; then
+	step node "node: npm install --prefix .tools $NODE_SPEC" install_tools_node
 fi
 if ! snapcrypt_use_node; then
 	snapcrypt_no_node_message
 	exit 1
 fi
-say "node: $SNAPCRYPT_NODE is $("$SNAPCRYPT_NODE" --version), npm $(npm --version)"
+say "node: using $SNAPCRYPT_NODE ($("$SNAPCRYPT_NODE" --version), npm $(npm --version))"
 
 # --- 3. npm dependencies and build ---------------------------------------------
 if [[ -f package-lock.json ]]; then
-	step npm-ci npm ci --no-audit --no-fund
+	step npm-ci "npm ci" npm ci --no-audit --no-fund
 else
-	step npm-install npm install --no-audit --no-fund
+	step npm-install "npm install" npm install --no-audit --no-fund
 fi
-step build npm run build
+step build "npm run build" npm run build
 
 # --- 4. wrappers -----------------------------------------------------------------
 # bin/snapcrypt and bin/snapcrypt-server are committed POSIX sh scripts that
@@ -138,7 +143,7 @@ check_wrappers() {
 	sh -c 'SNAPCRYPT_ROOT=$1; . "$1/scripts/env.sh"; snapcrypt_find_node && echo "wrappers use $SNAPCRYPT_NODE"' \
 		sh "$ROOT"
 }
-step wrappers check_wrappers
+step wrappers "wrappers: bin/snapcrypt, bin/snapcrypt-server" check_wrappers
 # Under ssh (snapcrypt-server) PATH is minimal: warn if node would not be found.
 if ! env -i PATH=/usr/local/bin:/usr/bin:/bin sh -c \
 	'SNAPCRYPT_ROOT=$1; . "$1/scripts/env.sh"; snapcrypt_find_node' sh "$ROOT"; then

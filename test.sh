@@ -58,7 +58,12 @@ clean_btrfs() {
 	for p in "${subs[@]}"; do
 		btrfs subvolume delete "$mnt/$p" || true
 	done
-	((${#subs[@]} == 0)) || timeout 300 btrfs subvolume sync "$mnt" || true
+	if ((${#subs[@]} > 0)); then
+		# Commit now (else the cleaner waits for the 30 s commit interval), then
+		# wait until the space of the deleted subvolumes is freed.
+		btrfs filesystem sync "$mnt" || true
+		timeout 300 btrfs subvolume sync "$mnt" || true
+	fi
 	find "$mnt" -mindepth 1 -maxdepth 1 -exec rm -rf -- {} + || true
 	[[ -z $(btrfs subvolume list "$mnt") && -z $(ls -A "$mnt") ]]
 }

@@ -70,7 +70,7 @@ function storageConformance(driver: string, factory: Factory | null, checks: Dri
   const skip = factory === null ? `${driver} is not available here` : false;
   const make: Factory = factory ?? (() => Promise.reject(new Error('skipped')));
 
-  describe(`storage conformance: ${driver}`, { skip }, () => {
+  describe(`storage conformance: ${driver}`, { skip, concurrency: true }, () => {
     it('init creates an area once; a second init fails with exists', async () => {
       const storage = await make(() => T0);
       assert.equal(await storage.exists(), false);
@@ -139,12 +139,12 @@ function storageConformance(driver: string, factory: Factory | null, checks: Dri
 
     it('commit refuses an index that lists a missing object and changes nothing', async () => {
       const { storage, ids } = await setup(make, 3);
-      const first = await storage.commit(headOf(ids[0]!), indexOf([ids[0]!]));
+      const first = await storage.commit(headOf(ids[0]!), indexOf(ids));
       const absent = 'ee'.repeat(32);
       await rejectsWith(storage.commit(headOf(ids[1]!), indexOf([ids[1]!, absent])), 'integrity', new RegExp(absent));
       assert.deepEqual(await storage.listSnapshots(), [first]);
       assert.deepEqual(await storage.readFile('head'), headOf(ids[0]!));
-      assert.deepEqual(await storage.readFile('index'), indexOf([ids[0]!]));
+      assert.deepEqual(await storage.readFile('index'), indexOf(ids));
       assert.deepEqual(await collect(storage), [...ids].sort(), 'nothing pruned');
     });
 
@@ -242,6 +242,24 @@ function storageConformance(driver: string, factory: Factory | null, checks: Dri
       await rejectsWith(reader.readFile('../lock'), 'usage');
     });
 
+    it('leftovers of an interrupted run are ignored by readers and removed by the next commit', async () => {
+      const { storage, ids } = await setup(make, 1);
+      const current = join(storage.location, 'current');
+      const objDir = join(current, 'objects', ids[0]!.slice(0, 2));
+      const leftovers = [join(objDir, '.tmp-0123'), join(current, '.tmp-4567'), join(current, 'keys', '.tmp-89ab')];
+      for (const f of leftovers) await fsp.writeFile(f, 'partial');
+      const halfSealed = join(storage.location, 'snapshots', '.tmp-2026-11-26T23:15:02.123Z');
+      await fsp.mkdir(join(halfSealed, 'objects'), { recursive: true });
+      await fsp.chmod(join(halfSealed, 'objects'), 0o500);
+      assert.deepEqual(await collect(storage), ids);
+      assert.deepEqual(await storage.listKeys(), []);
+      assert.deepEqual(await storage.listSnapshots(), []);
+      const snap = await storage.commit(headOf(ids[0]!), indexOf(ids));
+      for (const f of [...leftovers, halfSealed]) assert.equal(await fsp.stat(f).catch(() => null), null, f);
+      assert.deepEqual(await storage.listSnapshots(), [snap]);
+      assert.deepEqual(await collect(await storage.openSnapshot(snap.name)), ids);
+    });
+
     it('lock is exclusive until released', async () => {
       const { storage } = await setup(make, 0);
       const lock = await storage.lock('first');
@@ -266,7 +284,7 @@ function storageConformance(driver: string, factory: Factory | null, checks: Dri
       const other = { owner: 'laptop backup', host: 'elsewhere.example', pid: 1, time: '2026-11-26T20:00:00.000Z' };
       const path = join(storage.location, 'current', 'lock');
       await fsp.writeFile(path, JSON.stringify(other));
-      await rejectsWith(storage.lock('me'), 'locked', /elsewhere\.example.*pid 1.*2026-11-26T20:00:00\.000Z.*delete .*lock/);
+      await rejectsWith(storage.lock('me'), 'locked', /pid 1 on host elsewhere\.example.*2026-11-26T20:00:00\.000Z.*delete .*lock/);
       await fsp.writeFile(path, 'not json');
       await rejectsWith(storage.lock('me'), 'locked', /unreadable/);
     });

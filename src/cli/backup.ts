@@ -3,7 +3,7 @@ import os from 'node:os';
 import { backup } from '../engine/backup.js';
 import { LocalSourceFs } from '../drivers/localfs.js';
 import { SnapError } from '../core/errors.js';
-import { makeExcluder } from '../drivers/excluder.js';
+import { makeExcluder } from '../core/excluder.js';
 import { type Command, commonHelp, fmtBytes, fmtDuration } from './common.js';
 
 export const backupCommand: Command = {
@@ -34,30 +34,28 @@ Exit status: 0 done, 3 done but some files could not be read (listed as warnings
   allowPositionals: true,
   async run(ctx) {
     if (ctx.positionals.length === 0) throw new SnapError('usage', 'backup: give at least one PATH to back up');
-    const patterns = [...ctx.list('exclude')];
-    for (const f of ctx.list('exclude-file')) {
-      let text: string;
+    const files = ctx.list('exclude-file').map((name) => {
       try {
-        text = fs.readFileSync(f, 'latin1');
+        return { name, text: fs.readFileSync(name, 'latin1') };
       } catch (err) {
-        throw new SnapError('usage', `Cannot read exclude file ${f}: ${(err as NodeJS.ErrnoException).code ?? String(err)}`);
+        throw new SnapError('usage', `Cannot read exclude file ${name}: ${(err as NodeJS.ErrnoException).code ?? String(err)}`);
       }
-      patterns.push(...text.split('\n'));
-    }
+    });
     const repo = await ctx.openRepo();
     const source = new LocalSourceFs();
-    const lock = await repo.storage.lock(`backup on ${os.hostname()} pid ${process.pid}`);
+    const lock = await repo.storage.lock(`snapcrypt backup`);
     const t0 = Date.now();
     let warnings = 0;
     try {
       const r = await backup(repo, {
         paths: ctx.positionals,
         source,
-        excluder: makeExcluder(patterns),
+        excluder: makeExcluder({ patterns: ctx.list('exclude'), files }),
         host: ctx.str('host') ?? os.hostname(),
         user: os.userInfo().username,
         tags: ctx.list('tag'),
         prescan: ctx.progressEnabled,
+        onStep: crashHook(ctx.io.env['SNAPCRYPT_TEST_CRASH_AT']),
         onWarning: (p, m) => {
           warnings++;
           ctx.progressDone();
@@ -90,3 +88,17 @@ Exit status: 0 done, 3 done but some files could not be read (listed as warnings
     }
   },
 };
+
+/**
+ * Test hook for crash tests: SNAPCRYPT_TEST_CRASH_AT=STEP:N kills this process with SIGKILL the N-th
+ * time the backup reaches STEP (start, put-chunk, put-tree, trees-done, uploaded, commit, committed).
+ */
+function crashHook(spec: string | undefined): (step: string) => void {
+  const m = spec ? /^([a-z-]+):(\d+)$/.exec(spec) : null;
+  if (!m) return () => {};
+  const [, want, n] = m;
+  let count = 0;
+  return (step) => {
+    if (step === want && ++count === Number(n)) process.kill(process.pid, 'SIGKILL');
+  };
+}

@@ -6,7 +6,7 @@ import { backup } from '../engine/backup.js';
 import { LocalSourceFs } from '../drivers/localfs.js';
 import { openStorage } from '../drivers/open.js';
 import { openTreeCache } from '../drivers/cachedir.js';
-import { makeExcluder } from '../drivers/excluder.js';
+import { makeExcluder } from '../core/excluder.js';
 import { type Command, commonHelp, fmtBytes, table } from './common.js';
 
 const DEMO_PASSPHRASE = 'snapcrypt demo passphrase';
@@ -53,7 +53,7 @@ ${commonHelp}`,
     const source = new LocalSourceFs();
     const t0 = Date.now();
     try {
-      const r = await backup(repo, { paths: [sample], source, excluder: makeExcluder([]), host: os.hostname(), user: os.userInfo().username });
+      const r = await backup(repo, { paths: [sample], source, excluder: makeExcluder(), host: os.hostname(), user: os.userInfo().username });
       const s = r.root.stats;
       ctx.out(`backed up ${sample}: ${s.files} files (${s.filesRead} read), ${fmtBytes(s.bytes)}; stored ${s.objectsAdded} new objects (${fmtBytes(s.bytesAdded)}) in ${((Date.now() - t0) / 1000).toFixed(2)} s`);
       ctx.emit({ type: 'summary', snapshot: r.rootId.slice(0, 8), time: r.snapshot.name, ...s });

@@ -1,3 +1,4 @@
+import { SnapError } from '../core/errors.js';
 import { Repository } from '../engine/repository.js';
 import { type Command, commonHelp } from './common.js';
 
@@ -18,6 +19,7 @@ ${commonHelp}`,
     const pass = ctx.str('password-file') !== undefined || ctx.io.env['SNAPCRYPT_PASSWORD'] !== undefined
       ? await ctx.passphrase()
       : await ctx.newPassphrase(undefined, 'SNAPCRYPT_PASSWORD');
+    if (pass.length === 0) throw new SnapError('usage', 'An empty passphrase is not allowed; choose a long one');
     const id = await Repository.init(storage, pass);
     ctx.out(`created repository ${id} at ${storage.location}`);
     ctx.out('Keep the passphrase safe: without it nothing in the repository can be read.');

@@ -1,3 +1,4 @@
+import { SnapError } from '../core/errors.js';
 import { type Command, commonHelp, fmtBytes, table } from './common.js';
 
 export const snapshotsCommand: Command = {
@@ -13,9 +14,18 @@ ${commonHelp}`,
   allowPositionals: false,
   async run(ctx) {
     const repo = await ctx.openRepo();
-    const snaps = await repo.listSnapshots();
+    const all = await repo.listSnapshotsChecked();
     const rows = [['ID', 'Time', 'Host', 'Paths', 'Size', 'Files']];
-    for (const s of snaps) {
+    let damaged = 0;
+    const snaps = [];
+    for (const s of all) {
+      if ('error' in s) {
+        damaged++;
+        rows.push(['????????', s.info.name, '', `DAMAGED: ${s.error.message}`, '', '']);
+        ctx.emit({ type: 'snapshot', time: s.info.name, damaged: true, error: s.error.message });
+        continue;
+      }
+      snaps.push(s);
       const paths = s.root.paths.map((p) => p.toString('utf8'));
       rows.push([s.rootId.slice(0, 8), s.info.name, s.root.host, paths.join(' '), fmtBytes(s.root.stats.bytes), String(s.root.stats.files)]);
       ctx.emit({
@@ -23,8 +33,11 @@ ${commonHelp}`,
         paths, tags: s.root.tags, bytes: s.root.stats.bytes, files: s.root.stats.files, dirs: s.root.stats.dirs, clientTime: s.root.clientTime,
       });
     }
-    if (snaps.length === 0) ctx.out('no snapshots yet');
-    else ctx.out(table(rows) + `\n${snaps.length} snapshot${snaps.length === 1 ? '' : 's'}`);
+    if (all.length === 0) ctx.out('no snapshots yet');
+    else ctx.out(table(rows) + `\n${all.length} snapshot${all.length === 1 ? '' : 's'}`);
+    if (damaged > 0) {
+      throw new SnapError('integrity', `${damaged} snapshot${damaged === 1 ? '' : 's'} of ${repo.storage.location} cannot be read; run "snapcrypt verify"`);
+    }
     return 0;
   },
 };

@@ -65,11 +65,15 @@ export class IdSet {
     return this.sorted.length / ID_BYTES + this.added.size;
   }
   has(id: Buffer): boolean {
+    const s = this.sorted;
+    const key = id.readUInt32BE(0);
     let lo = 0;
-    let hi = this.sorted.length / ID_BYTES - 1;
+    let hi = s.length / ID_BYTES - 1;
     while (lo <= hi) {
       const mid = (lo + hi) >>> 1;
-      const c = this.sorted.compare(id, 0, ID_BYTES, mid * ID_BYTES, (mid + 1) * ID_BYTES);
+      const k = s.readUInt32BE(mid * ID_BYTES);
+      // compare the first 4 bytes in JavaScript; the rest only on a tie
+      const c = k !== key ? k - key : s.compare(id, 4, ID_BYTES, mid * ID_BYTES + 4, (mid + 1) * ID_BYTES);
       if (c === 0) return true;
       if (c < 0) lo = mid + 1;
       else hi = mid - 1;

@@ -246,8 +246,9 @@ export class FsMeta {
 
   private request<T>(op: number, path: MetaPath, fields: Buffer[], decode: (payload: Buffer) => T): Promise<T> {
     let child: Helper;
-    const abs = absolute(toBuffer(path));
+    let abs: Buffer;
     try {
+      abs = absolute(toBuffer(path));
       if (abs.includes(0)) throw new SnapError('io', `invalid path (contains NUL): ${showBytes(abs)}`);
       child = this.helper();
     } catch (err) {

@@ -7,24 +7,26 @@
  * default and no file is ever written in place (new content always arrives by rename or link).
  *
  * How each write is made safe:
- * - putObject writes `.tmp-<random>` in the object's directory, fsyncs it, then link()s it to its
- *   final name (link never replaces: an existing object is left alone) and removes the temp. A name
- *   therefore only ever points at a complete, fsynced file. The directory entry is made durable at the
- *   next commit (the commit fsyncs every object directory before it writes head).
+ * - putObject writes `.tmp-<random>` in the object's directory, then link()s it to its final name
+ *   (link never replaces: an existing object is left alone) and removes the temp, so a name only ever
+ *   points at a complete file as long as the kernel runs. Objects are not fsynced one by one: the first
+ *   put of a session writes the `unsynced` marker (the kernel's boot id), and commit flushes the whole
+ *   file system (syncfs) before it writes index and head, then removes the marker. A session that finds
+ *   the marker from another boot (a power loss after unsynced writes) first deletes every object the
+ *   last index does not list, since those may be torn; the client then sends them again.
  * - writeFile (config, keys/*) and commit's head and index use temp + fsync + rename + fsync of the
  *   directory: readers see the old or the new file.
  * - commit: (1) validates head and index and checks that every listed object is in current; on failure
- *   nothing at all is changed; (2) fsyncs the object directories, then writes index, then head; (3)
- *   deletes objects the index does not list and stale temp files, fsyncing each directory; (4) removes
+ *   nothing at all is changed; (2) flushes the file system, then writes index, then head; (3)
+ *   deletes objects the index does not list and stale temp files; (4) removes
  *   leftover `snapshots/.tmp-*`; (5) seals.
  * - LocalDirStorage seals by building `snapshots/.tmp-<name>` (a hard link of every object, copies of
- *   config, keys/*, head, index; every file and directory fsynced; directories made 0500), then renaming
- *   it to `snapshots/<name>` and fsyncing `snapshots/`.
+ *   config, keys/*, head, index; directories made 0500), flushing the file system, then renaming it to
+ *   `snapshots/<name>` and fsyncing `snapshots/`.
  *
  * What a crash leaves:
  * - during putObject: at most a `.tmp-*` file (ignored by readers, removed by the next commit). After a
- *   power loss an object whose directory entry was not yet durable may be gone; the next commit refuses
- *   with 'integrity' naming it and the client sends it again.
+ *   power loss, unlisted objects are deleted by recover() (see above) and sent again.
  * - during commit steps 1-2: current unchanged, or a new index with the old head (every object of both
  *   is still present, since nothing is deleted before head is written).
  * - during step 3: the new head and index, plus some unreferenced objects that the next commit deletes.
@@ -39,7 +41,9 @@
  * (65000 on ext4) bounds how many snapshots can share one object.
  */
 import { randomBytes } from 'node:crypto';
-import { constants } from 'node:fs';
+import fs, { constants } from 'node:fs';
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
 import * as fsp from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -146,6 +150,26 @@ async function fsyncPath(path: string): Promise<void> {
     await fh.sync();
   } finally {
     await fh.close();
+  }
+}
+
+const execFileAsync = promisify(execFile);
+
+/** Flush the whole file system holding path (syncfs(2) through coreutils' `sync -f`). */
+export async function syncFileSystem(path: string): Promise<void> {
+  try {
+    await execFileAsync('sync', ['-f', path]);
+  } catch (err) {
+    throw new SnapError('io', `Cannot flush the file system of ${path} (sync -f): ${messageOf(err)}`, { cause: err });
+  }
+}
+
+/** Identifies the running kernel: page-cache contents survive a process crash, not a reboot. */
+function bootId(): string {
+  try {
+    return fs.readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim();
+  } catch {
+    return 'unknown';
   }
 }
 
@@ -381,8 +405,8 @@ export abstract class DirStorage extends DirReader implements Storage {
   }
 
   async init(config: Buffer): Promise<void> {
-    const exists = new SnapError('exists', `Cannot create a repository at ${this.location}: one already exists there`);
-    if (await this.exists()) throw exists;
+    const existsError = new SnapError('exists', `Cannot create a repository at ${this.location}: one already exists there`);
+    if (await this.exists()) throw existsError;
     try {
       await fsp.mkdir(this.root, { recursive: true, mode: DIR_MODE });
       await this.createCurrent();
@@ -392,7 +416,7 @@ export abstract class DirStorage extends DirReader implements Storage {
       await this.syncDir(this.current);
       await this.syncDir(this.root);
       // config last, and never replacing: a half-done init can be run again, a concurrent one fails.
-      if (!(await writeDurable(this.current, 'config', config, false))) throw exists;
+      if (!(await writeDurable(this.current, 'config', config, false))) throw existsError;
       await this.syncDir(this.current);
     } catch (err) {
       throw ioError(`Cannot create a repository at ${this.location}`, err);
@@ -414,28 +438,78 @@ export abstract class DirStorage extends DirReader implements Storage {
     }
   }
 
+  /**
+   * Objects are written without fsync (one fsync per object would cost most of a backup's time):
+   * temp file, then link() to the final name. A process crash never leaves a partial object under its
+   * name. A power loss may, so before the first object of a session the `unsynced` marker records the
+   * kernel's boot id; commit flushes the file system and removes the marker. A later session that finds
+   * the marker with another boot id deletes every object the last index does not list (see recover()).
+   */
   async putObject(id: string, data: Buffer): Promise<void> {
     checkId(id);
     const dir = this.objectDir(id);
+    const tmp = join(dir, tmpName());
     try {
-      if (await pathExists(join(dir, id))) return;
-      await fsp.mkdir(dir, { mode: DIR_MODE }).catch((err: unknown) => {
+      await this.recover();
+      this.marking ??= this.markUnsynced();
+      await this.marking;
+      try {
+        await fsp.writeFile(tmp, data, { flag: 'wx', mode: FILE_MODE });
+      } catch (err) {
+        if (errnoOf(err) !== 'ENOENT') throw err;
+        await fsp.mkdir(dir, { mode: DIR_MODE }).catch((e: unknown) => {
+          if (errnoOf(e) !== 'EEXIST') throw e;
+        });
+        await fsp.writeFile(tmp, data, { flag: 'wx', mode: FILE_MODE });
+      }
+      try {
+        await fsp.link(tmp, join(dir, id));
+      } catch (err) {
         if (errnoOf(err) !== 'EEXIST') throw err;
-      });
-      await writeDurable(dir, id, data, false);
+      }
     } catch (err) {
       throw await this.failure(`Cannot store object ${id} in ${this.current}`, err);
+    } finally {
+      await fsp.rm(tmp, { force: true }).catch(() => undefined);
     }
+  }
+
+  private marking: Promise<void> | null = null;
+  private recovering: Promise<void> | null = null;
+
+  private async markUnsynced(): Promise<void> {
+    await writeDurable(this.current, 'unsynced', Buffer.from(bootId() + '\n'), true);
+    await this.syncDir(this.current);
+  }
+
+  /**
+   * If objects were written by a session of an earlier boot that never committed, the ones the last
+   * index does not list may be torn by the power loss: delete them (the client sends them again).
+   */
+  recover(): Promise<void> {
+    this.recovering ??= (async () => {
+      const marker = await readText(join(this.current, 'unsynced'));
+      if (marker === null || marker.trim() === bootId()) return;
+      const index = (await fsp.readFile(join(this.current, 'index')).catch(() => null)) ?? Buffer.alloc(0);
+      await this.prune(index);
+      await syncFileSystem(this.current);
+      await fsp.rm(join(this.current, 'unsynced'), { force: true });
+    })();
+    return this.recovering;
   }
 
   async commit(head: Buffer, index: Buffer): Promise<SnapshotInfo> {
     const headId = this.checkCommitInput(head, index);
     if (!(await this.exists())) throw this.notARepository();
     try {
-      await this.checkPresentAndSync(index);
+      await this.recover();
+      await this.checkPresent(index);
+      await syncFileSystem(this.current); // every object of this session is durable from here on
       await writeDurable(this.current, 'index', index, true);
       await writeDurable(this.current, 'head', head, true);
+      await fsp.rm(join(this.current, 'unsynced'), { force: true });
       await this.syncDir(this.current);
+      this.marking = null;
       await this.prune(index);
       for (const name of await readdirOrEmpty(this.snapshotsDir)) {
         if (name.startsWith(TMP_PREFIX)) await removeTree(join(this.snapshotsDir, name));
@@ -469,8 +543,8 @@ export abstract class DirStorage extends DirReader implements Storage {
     return headId;
   }
 
-  /** Every indexed id must be in current; fsyncs each object directory so their entries are durable. */
-  private async checkPresentAndSync(index: Buffer): Promise<void> {
+  /** Every indexed id must be in current. */
+  private async checkPresent(index: Buffer): Promise<void> {
     const cursor = new IndexCursor(index);
     let missing = 0;
     let first: string | undefined;
@@ -483,7 +557,6 @@ export abstract class DirStorage extends DirReader implements Storage {
         missing++;
         first ??= id;
       }
-      if (present.size > 0 && missing === 0) await this.syncDir(dir);
     }
     if (first !== undefined) {
       throw new IntegrityError(
@@ -500,21 +573,15 @@ export abstract class DirStorage extends DirReader implements Storage {
       const prefix = prefixName(p);
       const wanted = cursor.take(p);
       const dir = join(this.current, 'objects', prefix);
-      let changed = false;
       for (const name of await readdirOrEmpty(dir)) {
         const unlisted = isValidObjectId(name) && name.startsWith(prefix) && !wanted.has(name);
-        if (unlisted || name.startsWith(TMP_PREFIX)) {
-          await fsp.rm(join(dir, name), { force: true });
-          changed = true;
-        }
+        if (unlisted || name.startsWith(TMP_PREFIX)) await fsp.rm(join(dir, name), { force: true });
       }
-      if (changed) await this.syncDir(dir);
     }
     for (const dir of [this.current, join(this.current, 'keys')]) {
       for (const name of await readdirOrEmpty(dir)) {
         if (name.startsWith(TMP_PREFIX)) await fsp.rm(join(dir, name), { force: true });
       }
-      await this.syncDir(dir);
     }
   }
 
@@ -552,13 +619,17 @@ export abstract class DirStorage extends DirReader implements Storage {
   }
 
   async lock(owner: string): Promise<Lock> {
-    const path = join(this.current, 'lock');
+    // The lock lives beside current, not in it: it names the host and pid, which a sealed snapshot
+    // (a btrfs snapshot takes the whole subvolume) must not carry.
+    if (!(await this.exists())) throw this.notARepository();
+    const path = join(this.root, 'lock');
     const mine = `${JSON.stringify({ owner, host: hostname(), pid: process.pid, time: new Date(this.clock()).toISOString() })}\n`;
     for (let attempt = 0; attempt < 5; attempt++) {
       let held: string | null;
       try {
         // link() of a complete temp file: as exclusive as O_EXCL, and never an empty lock file.
-        if (await writeDurable(this.current, 'lock', Buffer.from(mine), false)) {
+        if (await writeDurable(this.root, 'lock', Buffer.from(mine), false)) {
+          await this.recover();
           return { release: () => this.unlock(path, mine) };
         }
         held = await readText(path);
@@ -589,7 +660,7 @@ export abstract class DirStorage extends DirReader implements Storage {
 
   /** Moves the lock aside, checks it is still the stale one we judged, deletes it (or puts it back). */
   private async removeStaleLock(path: string, stale: string): Promise<void> {
-    const aside = join(this.current, tmpName());
+    const aside = join(this.root, tmpName());
     try {
       await fsp.rename(path, aside);
     } catch (err) {
@@ -630,32 +701,29 @@ export class LocalDirStorage extends DirStorage {
       if (ids.length === 0) continue;
       const dir = join(objects, prefix);
       await fsp.mkdir(dir, { mode: DIR_MODE });
-      for (const id of ids) await fsp.link(join(this.current, 'objects', prefix, id), join(dir, id));
-      await this.sealDir(dir);
+      // synchronous: tens of thousands of link() calls are much faster without a thread-pool hop each
+      for (const id of ids) fs.linkSync(join(this.current, 'objects', prefix, id), join(dir, id));
+      await fsp.chmod(dir, SEALED_DIR_MODE);
     }
-    await this.sealDir(objects);
+    await fsp.chmod(objects, SEALED_DIR_MODE);
     const keys = join(tmp, 'keys');
     await fsp.mkdir(keys, { mode: DIR_MODE });
     for (const key of (await readdirOrEmpty(join(this.current, 'keys'))).filter(isKeyName)) {
-      await copyDurable(join(this.current, 'keys', key), join(keys, key));
+      await copyFile(join(this.current, 'keys', key), join(keys, key));
     }
-    await this.sealDir(keys);
+    await fsp.chmod(keys, SEALED_DIR_MODE);
     for (const file of ['config', 'head', 'index']) {
-      await copyDurable(join(this.current, file), join(tmp, file));
+      await copyFile(join(this.current, file), join(tmp, file));
     }
-    await this.sealDir(tmp);
+    await fsp.chmod(tmp, SEALED_DIR_MODE);
+    await syncFileSystem(tmp); // the whole snapshot is durable before it gets its name
     await fsp.rename(tmp, join(this.snapshotsDir, name));
     await this.syncDir(this.snapshotsDir);
   }
-
-  private async sealDir(dir: string): Promise<void> {
-    await fsp.chmod(dir, SEALED_DIR_MODE);
-    await this.syncDir(dir);
-  }
 }
 
-async function copyDurable(src: string, dst: string): Promise<void> {
+/** Copy for a snapshot under construction (made durable by the syncfs before it is named). */
+async function copyFile(src: string, dst: string): Promise<void> {
   await fsp.copyFile(src, dst, constants.COPYFILE_EXCL);
   await fsp.chmod(dst, FILE_MODE);
-  await fsyncPath(dst);
 }

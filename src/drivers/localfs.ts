@@ -8,6 +8,7 @@ import { FsMeta } from './fsmeta.js';
 
 const execFileAsync = promisify(execFile);
 const S_IFMT = 0o170000;
+const MKFIFO = 'POSIX::mkfifo(pack("H*", $ARGV[0]), oct($ARGV[1])) or die "mkfifo: $!\\n"';
 
 function kindOfMode(mode: number): NodeKindCode {
   switch (mode & S_IFMT) {
@@ -124,8 +125,20 @@ export class LocalTargetFs implements TargetFs {
   link(existing: Buffer, p: Buffer): void {
     fs.linkSync(existing, p);
   }
+  /**
+   * node:fs has no mkfifo; perl's POSIX::mkfifo (perl-base, like the fsmeta helper) makes it. The path
+   * goes in hex: arguments are passed as UTF-8 text, which cannot carry every name. The mode is set
+   * exactly afterwards with the rest of the metadata (mkfifo applies the umask).
+   */
   async mkfifo(p: Buffer, mode: number): Promise<void> {
-    await execFileAsync('mkfifo', ['-m', (mode & 0o777).toString(8), '--', p.toString()]);
+    try {
+      await execFileAsync('perl', ['-MPOSIX', '-e', MKFIFO, p.toString('hex'), (mode & 0o777).toString(8)], {
+        env: { PATH: process.env['PATH'] ?? '/usr/bin:/bin', LC_ALL: 'C' },
+      });
+    } catch (err) {
+      const detail = (err as { stderr?: string }).stderr?.trim() || String(err);
+      throw new Error(`cannot make fifo ${p.toString('utf8')}: ${detail}`, { cause: err });
+    }
   }
   chown(p: Buffer, uid: number, gid: number): void {
     fs.lchownSync(p, uid, gid);

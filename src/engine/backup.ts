@@ -14,18 +14,11 @@ import {
 import { ObjectType, objectId, type ObjectTypeCode } from '../core/crypto.js';
 import { IdList, type IdSet } from '../core/idset.js';
 import { SnapError } from '../core/errors.js';
+import type { Excluder } from '../core/excluder.js';
 import type { Repository } from './repository.js';
 import type { SourceFs, SourceStat } from './source.js';
 import type { SnapshotInfo, ObjectReader } from '../storage/types.js';
 
-/** Excludes: the walker calls enter/leave around each directory it descends into. */
-export interface Excluder {
-  /** Called when entering a directory; ignoreFile is the content of its .snapcryptignore, if any. */
-  enter(dirRel: string, ignoreFile: string | null): void;
-  leave(): void;
-  /** rel: the path below / ('/'-separated, latin1-decoded bytes). */
-  isExcluded(rel: string, isDir: boolean): boolean;
-}
 
 export const IGNORE_FILE = '.snapcryptignore';
 const CACHEDIR_TAG = Buffer.from('CACHEDIR.TAG');
@@ -68,9 +61,12 @@ function newStats(): SnapshotStats {
 
 const display = (p: Buffer): string => p.toString('utf8');
 
+const MAX_INFLIGHT_OBJECTS = 32;
+
 /** Stores objects that current lacks, with bounded memory in flight. */
 class Uploader {
   private inflight = 0;
+  private inflightCount = 0;
   private pending = new Set<Promise<void>>();
   private failure: unknown = null;
   private waiters: Array<() => void> = [];
@@ -92,11 +88,13 @@ class Uploader {
     if (this.failure) throw this.failure;
     if (this.known.has(id)) return;
     this.known.add(id);
-    while (this.inflight > 0 && this.inflight + plain.length > this.limit) {
+    // bounded in bytes and in count: every object in flight also holds a compressor context
+    while (this.inflight > 0 && (this.inflight + plain.length > this.limit || this.inflightCount >= MAX_INFLIGHT_OBJECTS)) {
       await new Promise<void>((resolve) => this.waiters.push(resolve));
       if (this.failure) throw this.failure;
     }
     this.inflight += plain.length;
+    this.inflightCount++;
     const p = (async () => {
       try {
         const sealed = await this.repo.sealPlain(type, plain, id);
@@ -108,6 +106,7 @@ class Uploader {
         this.failure ??= err;
       } finally {
         this.inflight -= plain.length;
+        this.inflightCount--;
         const w = this.waiters;
         this.waiters = [];
         for (const f of w) f();
@@ -172,22 +171,43 @@ function sameFile(st: SourceStat, prev: TreeEntry | undefined): prev is TreeEntr
   );
 }
 
+/** Read exactly `want` bytes at pos, or fewer at end of file. */
+function readFull(w: Walk, fd: number, buf: Buffer, pos: number): number {
+  let n = 0;
+  while (n < buf.length) {
+    const r = w.fs.read(fd, n === 0 ? buf : buf.subarray(n), pos + n);
+    if (r === 0) break;
+    n += r;
+  }
+  return n;
+}
+
 async function readFileChunks(w: Walk, p: Buffer, st: SourceStat): Promise<{ chunks: Buffer[]; size: number }> {
   const cs = w.repo.chunkSize;
-  const fd = w.fs.open(p);
   const chunks: Buffer[] = [];
   let pos = 0;
+  if (st.size === 0) {
+    w.stats.filesRead++;
+    return { chunks, size: 0 };
+  }
+  const fd = w.fs.open(p);
   try {
     for (;;) {
-      const buf = Buffer.allocUnsafe(cs);
-      let n = 0;
-      while (n < cs) {
-        const r = w.fs.read(fd, n === 0 ? buf : buf.subarray(n), pos + n);
-        if (r === 0) break;
-        n += r;
+      // buffers sized by what lstat said is left, so small files do not pin a whole chunk each
+      const want = Math.min(cs, Math.max(st.size - pos, 0));
+      let data = Buffer.allocUnsafe(want === 0 ? cs : want);
+      let n = readFull(w, fd, data, pos);
+      if (n === want && want > 0 && want < cs) {
+        // the file may have grown since lstat: a short chunk is only allowed at the end
+        const more = Buffer.allocUnsafe(cs - want);
+        const m = readFull(w, fd, more, pos + n);
+        if (m > 0) {
+          data = Buffer.concat([data, more.subarray(0, m)]);
+          n += m;
+        }
       }
       if (n === 0) break;
-      const data = n === cs ? buf : buf.subarray(0, n);
+      if (n < data.length) data = data.subarray(0, n);
       pos += n;
       w.progress.bytesDone += n;
       if (isZero(data)) {
@@ -205,7 +225,6 @@ async function readFileChunks(w: Walk, p: Buffer, st: SourceStat): Promise<{ chu
   }
   w.stats.filesRead++;
   w.stats.bytesRead += pos;
-  void st;
   return { chunks, size: pos };
 }
 
@@ -222,8 +241,19 @@ function kindOf(st: SourceStat): NodeKindCode {
   return st.kind;
 }
 
+/** Extended attributes change ctime: when ctime and inode are the previous ones, so are the xattrs. */
+function requestXattrs(w: Walk, p: Buffer, st: SourceStat, prev: TreeEntry | undefined): Promise<Xattr[]> | null {
+  if (prev !== undefined && prev.kind === st.kind && prev.ctimeNs === st.ctimeNs && prev.inode === st.ino) return null;
+  return w.fs.xattrs(p).catch((err: unknown) => {
+    warn(w, p, err);
+    return [];
+  });
+}
+
 /** Back up one file system object; returns its tree entry, or null if it was skipped. */
-async function backupNode(w: Walk, p: Buffer, name: Buffer, st: SourceStat, prev: TreeEntry | undefined): Promise<TreeEntry | null> {
+async function backupNode(
+  w: Walk, p: Buffer, name: Buffer, st: SourceStat, prev: TreeEntry | undefined, xattrsP: Promise<Xattr[]> | null,
+): Promise<TreeEntry | null> {
   const base = {
     name,
     mode: st.mode & 0o7777,
@@ -240,8 +270,7 @@ async function backupNode(w: Walk, p: Buffer, name: Buffer, st: SourceStat, prev
     rdev: 0,
   };
   const kind = kindOf(st);
-  const unchangedMeta = prev !== undefined && prev.kind === kind && prev.ctimeNs === st.ctimeNs && prev.inode === st.ino;
-  const xattrs: readonly Xattr[] = unchangedMeta ? prev.xattrs : await w.fs.xattrs(p).catch((err) => (warn(w, p, err), []));
+  const xattrs: readonly Xattr[] = xattrsP === null ? (prev?.xattrs ?? []) : await xattrsP;
   switch (kind) {
     case NodeKind.file: {
       w.stats.files++;
@@ -332,6 +361,8 @@ async function backupDir(w: Walk, p: Buffer, prevTree: TreeEntry[] | null): Prom
   }
   w.opts.excluder?.enter(rel, ignoreText);
   try {
+    // First stat every entry and ask for the xattrs of changed ones (pipelined), then back them up.
+    const items: Array<{ name: Buffer; child: Buffer; st: SourceStat; prev: TreeEntry | undefined; xattrs: Promise<Xattr[]> | null }> = [];
     for (const name of names) {
       const child = joinPath(p, name);
       let st: SourceStat;
@@ -342,12 +373,16 @@ async function backupDir(w: Walk, p: Buffer, prevTree: TreeEntry[] | null): Prom
         continue;
       }
       if (w.opts.excluder?.isExcluded(relOf(child), st.kind === NodeKind.dir)) continue;
+      const prev = prevByName.get(name.toString('latin1'));
+      items.push({ name, child, st, prev, xattrs: requestXattrs(w, child, st, prev) });
+    }
+    for (const it of items) {
       try {
-        const e = await backupNode(w, child, name, st, prevByName.get(name.toString('latin1')));
+        const e = await backupNode(w, it.child, it.name, it.st, it.prev, it.xattrs);
         if (e) entries.push(e);
       } catch (err) {
         if (err instanceof SnapError) throw err;
-        warn(w, child, err);
+        warn(w, it.child, err);
       }
     }
   } finally {
@@ -398,7 +433,7 @@ async function backupAncestors(w: Walk, p: Buffer, node: PathNode, prevTree: Tre
     const st = w.fs.lstat(cp); // checked before the walk started
     const prev = prevTree?.find((e) => e.name.equals(name));
     if (child.target) {
-      const e = await backupNode(w, cp, name, st, prev);
+      const e = await backupNode(w, cp, name, st, prev, requestXattrs(w, cp, st, prev));
       if (e) entries.push(e);
     } else {
       w.stats.dirs++;
@@ -448,7 +483,9 @@ export async function backup(repo: Repository, opts: BackupOptions): Promise<Bac
     w.progress.bytesTotal = t.bytes;
   }
   const prevRoot = parent ? await loadPrevTree(w, Buffer.from(parent.root.tree, 'hex')) : null;
-  const treeId = await backupAncestors(w, Buffer.from('/'), buildPathTree(paths), prevRoot);
+  const pathTree = buildPathTree(paths);
+  // backing up "/" itself: the root tree is the root directory's own
+  const treeId = pathTree.target ? await backupDir(w, Buffer.from('/'), prevRoot) : await backupAncestors(w, Buffer.from('/'), pathTree, prevRoot);
   step('trees-done');
   await up.drain();
   step('uploaded');

@@ -2,7 +2,7 @@
  * The repository: keys, objects, trees and snapshots on top of a Storage that only moves bytes.
  * A Repository opened read-only can load; only a WritableRepository (from openForWrite) can store.
  */
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { zstdCompress, zstdDecompressSync, constants as zc } from 'node:zlib';
 import { promisify } from 'node:util';
 import os from 'node:os';
@@ -21,6 +21,8 @@ import type { ObjectReader, SnapshotInfo, Storage } from '../storage/types.js';
 import type { TreeCache } from './cache.js';
 
 const zstdCompressAsync = promisify(zstdCompress);
+/** Largest tree or snapshot root a reader accepts (a directory of millions of entries). */
+export const MAX_TREE_SIZE = 1024 * 1024 * 1024;
 export const rng = (n: number): Buffer => randomBytes(n);
 
 /** KDF for new key files: strong by default; SNAPCRYPT_TEST_WEAK_KDF=1 (tests only) makes it cheap. */
@@ -81,7 +83,12 @@ export class Repository {
     return config.id;
   }
 
-  /** Open with a passphrase: try every key file of current, then of the newest snapshot. */
+  /**
+   * Open with a passphrase: try every key file of current, then of the newest snapshot, then of older
+   * snapshots (a passphrase changed since still opens the snapshots sealed while it was valid). A key
+   * file already tried (same bytes, e.g. sealed unchanged into many snapshots) is not tried again, and
+   * older snapshots are only read when nothing newer opened.
+   */
   static async open(storage: Storage, passphrase: Buffer, cache: ((repoId: string) => TreeCache | null) | null = null): Promise<Repository> {
     const configBuf = await storage.readFile('config');
     if (configBuf === null) {
@@ -90,15 +97,22 @@ export class Repository {
       });
     }
     const config = decodeConfig(configBuf, storage.location);
-    const sources: ObjectReader[] = [storage];
     const snaps = await storage.listSnapshots();
-    const newest = snaps[snaps.length - 1];
-    if (newest) sources.push(await storage.openSnapshot(newest.name));
+    const sources: Array<() => Promise<ObjectReader>> = [
+      async () => storage,
+      ...snaps.reverse().map((s) => () => storage.openSnapshot(s.name)),
+    ];
+    const tried = new Set<string>();
     let sawKey = false;
-    for (const src of sources) {
+    let foreign: SnapError | null = null;
+    for (const source of sources) {
+      const src = await source();
       for (const name of await src.listKeys()) {
         const buf = await src.readFile(`keys/${name}`);
         if (!buf) continue;
+        const digest = createHash('sha256').update(buf).digest('hex');
+        if (tried.has(digest)) continue;
+        tried.add(digest);
         let kf;
         try {
           kf = decodeKeyFile(buf, name);
@@ -111,11 +125,15 @@ export class Repository {
         if (!plain) continue;
         const secret = decodeSecret(plain);
         if (secret.repoId !== config.id) {
-          throw new SnapError('integrity', `Key file ${name} belongs to another repository (${secret.repoId}, not ${config.id})`);
+          // planted from another repository (one with the same passphrase): never use it, but let
+          // this repository's own key files still open
+          foreign ??= new SnapError('integrity', `Cannot open repository ${storage.location}: key file ${name} belongs to another repository (${secret.repoId}, not ${config.id})`);
+          continue;
         }
         return new this(storage, config, secret, name, cache ? cache(config.id) : null);
       }
     }
+    if (foreign) throw foreign;
     if (!sawKey) throw new SnapError('not-a-repository', `Cannot open repository ${storage.location}: it has no key file`);
     throw new SnapError('wrong-password', `Cannot open repository ${storage.location}: wrong passphrase (no key file opens with it)`);
   }
@@ -176,7 +194,7 @@ export class Repository {
     let plain: Buffer;
     if (o.compression === Compression.zstd) {
       try {
-        plain = zstdDecompressSync(o.payload, { maxOutputLength: MAX_CHUNK_SIZE + 1024 * 1024 * 64 });
+        plain = zstdDecompressSync(o.payload, { maxOutputLength: type === ObjectType.data ? MAX_CHUNK_SIZE : MAX_TREE_SIZE });
       } catch {
         throw new IntegrityError(hex, `Object ${hex} does not decompress`);
       }
@@ -214,18 +232,37 @@ export class Repository {
   // -------------------------------------------------------------------------------------------
   // snapshots
 
+  /** Open one sealed snapshot; every integrity failure names the snapshot. */
   async readSnapshot(info: SnapshotInfo): Promise<SnapshotRecord> {
     const reader = await this.storage.openSnapshot(info.name);
     const head = await reader.readFile('head');
     if (!head) throw new SnapError('integrity', `Snapshot ${info.name} has no head`);
-    const rootId = decodeHead(head);
-    const root = decodeSnapshotRoot(await this.loadObject(reader, Buffer.from(rootId, 'hex'), ObjectType.snapshot));
-    return { info, rootId, root, reader };
+    try {
+      const rootId = decodeHead(head);
+      const root = decodeSnapshotRoot(await this.loadObject(reader, Buffer.from(rootId, 'hex'), ObjectType.snapshot));
+      return { info, rootId, root, reader };
+    } catch (err) {
+      if (err instanceof IntegrityError) throw new IntegrityError(err.objectId, `Snapshot ${info.name}: ${err.message}`);
+      if (err instanceof SnapError && err.code === 'integrity') throw new SnapError('integrity', `Snapshot ${info.name}: ${err.message}`, { cause: err });
+      throw err;
+    }
   }
 
   async listSnapshots(): Promise<SnapshotRecord[]> {
-    const out: SnapshotRecord[] = [];
-    for (const info of await this.storage.listSnapshots()) out.push(await this.readSnapshot(info));
+    return (await this.listSnapshotsChecked()).filter((s): s is SnapshotRecord => !('error' in s));
+  }
+
+  /** Every snapshot, with the ones that cannot be read reported instead of stopping the listing. */
+  async listSnapshotsChecked(): Promise<Array<SnapshotRecord | { info: SnapshotInfo; error: SnapError }>> {
+    const out: Array<SnapshotRecord | { info: SnapshotInfo; error: SnapError }> = [];
+    for (const info of await this.storage.listSnapshots()) {
+      try {
+        out.push(await this.readSnapshot(info));
+      } catch (err) {
+        if (!(err instanceof SnapError) || err.code !== 'integrity') throw err;
+        out.push({ info, error: err });
+      }
+    }
     return out;
   }
 
@@ -242,7 +279,13 @@ export class Repository {
     const matches: SnapshotInfo[] = [];
     for (const info of infos) {
       const head = await (await this.storage.openSnapshot(info.name)).readFile('head');
-      if (head && decodeHead(head).startsWith(ref)) matches.push(info);
+      let id: string;
+      try {
+        id = head ? decodeHead(head) : '';
+      } catch {
+        continue; // a damaged head must not hide the other snapshots (verify reports it)
+      }
+      if (id.startsWith(ref)) matches.push(info);
     }
     if (matches.length === 0) throw new SnapError('not-found', `No snapshot with ID ${ref} in ${this.storage.location}`);
     if (matches.length > 1) throw new SnapError('usage', `Snapshot ID ${ref} is ambiguous (${matches.length} snapshots); give more digits`);
@@ -253,7 +296,12 @@ export class Repository {
   async currentHead(): Promise<{ rootId: string; root: SnapshotRoot } | null> {
     const head = await this.storage.readFile('head');
     if (!head) return null;
-    const rootId = decodeHead(head);
+    let rootId: string;
+    try {
+      rootId = decodeHead(head);
+    } catch {
+      return null; // a damaged head costs a full read, never a wrong backup
+    }
     try {
       const root = decodeSnapshotRoot(await this.loadObject(this.storage, Buffer.from(rootId, 'hex'), ObjectType.snapshot));
       return { rootId, root };

@@ -2,8 +2,9 @@
  * Restore: one file, one directory or a whole snapshot, straight from the snapshot's own trees and
  * chunks (no chains). Every chunk is authenticated before a byte of it is written, and a file is
  * written under a temporary name and renamed only once all of it authenticated (I3). Metadata is set
- * in the order that keeps it: owner, mode, xattrs, then times; directories after their contents (I10).
+ * in the order that keeps it: owner, xattrs, mode, then times; directories after their contents (I10).
  */
+import { createHash } from 'node:crypto';
 import { type TreeEntry, NodeKind, ZERO_CHUNK } from '../core/format.js';
 import { ObjectType } from '../core/crypto.js';
 import { SnapError, IntegrityError } from '../core/errors.js';
@@ -32,10 +33,12 @@ interface Ctx {
   readonly opts: RestoreOptions;
   readonly fs: TargetFs;
   readonly result: RestoreResult;
-  /** inode -> restored path, for entries with nlink > 1 */
-  readonly links: Map<number, Buffer>;
+  /** linkKey() -> restored path, for entries with nlink > 1 */
+  readonly links: Map<string, Buffer>;
   readonly pending: Array<Promise<void>>;
   lastProgress: number;
+  /** Counter for temporary file names. */
+  tmpSeq: number;
 }
 
 function join(dir: Buffer, name: Buffer): Buffer {
@@ -84,11 +87,16 @@ function fail(c: Ctx, p: Buffer, err: unknown): void {
   c.opts.onWarning?.(p.toString('utf8'), message);
 }
 
+/**
+ * Owner first (chown clears setuid/setgid and file capabilities), then xattrs while the entry is still
+ * writable (user.* xattrs need write permission: a 0444 file or 0500 directory would refuse them to a
+ * non-root owner), then the mode, then the times (nothing after them may touch the entry).
+ */
 async function setMeta(c: Ctx, p: Buffer, e: TreeEntry): Promise<void> {
   const isLink = e.kind === NodeKind.symlink;
   if (c.fs.isRoot) c.fs.chown(p, e.uid, e.gid);
-  if (!isLink) c.fs.chmod(p, e.mode);
   for (const x of e.xattrs) await c.fs.setXattr(p, x);
+  if (!isLink) c.fs.chmod(p, e.mode);
   await c.fs.setTimes(p, e.mtimeNs, e.mtimeNs);
 }
 
@@ -97,9 +105,21 @@ function queueMeta(c: Ctx, p: Buffer, e: TreeEntry): void {
   c.pending.push(setMeta(c, p, e).catch((err) => fail(c, p, err)));
 }
 
+/**
+ * Which entries are names of one inode. Trees record the inode number but not the device, and a
+ * snapshot may span file systems (several backup paths, mount points), where unrelated files share
+ * inode numbers; so the key also holds what every name of one inode has in common (ctime, mtime,
+ * owner, mode, size and content). Entries that agree on all of it are interchangeable anyway.
+ */
+function linkKey(e: TreeEntry): string {
+  const h = createHash('sha256');
+  for (const id of e.chunks) h.update(id);
+  return `${e.inode}:${e.ctimeNs}:${e.mtimeNs}:${e.uid}:${e.gid}:${e.mode}:${e.size}:${h.digest('base64')}`;
+}
+
 async function restoreFile(c: Ctx, dest: Buffer, e: TreeEntry): Promise<void> {
   if (e.nlink > 1) {
-    const first = c.links.get(e.inode);
+    const first = c.links.get(linkKey(e));
     if (first) {
       replaceExisting(c, dest);
       c.fs.link(first, dest);
@@ -107,7 +127,7 @@ async function restoreFile(c: Ctx, dest: Buffer, e: TreeEntry): Promise<void> {
       return;
     }
   }
-  const tmp = Buffer.concat([dest, Buffer.from('.snapcrypt-partial')]);
+  const tmp = partialName(c, dest);
   c.fs.remove(tmp);
   const fd = c.fs.create(tmp);
   let ok = false;
@@ -146,7 +166,7 @@ async function restoreFile(c: Ctx, dest: Buffer, e: TreeEntry): Promise<void> {
   }
   replaceExisting(c, dest);
   c.fs.rename(tmp, dest);
-  if (e.nlink > 1) c.links.set(e.inode, dest);
+  if (e.nlink > 1) c.links.set(linkKey(e), dest);
   c.result.files++;
   queueMeta(c, dest, e);
   const now = Date.now();
@@ -154,6 +174,15 @@ async function restoreFile(c: Ctx, dest: Buffer, e: TreeEntry): Promise<void> {
     c.lastProgress = now;
     c.opts.onProgress({ files: c.result.files, bytes: c.result.bytes, bytesTotal: null });
   }
+}
+
+/**
+ * A temporary name beside dest, in the same directory (for an atomic rename): short, so that it stays
+ * within NAME_MAX however long the final name is, and unique per process and file.
+ */
+function partialName(c: Ctx, dest: Buffer): Buffer {
+  const slash = dest.lastIndexOf(0x2f);
+  return Buffer.concat([dest.subarray(0, slash + 1), Buffer.from(`.snapcrypt-partial-${process.pid}-${c.tmpSeq++}`)]);
 }
 
 /** Make room for a non-directory at dest: an existing file or link is replaced; a directory is not. */
@@ -171,6 +200,8 @@ async function restoreEntry(c: Ctx, dest: Buffer, e: TreeEntry): Promise<void> {
         const st = c.fs.lstat(dest);
         if (st === null) c.fs.mkdir(dest);
         else if (st.kind !== NodeKind.dir) throw new SnapError('io', `Cannot restore directory ${dest.toString('utf8')}: a file is in the way`);
+        // restoring over an earlier restore: a read-only directory must take its entries (its own mode comes last)
+        else if (!c.fs.isRoot && (st.mode & 0o700) !== 0o700) c.fs.chmod(dest, (st.mode & 0o7777) | 0o700);
         c.result.dirs++;
         let tree: TreeEntry[];
         try {
@@ -214,7 +245,7 @@ async function restoreTree(c: Ctx, dir: Buffer, tree: TreeEntry[]): Promise<void
  */
 export async function restore(repo: Repository, snap: SnapshotRecord, subpath: Buffer | null, opts: RestoreOptions): Promise<RestoreResult> {
   const result: RestoreResult = { files: 0, dirs: 0, bytes: 0, errors: [] };
-  const c: Ctx = { repo, snap, opts, fs: opts.fs, result, links: new Map(), pending: [], lastProgress: 0 };
+  const c: Ctx = { repo, snap, opts, fs: opts.fs, result, links: new Map(), pending: [], lastProgress: 0, tmpSeq: 0 };
   const st = opts.fs.lstat(opts.target);
   if (st === null) opts.fs.mkdir(opts.target);
   else if (st.kind !== NodeKind.dir) throw new SnapError('usage', `Restore target ${opts.target.toString('utf8')} is not a directory`);

@@ -3,8 +3,13 @@
  * decrypts and authenticates, every object a tree needs is present in that snapshot and listed in its
  * index; with readData, also decrypt and authenticate every chunk. Every problem is reported with the
  * snapshot and the path that needs the object.
+ *
+ * Trees are read from the repository, never from the local tree cache (an authentic cached copy would
+ * hide a damaged tree on the target). Each distinct chunk is authenticated once per run, in the first
+ * snapshot that needs it. A server can only replay snapshot roots it already has, so a root shared by
+ * two snapshots, or a parent that is not older than its child, is reported as a replaced snapshot.
  */
-import { type TreeEntry, NodeKind, ZERO_CHUNK, decodeHead } from '../core/format.js';
+import { type TreeEntry, NodeKind, ZERO_CHUNK, decodeHead, decodeTree } from '../core/format.js';
 import { ObjectType } from '../core/crypto.js';
 import { IdList, IdSet, ID_BYTES } from '../core/idset.js';
 import { SnapError } from '../core/errors.js';
@@ -37,6 +42,9 @@ export async function verify(repo: Repository, opts: VerifyOptions): Promise<Ver
   const infos = opts.snapshots ?? (await repo.storage.listSnapshots());
   /** Chunks already authenticated (objects are immutable and named by content). */
   const checked = new Set<string>();
+  /** Root id -> name of the first snapshot that has it, and each snapshot's parent root. */
+  const rootsSeen = new Map<string, string>();
+  const parents: Array<{ name: string; parent: string }> = [];
   for (const info of infos) {
     result.snapshots++;
     const problem = (path: string, objectId: string | null, message: string): void => {
@@ -50,6 +58,14 @@ export async function verify(repo: Repository, opts: VerifyOptions): Promise<Ver
       problem('/', head ? safeHead(head) : null, err instanceof Error ? err.message : String(err));
       continue;
     }
+    // A snapshot root can only be made with the key, so a server can only replay old ones: a root that
+    // another snapshot already has, or a parent that is a later snapshot, means a rolled-back snapshot.
+    const twin = rootsSeen.get(snap.rootId);
+    if (twin !== undefined) {
+      problem('/', snap.rootId, `snapshot root ${snap.rootId.slice(0, 8)} is also the root of snapshot ${twin}: this snapshot was replaced by a copy of another`);
+    }
+    rootsSeen.set(snap.rootId, info.name);
+    if (snap.root.parent !== null) parents.push({ name: info.name, parent: snap.root.parent });
     const reader = snap.reader;
     const presentList = new IdList();
     for await (const hex of reader.listObjects()) presentList.pushHex(hex);
@@ -75,7 +91,9 @@ export async function verify(repo: Repository, opts: VerifyOptions): Promise<Ver
       if (!need(path, treeId)) return;
       let tree: TreeEntry[];
       try {
-        tree = await repo.loadTree(reader, treeId);
+        // From the repository itself, never the local tree cache: a cached (authentic) copy would hide
+        // a tree that was damaged or replaced on the target.
+        tree = decodeTree(await repo.loadObject(reader, treeId, ObjectType.tree));
         result.trees++;
       } catch (err) {
         problem(path, hex, err instanceof Error ? err.message : String(err));
@@ -105,6 +123,17 @@ export async function verify(repo: Repository, opts: VerifyOptions): Promise<Ver
       }
     };
     await walk(Buffer.from(snap.root.tree, 'hex'), '/');
+  }
+  // A parent must be older than its child (snapshots are listed oldest first).
+  const order = new Map<string, number>(infos.map((info, i) => [info.name, i]));
+  for (const { name, parent } of parents) {
+    const parentSnap = rootsSeen.get(parent);
+    if (parentSnap !== undefined && order.get(parentSnap)! >= order.get(name)!) {
+      result.problems.push({
+        snapshot: name, path: '/', objectId: parent,
+        message: `snapshot's parent ${parent.slice(0, 8)} is the root of snapshot ${parentSnap}, which is not older: snapshots were replaced or reordered`,
+      });
+    }
   }
   return result;
 }

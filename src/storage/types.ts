@@ -24,7 +24,8 @@
  *   storage's own clock. A snapshot exists completely or not at all.
  * - Sealed snapshots are never changed by any method of this interface.
  * - lock() takes the area's exclusive writer lock or throws SnapError('locked'); a lock whose holder
- *   is gone (dead process on this host, or older than its lease) is taken over.
+ *   is gone (a dead process on this host) is taken over. The lock file lives beside current/, so no
+ *   sealed snapshot carries it.
  */
 
 export interface SnapshotInfo {
@@ -75,7 +76,7 @@ export interface Storage extends ObjectReader {
 /** Names accepted by writeFile/readFile: config, head, index, keys/<safe name>. */
 export function isValidFileName(name: string): boolean {
   return (
-    name === 'config' || name === 'head' || name === 'index' || /^keys\/[A-Za-z0-9._-]{1,128}$/.test(name)
+    name === 'config' || name === 'head' || name === 'index' || /^keys\/[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$/.test(name)
   );
 }
 
