@@ -81,7 +81,7 @@ export function expectExit(r: CliResult, what: string, code = 0): void {
 export interface TestRepo {
   /** The repository directory (pass as --repo). */
   readonly repo: string;
-  /** SNAPCRYPT_PASSWORD, SNAPCRYPT_TEST_WEAK_KDF=1 and a fresh SNAPCRYPT_CACHE_DIR: pass as opts.env. */
+  /** SNAPCRYPT_PASSWORD, SNAPCRYPT_TEST_WEAK_KDF=1, fresh SNAPCRYPT_CACHE_DIR and SNAPCRYPT_CONFIG_DIR: pass as opts.env. */
   readonly env: Readonly<Record<string, string>>;
   readonly cacheDir: string;
 }
@@ -91,7 +91,13 @@ export async function makeRepo(opts: { password?: string; init?: boolean } = {})
   const base = await tempDir('repo');
   const repo = path.join(base, 'repo');
   const cacheDir = path.join(base, 'cache');
-  const env = { SNAPCRYPT_PASSWORD: opts.password ?? 'correct horse battery staple', SNAPCRYPT_TEST_WEAK_KDF: '1', SNAPCRYPT_CACHE_DIR: cacheDir };
+  const env = {
+    SNAPCRYPT_PASSWORD: opts.password ?? 'correct horse battery staple',
+    SNAPCRYPT_TEST_WEAK_KDF: '1',
+    SNAPCRYPT_CACHE_DIR: cacheDir,
+    // local copies of key files go here, not into the user's ~/.config
+    SNAPCRYPT_CONFIG_DIR: path.join(base, 'config'),
+  };
   if (opts.init !== false) expectExit(await runCli(['init', '--repo', repo], { env }), 'snapcrypt init');
   return { repo, env, cacheDir };
 }

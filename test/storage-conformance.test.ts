@@ -273,7 +273,7 @@ function storageConformance(driver: string, factory: Factory | null, checks: Dri
     it('a lock left by a dead process on this host is taken over', async () => {
       const { storage } = await setup(make, 0);
       const dead = { owner: 'crashed', host: hostname(), pid: 2_000_000_000, time: new Date(T0).toISOString() };
-      await fsp.writeFile(join(storage.location, 'current', 'lock'), JSON.stringify(dead));
+      await fsp.writeFile(join(storage.location, 'lock'), JSON.stringify(dead));
       const lock = await storage.lock('new');
       await rejectsWith(storage.lock('third'), 'locked', /"new"/);
       await lock.release();
@@ -282,7 +282,7 @@ function storageConformance(driver: string, factory: Factory | null, checks: Dri
     it('a lock held on another host is refused, naming the holder and how to remove it', async () => {
       const { storage } = await setup(make, 0);
       const other = { owner: 'laptop backup', host: 'elsewhere.example', pid: 1, time: '2026-11-26T20:00:00.000Z' };
-      const path = join(storage.location, 'current', 'lock');
+      const path = join(storage.location, 'lock');
       await fsp.writeFile(path, JSON.stringify(other));
       await rejectsWith(storage.lock('me'), 'locked', /pid 1 on host elsewhere\.example.*2026-11-26T20:00:00\.000Z.*delete .*lock/);
       await fsp.writeFile(path, 'not json');

@@ -3,7 +3,7 @@ import fs from 'node:fs';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { SnapError } from '../core/errors.js';
 import { Repository } from '../engine/repository.js';
-import { defaultCacheRoot, openTreeCache } from '../drivers/cachedir.js';
+import { DirKeyStore, defaultCacheRoot, defaultConfigRoot, openTreeCache } from '../drivers/cachedir.js';
 import { openStorage } from '../drivers/open.js';
 import type { Storage } from '../storage/types.js';
 
@@ -136,7 +136,12 @@ export class Ctx {
   async openRepo(): Promise<Repository> {
     const storage = await this.openStorage();
     const pass = await this.passphrase();
-    return Repository.open(storage, pass, openTreeCache(this.cacheRoot()));
+    return Repository.open(storage, pass, openTreeCache(this.cacheRoot()), this.keyStore());
+  }
+
+  /** Local copies of key files, in the user's configuration directory. */
+  keyStore(): DirKeyStore {
+    return new DirKeyStore(defaultConfigRoot());
   }
 }
 

@@ -20,7 +20,7 @@ ${commonHelp}`,
       ? await ctx.passphrase()
       : await ctx.newPassphrase(undefined, 'SNAPCRYPT_PASSWORD');
     if (pass.length === 0) throw new SnapError('usage', 'An empty passphrase is not allowed; choose a long one');
-    const id = await Repository.init(storage, pass);
+    const id = await Repository.init(storage, pass, { keyStore: ctx.keyStore() });
     ctx.out(`created repository ${id} at ${storage.location}`);
     ctx.out('Keep the passphrase safe: without it nothing in the repository can be read.');
     ctx.emit({ type: 'init', id, repository: storage.location });

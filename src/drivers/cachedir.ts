@@ -2,7 +2,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import os from 'node:os';
-import type { TreeCache } from '../engine/cache.js';
+import type { KeyStore, TreeCache } from '../engine/cache.js';
 
 export function defaultCacheRoot(): string {
   const env = process.env['SNAPCRYPT_CACHE_DIR'];
@@ -58,4 +58,49 @@ export class DirTreeCache implements TreeCache {
 export function openTreeCache(root: string | null): ((repoId: string) => TreeCache | null) | null {
   if (root === null) return null;
   return (repoId) => new DirTreeCache(root, repoId);
+}
+
+/** $SNAPCRYPT_CONFIG_DIR, or $XDG_CONFIG_HOME/snapcrypt, or ~/.config/snapcrypt. */
+export function defaultConfigRoot(): string {
+  const env = process.env['SNAPCRYPT_CONFIG_DIR'];
+  if (env) return env;
+  const xdg = process.env['XDG_CONFIG_HOME'];
+  return path.join(xdg && path.isAbsolute(xdg) ? xdg : path.join(os.homedir(), '.config'), 'snapcrypt');
+}
+
+const KEY_NAME = /^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$/;
+
+/** Local copies of key files: <root>/repos/<repo id>/keys/<name>, private to the user. */
+export class DirKeyStore implements KeyStore {
+  private readonly root: string;
+  constructor(root: string) {
+    this.root = root;
+  }
+  private dir(repoId: string): string {
+    if (!/^[0-9a-f]{32}$/.test(repoId)) throw new Error(`bad repository id ${repoId}`);
+    return path.join(this.root, 'repos', repoId, 'keys');
+  }
+  async list(repoId: string): Promise<string[]> {
+    try {
+      return (await fs.promises.readdir(this.dir(repoId))).filter((n) => KEY_NAME.test(n)).sort();
+    } catch {
+      return [];
+    }
+  }
+  async read(repoId: string, name: string): Promise<Buffer | null> {
+    if (!KEY_NAME.test(name)) return null;
+    try {
+      return await fs.promises.readFile(path.join(this.dir(repoId), name));
+    } catch {
+      return null;
+    }
+  }
+  async write(repoId: string, name: string, data: Buffer): Promise<void> {
+    if (!KEY_NAME.test(name)) return;
+    const dir = this.dir(repoId);
+    await fs.promises.mkdir(dir, { recursive: true, mode: 0o700 });
+    const tmp = path.join(dir, `.${name}.${process.pid}.tmp`);
+    await fs.promises.writeFile(tmp, data, { mode: 0o600 });
+    await fs.promises.rename(tmp, path.join(dir, name));
+  }
 }

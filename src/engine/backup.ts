@@ -16,6 +16,7 @@ import { IdList, type IdSet } from '../core/idset.js';
 import { SnapError } from '../core/errors.js';
 import type { Excluder } from '../core/excluder.js';
 import type { Repository } from './repository.js';
+import type { SealPool } from './seal.js';
 import type { SourceFs, SourceStat } from './source.js';
 import type { SnapshotInfo, ObjectReader } from '../storage/types.js';
 
@@ -61,7 +62,7 @@ function newStats(): SnapshotStats {
 
 const display = (p: Buffer): string => p.toString('utf8');
 
-const MAX_INFLIGHT_OBJECTS = 32;
+const MAX_INFLIGHT_OBJECTS = 512;
 
 /** Stores objects that current lacks, with bounded memory in flight. */
 class Uploader {
@@ -75,8 +76,10 @@ class Uploader {
   private readonly limit: number;
   private readonly stats: SnapshotStats;
   private readonly step: (s: string) => void;
-  constructor(repo: Repository, known: IdSet, limit: number, stats: SnapshotStats, step: (s: string) => void) {
+  private readonly pool: SealPool;
+  constructor(repo: Repository, pool: SealPool, known: IdSet, limit: number, stats: SnapshotStats, step: (s: string) => void) {
     this.repo = repo;
+    this.pool = pool;
     this.known = known;
     this.limit = limit;
     this.stats = stats;
@@ -89,15 +92,16 @@ class Uploader {
     if (this.known.has(id)) return;
     this.known.add(id);
     // bounded in bytes and in count: every object in flight also holds a compressor context
-    while (this.inflight > 0 && (this.inflight + plain.length > this.limit || this.inflightCount >= MAX_INFLIGHT_OBJECTS)) {
+    const size = plain.length; // the buffer may move to a worker thread (detached here)
+    while (this.inflight > 0 && (this.inflight + size > this.limit || this.inflightCount >= MAX_INFLIGHT_OBJECTS)) {
       await new Promise<void>((resolve) => this.waiters.push(resolve));
       if (this.failure) throw this.failure;
     }
-    this.inflight += plain.length;
+    this.inflight += size;
     this.inflightCount++;
     const p = (async () => {
       try {
-        const sealed = await this.repo.sealPlain(type, plain, id);
+        const sealed = await this.pool.seal(type, id, plain);
         this.step(type === ObjectType.data ? 'put-chunk' : 'put-tree');
         await this.repo.storage.putObject(id.toString('hex'), sealed);
         this.stats.objectsAdded++;
@@ -105,7 +109,7 @@ class Uploader {
       } catch (err) {
         this.failure ??= err;
       } finally {
-        this.inflight -= plain.length;
+        this.inflight -= size;
         this.inflightCount--;
         const w = this.waiters;
         this.waiters = [];
@@ -472,7 +476,19 @@ export async function backup(repo: Repository, opts: BackupOptions): Promise<Bac
   const parent = await repo.currentHead();
   const stats = newStats();
   const refs = new IdList();
-  const up = new Uploader(repo, known, opts.inflightBytes ?? 64 * 1024 * 1024, stats, step);
+  const pool = repo.sealPool();
+  const up = new Uploader(repo, pool, known, opts.inflightBytes ?? 64 * 1024 * 1024, stats, step);
+  try {
+    return await runBackup(repo, opts, paths, known, parent, stats, refs, up, step, started);
+  } finally {
+    await pool.close();
+  }
+}
+
+async function runBackup(
+  repo: Repository, opts: BackupOptions, paths: Buffer[], known: IdSet, parent: Awaited<ReturnType<Repository['currentHead']>>,
+  stats: SnapshotStats, refs: IdList, up: Uploader, step: (s: string) => void, started: Date,
+): Promise<BackupResult> {
   const w: Walk = {
     repo, opts, fs: opts.source, up, known, refs, stats, prevReader: repo.storage, hardlinks: new Map(),
     progress: { filesDone: 0, bytesDone: 0, filesTotal: null, bytesTotal: null, currentPath: '' }, lastProgress: 0,

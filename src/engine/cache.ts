@@ -8,3 +8,14 @@ export interface TreeCache {
   put(id: Buffer, data: Buffer): void;
   drop(id: Buffer): void;
 }
+
+/**
+ * Local copies of the repository's key files (I9: the wrapped master key is kept in the repository and
+ * on the workstation). They are tried after the repository's own, so a server that deletes or damages
+ * key files cannot lock the workstation out.
+ */
+export interface KeyStore {
+  list(repoId: string): Promise<string[]>;
+  read(repoId: string, name: string): Promise<Buffer | null>;
+  write(repoId: string, name: string, data: Buffer): Promise<void>;
+}

@@ -3,12 +3,11 @@
  * A Repository opened read-only can load; only a WritableRepository (from openForWrite) can store.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { zstdCompress, zstdDecompressSync, constants as zc } from 'node:zlib';
-import { promisify } from 'node:util';
+import { zstdDecompressSync } from 'node:zlib';
 import os from 'node:os';
 import {
   type Keys, type KdfParams, type ObjectTypeCode, Compression, DEFAULT_KDF, ObjectType, TEST_KDF,
-  checkObjectId, deriveKeys, deriveWrapKey, objectId, openObject, sealObject, unwrapSecret, wrapAad, wrapSecret,
+  checkObjectId, deriveKeys, deriveWrapKey, objectId, openObject, unwrapSecret, wrapAad, wrapSecret,
 } from '../core/crypto.js';
 import {
   type RepoConfig, type RepoSecret, type SnapshotRoot, type TreeEntry,
@@ -18,9 +17,9 @@ import {
 import { IdSet, IdList } from '../core/idset.js';
 import { IntegrityError, SnapError } from '../core/errors.js';
 import type { ObjectReader, SnapshotInfo, Storage } from '../storage/types.js';
-import type { TreeCache } from './cache.js';
+import type { KeyStore, TreeCache } from './cache.js';
+import { SealPool, compressAndSeal } from './seal.js';
 
-const zstdCompressAsync = promisify(zstdCompress);
 /** Largest tree or snapshot root a reader accepts (a directory of millions of entries). */
 export const MAX_TREE_SIZE = 1024 * 1024 * 1024;
 export const rng = (n: number): Buffer => randomBytes(n);
@@ -55,7 +54,10 @@ export class Repository {
   readonly keyName: string;
   readonly cache: TreeCache | null;
 
-  protected constructor(storage: Storage, config: RepoConfig, secret: RepoSecret, keyName: string, cache: TreeCache | null) {
+  readonly keyStore: KeyStore | null;
+
+  protected constructor(storage: Storage, config: RepoConfig, secret: RepoSecret, keyName: string, cache: TreeCache | null, keyStore: KeyStore | null = null) {
+    this.keyStore = keyStore;
     this.storage = storage;
     this.config = config;
     this.secret = secret;
@@ -69,7 +71,7 @@ export class Repository {
   }
 
   /** Create a new repository on an empty storage area. */
-  static async init(storage: Storage, passphrase: Buffer, opts: { chunkSize?: number } = {}): Promise<string> {
+  static async init(storage: Storage, passphrase: Buffer, opts: { chunkSize?: number; keyStore?: KeyStore | null } = {}): Promise<string> {
     if (await storage.exists()) {
       throw new SnapError('exists', `Cannot create repository at ${storage.location}: a repository already exists there`);
     }
@@ -80,6 +82,7 @@ export class Repository {
     await storage.init(encodeConfig(config));
     const keyName = rng(8).toString('hex');
     await storage.writeFile(`keys/${keyName}`, keyFile);
+    await opts.keyStore?.write(config.id, keyName, keyFile);
     return config.id;
   }
 
@@ -89,7 +92,12 @@ export class Repository {
    * file already tried (same bytes, e.g. sealed unchanged into many snapshots) is not tried again, and
    * older snapshots are only read when nothing newer opened.
    */
-  static async open(storage: Storage, passphrase: Buffer, cache: ((repoId: string) => TreeCache | null) | null = null): Promise<Repository> {
+  static async open(
+    storage: Storage,
+    passphrase: Buffer,
+    cache: ((repoId: string) => TreeCache | null) | null = null,
+    keyStore: KeyStore | null = null,
+  ): Promise<Repository> {
     const configBuf = await storage.readFile('config');
     if (configBuf === null) {
       throw new SnapError('not-a-repository', `Cannot open repository ${storage.location}: no repository there`, {
@@ -98,8 +106,15 @@ export class Repository {
     }
     const config = decodeConfig(configBuf, storage.location);
     const snaps = await storage.listSnapshots();
-    const sources: Array<() => Promise<ObjectReader>> = [
+    type KeySource = Pick<ObjectReader, 'listKeys' | 'readFile'> & { readonly local?: boolean };
+    const local: KeySource | null = keyStore && {
+      local: true,
+      listKeys: () => keyStore.list(config.id),
+      readFile: (name: string) => keyStore.read(config.id, name.slice('keys/'.length)),
+    };
+    const sources: Array<() => Promise<KeySource>> = [
       async () => storage,
+      ...(local ? [async () => local] : []),
       ...snaps.reverse().map((s) => () => storage.openSnapshot(s.name)),
     ];
     const tried = new Set<string>();
@@ -130,7 +145,10 @@ export class Repository {
           foreign ??= new SnapError('integrity', `Cannot open repository ${storage.location}: key file ${name} belongs to another repository (${secret.repoId}, not ${config.id})`);
           continue;
         }
-        return new this(storage, config, secret, name, cache ? cache(config.id) : null);
+        if (keyStore && !src.local && !(await keyStore.read(config.id, name).catch(() => null))?.equals(buf)) {
+          await keyStore.write(config.id, name, buf).catch(() => undefined); // a copy is a bonus, not a must
+        }
+        return new this(storage, config, secret, name, cache ? cache(config.id) : null, keyStore);
       }
     }
     if (foreign) throw foreign;
@@ -148,30 +166,30 @@ export class Repository {
   /** Add a key file for another passphrase; returns its name. */
   async addKey(passphrase: Buffer): Promise<string> {
     const name = rng(8).toString('hex');
-    await this.storage.writeFile(`keys/${name}`, await makeKeyFile(this.secret, passphrase, kdfForNewKeys()));
+    const file = await makeKeyFile(this.secret, passphrase, kdfForNewKeys());
+    await this.storage.writeFile(`keys/${name}`, file);
+    await this.keyStore?.write(this.config.id, name, file);
     return name;
   }
 
   /** Replace the key file that opened the repository with one for a new passphrase. */
   async changePassphrase(passphrase: Buffer): Promise<void> {
-    await this.storage.writeFile(`keys/${this.keyName}`, await makeKeyFile(this.secret, passphrase, kdfForNewKeys()));
+    const file = await makeKeyFile(this.secret, passphrase, kdfForNewKeys());
+    await this.storage.writeFile(`keys/${this.keyName}`, file);
+    await this.keyStore?.write(this.config.id, this.keyName, file);
   }
 
   // -------------------------------------------------------------------------------------------
   // objects
 
-  /** Encrypt a plaintext into an object; returns id and the bytes to store. */
-  async sealPlain(type: ObjectTypeCode, plain: Buffer, id: Buffer = objectId(this.keys, type, plain)): Promise<Buffer> {
-    let payload: Buffer = plain;
-    let compression: number = Compression.none;
-    if (plain.length >= 128) {
-      const z = await zstdCompressAsync(plain, { params: { [zc.ZSTD_c_compressionLevel]: 3 } });
-      if (z.length < plain.length * 0.97) {
-        payload = z;
-        compression = Compression.zstd;
-      }
-    }
-    return sealObject(this.keys, id, type, compression, payload, rng);
+  /** Encrypt a plaintext into an object (compressed when that pays); returns the bytes to store. */
+  sealPlain(type: ObjectTypeCode, plain: Buffer, id: Buffer = objectId(this.keys, type, plain)): Buffer {
+    return compressAndSeal(this.keys, type, id, plain);
+  }
+
+  /** A pool of worker threads that seal objects (the caller closes it). */
+  sealPool(): SealPool {
+    return new SealPool(this.secret.master, this.keys);
   }
 
   /** Decrypt, decompress and authenticate one object. */

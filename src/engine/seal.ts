@@ -1,0 +1,130 @@
+/**
+ * Compress-then-encrypt of one object, and a pool of worker threads that does it off the main thread
+ * (the main thread reads files, computes ids and stores objects; the workers compress and encrypt).
+ */
+import { randomBytes } from 'node:crypto';
+import { availableParallelism } from 'node:os';
+import { Worker } from 'node:worker_threads';
+import { zstdCompressSync, constants as zc } from 'node:zlib';
+import { type Keys, type ObjectTypeCode, Compression, sealObject } from '../core/crypto.js';
+
+/** zstd level 3; objects under 128 bytes, or that shrink by less than 3%, are stored uncompressed. */
+export const ZSTD_LEVEL = 3;
+const MIN_COMPRESS = 128;
+
+export function compressAndSeal(keys: Keys, type: ObjectTypeCode, id: Buffer, plain: Buffer): Buffer {
+  let payload: Buffer = plain;
+  let compression: number = Compression.none;
+  if (plain.length >= MIN_COMPRESS) {
+    const z = zstdCompressSync(plain, { params: { [zc.ZSTD_c_compressionLevel]: ZSTD_LEVEL } });
+    if (z.length < plain.length * 0.97) {
+      payload = z;
+      compression = Compression.zstd;
+    }
+  }
+  return sealObject(keys, id, type, compression, payload, randomBytes);
+}
+
+export interface SealJob {
+  readonly seq: number;
+  readonly type: ObjectTypeCode;
+  readonly id: Uint8Array;
+  readonly plain: Uint8Array;
+}
+
+export interface SealDone {
+  readonly seq: number;
+  readonly sealed?: Uint8Array;
+  readonly error?: string;
+}
+
+/** The ArrayBuffer of a view that owns all of it (else a copy that does), for a zero-copy transfer. */
+export function ownedBuffer(b: Uint8Array): Uint8Array {
+  if (b.byteOffset === 0 && b.byteLength === b.buffer.byteLength && b.buffer instanceof ArrayBuffer) return b;
+  return new Uint8Array(b); // a pooled slice would otherwise clone the whole pool
+}
+
+const MAX_BATCH = 64;
+
+/**
+ * Seals objects in worker threads, one per core (at most 4); with one core it seals inline. Jobs go
+ * to the least loaded worker in batches (one message per batch, buffers transferred, not copied).
+ */
+export class SealPool {
+  private readonly workers: Worker[] = [];
+  private readonly load: number[] = [];
+  private readonly outbox: SealJob[][] = [];
+  private readonly waiting = new Map<number, { resolve: (b: Buffer) => void; reject: (e: Error) => void; worker: number }>();
+  private seq = 0;
+  private readonly keys: Keys;
+  private failed: Error | null = null;
+  private flushScheduled = false;
+
+  constructor(master: Buffer, keys: Keys, threads = Math.max(1, Math.min(availableParallelism(), 4))) {
+    this.keys = keys;
+    if (threads < 2) return;
+    for (let i = 0; i < threads; i++) {
+      const w = new Worker(new URL('./seal-worker.js', import.meta.url), { workerData: { master } });
+      w.on('message', (batch: SealDone[]) => {
+        for (const m of batch) this.done(i, m);
+      });
+      w.on('error', (err) => this.fail(err));
+      this.workers.push(w);
+      this.load.push(0);
+      this.outbox.push([]);
+    }
+  }
+
+  private done(worker: number, m: SealDone): void {
+    const job = this.waiting.get(m.seq);
+    if (!job) return;
+    this.waiting.delete(m.seq);
+    this.load[worker]!--;
+    if (m.sealed) job.resolve(Buffer.from(m.sealed.buffer, m.sealed.byteOffset, m.sealed.byteLength));
+    else job.reject(new Error(m.error ?? 'seal worker failed'));
+  }
+
+  private fail(err: Error): void {
+    this.failed = err;
+    for (const job of this.waiting.values()) job.reject(err);
+    this.waiting.clear();
+  }
+
+  private flush(): void {
+    this.flushScheduled = false;
+    this.outbox.forEach((jobs, i) => {
+      if (jobs.length === 0) return;
+      this.outbox[i] = [];
+      this.workers[i]!.postMessage(jobs, jobs.map((j) => j.plain.buffer as ArrayBuffer));
+    });
+  }
+
+  seal(type: ObjectTypeCode, id: Buffer, plain: Buffer): Promise<Buffer> {
+    if (this.failed) return Promise.reject(this.failed);
+    if (this.workers.length === 0) {
+      try {
+        return Promise.resolve(compressAndSeal(this.keys, type, id, plain));
+      } catch (err) {
+        return Promise.reject(err as Error);
+      }
+    }
+    let best = 0;
+    for (let i = 1; i < this.load.length; i++) if (this.load[i]! < this.load[best]!) best = i;
+    const seq = this.seq++;
+    this.load[best]!++;
+    const box = this.outbox[best]!;
+    box.push({ seq, type, id: new Uint8Array(id), plain: ownedBuffer(plain) });
+    const promise = new Promise<Buffer>((resolve, reject) => this.waiting.set(seq, { resolve, reject, worker: best }));
+    if (box.length >= MAX_BATCH) this.flush();
+    else if (!this.flushScheduled) {
+      this.flushScheduled = true;
+      setImmediate(() => this.flush());
+    }
+    return promise;
+  }
+
+  async close(): Promise<void> {
+    await Promise.all(this.workers.map((w) => w.terminate()));
+    this.workers.length = 0;
+  }
+}
