@@ -31,6 +31,7 @@ export const OBJECT_OVERHEAD = OBJECT_HEADER_LEN + TAG_LEN;
 /** Padded objects are never smaller than this, so tiny files all look alike. */
 export const MIN_PADDED_SIZE = 256;
 const OBJECT_LABEL = Buffer.from('snapcrypt/v1/object');
+const ZERO_PAD = Buffer.alloc(64 * 1024);
 
 export interface Keys {
   readonly idKey: Buffer;
@@ -72,15 +73,6 @@ function objectSubkey(keys: Keys, id: Buffer, salt: Buffer): KeyObject {
   return createSecretKey(createHmac('sha256', keys.encKeyObject).update(OBJECT_LABEL).update(id).update(salt).digest());
 }
 
-function uvarLen(n: number): number {
-  let len = 1;
-  while (n >= 0x80) {
-    n = Math.floor(n / 0x80);
-    len++;
-  }
-  return len;
-}
-
 /**
  * Encrypt one object. `payload` is what is stored (already compressed if compression != none);
  * the id was computed over the uncompressed plaintext.
@@ -93,33 +85,33 @@ export function sealObject(
   payload: Uint8Array,
   rng: Rng,
 ): Buffer {
-  const innerLen = 2 + uvarLen(payload.length) + payload.length;
-  const total = paddedObjectSize(innerLen);
-  const out = Buffer.alloc(total); // zero-filled: padding is zeros
-  out[0] = OBJECT_VERSION;
-  const salt = rng(SALT_LEN);
-  const nonce = rng(NONCE_LEN);
-  salt.copy(out, 1);
-  nonce.copy(out, 1 + SALT_LEN);
-  const header = out.subarray(0, OBJECT_HEADER_LEN);
-  const inner = Buffer.alloc(total - OBJECT_OVERHEAD);
-  let p = 0;
-  inner[p++] = type;
-  inner[p++] = compression;
+  const prefix = [type, compression];
   let n = payload.length;
   while (n >= 0x80) {
-    inner[p++] = (n % 0x80) | 0x80;
+    prefix.push((n % 0x80) | 0x80);
     n = Math.floor(n / 0x80);
   }
-  inner[p++] = n;
-  inner.set(payload, p);
+  prefix.push(n);
+  const innerLen = prefix.length + payload.length;
+  const total = paddedObjectSize(innerLen);
+  const out = Buffer.allocUnsafe(total);
+  out[0] = OBJECT_VERSION;
+  rng(SALT_LEN).copy(out, 1);
+  rng(NONCE_LEN).copy(out, 1 + SALT_LEN);
+  const header = out.subarray(0, OBJECT_HEADER_LEN);
+  const salt = out.subarray(1, 1 + SALT_LEN);
+  const nonce = out.subarray(1 + SALT_LEN, OBJECT_HEADER_LEN);
   const cipher = createCipheriv('aes-256-gcm', objectSubkey(keys, id, salt), nonce, { authTagLength: TAG_LEN });
   cipher.setAAD(Buffer.concat([header, id]));
-  const c1 = cipher.update(inner);
-  const c2 = cipher.final();
-  c1.copy(out, OBJECT_HEADER_LEN);
-  c2.copy(out, OBJECT_HEADER_LEN + c1.length);
-  cipher.getAuthTag().copy(out, total - TAG_LEN);
+  // GCM is a stream mode: encrypting the inner plaintext piece by piece (prefix, payload, zero
+  // padding) gives the same bytes as encrypting it whole, without first copying it together.
+  let off = OBJECT_HEADER_LEN;
+  off += cipher.update(Uint8Array.from(prefix)).copy(out, off);
+  off += cipher.update(payload).copy(out, off);
+  const pad = total - OBJECT_OVERHEAD - innerLen;
+  if (pad > 0) off += cipher.update(pad <= ZERO_PAD.length ? ZERO_PAD.subarray(0, pad) : Buffer.alloc(pad)).copy(out, off);
+  off += cipher.final().copy(out, off);
+  cipher.getAuthTag().copy(out, off);
   return out;
 }
 

@@ -463,7 +463,7 @@ export abstract class DirStorage extends DirReader implements Storage {
         await fsp.writeFile(tmp, data, { flag: 'wx', mode: FILE_MODE });
       }
       try {
-        await fsp.link(tmp, join(dir, id));
+        await fsp.link(tmp, join(dir, id)); // never replaces: putting an existing id is a no-op
       } catch (err) {
         if (errnoOf(err) !== 'EEXIST') throw err;
       }
