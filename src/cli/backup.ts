@@ -19,8 +19,11 @@ Options:
       --exclude-file F    read exclude patterns from F, one per line (repeatable)
       --tag TAG           add a tag to the snapshot (repeatable)
       --host NAME         host name recorded in the snapshot (default: this machine's)
-Files named .snapcryptignore are read as gitignore files for their directory; directories holding a
-valid CACHEDIR.TAG are stored with only the tag file.
+Patterns follow gitignore: one without a slash matches a name at any depth ("*.o"); one with a slash
+is anchored at / ("/home/me/tmp", "home/me/tmp"); "**/" matches any depth ("**/node_modules/"); a
+trailing "/" matches only directories; "!" re-includes. Files named .snapcryptignore are read as
+gitignore files for their own directory; directories holding a valid CACHEDIR.TAG are stored with
+only the tag file.
 
 ${commonHelp}
 
