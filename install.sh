@@ -5,8 +5,9 @@
 #
 # On Debian 12 (as root, or with sudo): installs the system packages snapcrypt
 # needs at run time and for its tests, Node.js 24 into ./.tools (unless `node`
-# on PATH is already >= 24), the npm dependencies, builds, checks the
-# bin/snapcrypt wrappers and runs `bin/snapcrypt demo`.
+# on PATH is already >= 24; fetched with npm, so Debian's npm package is added
+# to the system packages when npm is missing), the npm dependencies, builds,
+# checks the bin/snapcrypt wrappers and runs `bin/snapcrypt demo`.
 # Prints one line per step; a failing step's full log is printed.
 # Safe to run again.
 set -euo pipefail
@@ -43,7 +44,21 @@ step() {
 	exit "$rc"
 }
 
+# have_node: succeed if a Node.js >= 24 is already here (.tools from an
+# earlier run, or `node` on PATH), so that section 2 installs nothing.
+have_node() {
+	local sys_node
+	{ [[ -x $SNAPCRYPT_TOOLS_NODE ]] && snapcrypt_node_ok "$SNAPCRYPT_TOOLS_NODE"; } ||
+		{ sys_node=$(command -v node 2>/dev/null) && snapcrypt_node_ok "$sys_node"; }
+}
+
 # --- 1. system packages ------------------------------------------------------
+# Without a node >= 24, section 2 fetches one with npm: if npm is missing too,
+# install Debian's npm (it brings its own older nodejs, enough to run npm).
+if ! have_node && ! command -v npm >/dev/null 2>&1; then
+	APT_PACKAGES+=(npm)
+fi
+
 missing_packages() {
 	local p status
 	for p in "${APT_PACKAGES[@]}"; do
@@ -109,8 +124,7 @@ install_tools_node() {
 }
 
 # Reuse .tools (an earlier run) or a system node >= 24; else install into .tools.
-if ! { [[ -x $SNAPCRYPT_TOOLS_NODE ]] && snapcrypt_node_ok "$SNAPCRYPT_TOOLS_NODE"; } &&
-	! { sys_node=$(command -v node 2>/dev/null) && snapcrypt_node_ok "$sys_node"; }; then
+if ! have_node; then
 	step node "node: npm install --prefix .tools $NODE_SPEC" install_tools_node
 fi
 if ! snapcrypt_use_node; then

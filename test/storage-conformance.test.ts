@@ -8,12 +8,16 @@ import { createHash } from 'node:crypto';
 import * as fsp from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
-import { describe, it } from 'node:test';
+import { PassThrough } from 'node:stream';
+import { after, describe, it } from 'node:test';
+import { fileURLToPath } from 'node:url';
 import { isSnapError } from '../src/core/errors.js';
 import type { ErrorCode } from '../src/core/errors.js';
 import { BtrfsStorage } from '../src/drivers/btrfs.js';
 import { LocalDirStorage } from '../src/drivers/localdir.js';
 import { openStorage } from '../src/drivers/open.js';
+import { RemoteStorage } from '../src/drivers/ssh.js';
+import { serve } from '../src/server/serve.js';
 import type { ObjectReader, Storage } from '../src/storage/types.js';
 import { btrfsTempDir, btrfsTestDir, tempDir } from './env.js';
 
@@ -21,6 +25,10 @@ import { btrfsTempDir, btrfsTestDir, tempDir } from './env.js';
 type Factory = (clock: () => number) => Promise<Storage>;
 
 interface DriverChecks {
+  /** The storage runs in another process (its locks name that process's pid). */
+  otherProcess?: boolean;
+  /** The storage keeps its own clock: the factory's clock is not used (skips the clock test). */
+  ownClock?: boolean;
   /** Driver-specific checks of a freshly sealed snapshot directory. */
   sealed?(snapshotDir: string, storage: Storage): Promise<void>;
 }
@@ -183,7 +191,7 @@ function storageConformance(driver: string, factory: Factory | null, checks: Dri
       assert.deepEqual(await old.readFile('index'), indexOf(ids));
     });
 
-    it('snapshots are listed oldest first, with unique names from the clock', async () => {
+    it('snapshots are listed oldest first, with unique names from the clock', { skip: checks.ownClock === true }, async () => {
       const { storage, clock, ids } = await setup(make, 1);
       const commit = () => storage.commit(headOf(ids[0]!), indexOf(ids));
       const a = await commit();
@@ -263,7 +271,8 @@ function storageConformance(driver: string, factory: Factory | null, checks: Dri
     it('lock is exclusive until released', async () => {
       const { storage } = await setup(make, 0);
       const lock = await storage.lock('first');
-      await rejectsWith(storage.lock('second'), 'locked', new RegExp(`"first" \\(pid ${process.pid} on host `));
+      const pid = checks.otherProcess ? '\\d+' : String(process.pid);
+      await rejectsWith(storage.lock('second'), 'locked', new RegExp(`"first" \\(pid ${pid} on host `));
       await lock.release();
       const again = await storage.lock('second');
       await again.release();
@@ -332,6 +341,45 @@ storageConformance(
       await assert.rejects(fsp.rm(join(dir, 'objects'), { recursive: true }), { code: 'EROFS' });
     },
   },
+);
+
+// The same contracts through the protocol: an in-process server loop on stream pairs (with the test's
+// clock), and the real server program spawned as a child process (with its own clock).
+const remotes: Storage[] = [];
+after(async () => {
+  for (const r of remotes) await r.close().catch(() => undefined);
+});
+
+storageConformance('RemoteStorage (in-process serve)', async (clock) => {
+  const dir = join(await tempDir('remote'), 'repo');
+  const local = new LocalDirStorage(dir, { clock });
+  const up = new PassThrough();
+  const down = new PassThrough();
+  const served = serve(up, down, local);
+  const transport = {
+    readable: down,
+    writable: up,
+    describe: () => 'in-process server',
+    close: async () => {
+      up.end();
+      await served;
+    },
+  };
+  const remote = await RemoteStorage.open(transport, dir);
+  remotes.push(remote);
+  return remote;
+});
+
+const SERVER_PATH = fileURLToPath(new URL('../src/programs/snapcrypt-server.js', import.meta.url));
+storageConformance(
+  'RemoteStorage (spawned snapcrypt-server serve)',
+  async () => {
+    const dir = join(await tempDir('remote-spawn'), 'repo');
+    const remote = await RemoteStorage.spawn(process.execPath, [SERVER_PATH, 'serve', '--area', dir], dir);
+    remotes.push(remote);
+    return remote;
+  },
+  { otherProcess: true, ownClock: true },
 );
 
 describe('openStorage', () => {

@@ -2,16 +2,18 @@
  * Storage on btrfs: the same layout and code as LocalDirStorage (see localdir.ts for how each write is
  * made durable), but `current` is a subvolume and commit seals it with a read-only btrfs snapshot.
  *
- * Sealing: after the commit has fsynced and pruned current, `sync -f current` (syncfs) flushes the
- * file system, so that the snapshot does not stall on unwritten data, then
- * `btrfs subvolume snapshot -r current snapshots/<name>` creates the snapshot in one transaction: it
- * exists completely or not at all, with no temp directory. The snapshot shares extents with current
- * (copy-on-write), so later changes to current never reach it, and being read-only it refuses every
- * write, even root's, until someone flips its ro property (which its owner can do: see FACTS.md; the
- * server protects snapshots with root-owned directories, not with this flag).
+ * Sealing: after the commit has flushed current (syncfs), written index and head, and pruned current,
+ * `sync -f current` flushes the file system again, so that the snapshot does not stall on unwritten
+ * data, then `btrfs subvolume snapshot -r current snapshots/<name>` creates the snapshot in one
+ * transaction: it exists completely or not at all, with no temp directory. The snapshot shares
+ * extents with current (copy-on-write), so later changes to current never reach it, and being
+ * read-only it refuses every write, even root's, until someone flips its ro property (which its owner
+ * can do: see FACTS.md; the server protects snapshots with root-owned directories, not with this flag).
  *
- * A snapshot is the whole subvolume, so it also holds current/lock (the holder's name, host and pid)
- * as it was at the commit. `btrfs` and `sync` are spawned without a shell.
+ * A snapshot is the whole subvolume, so it holds whatever current holds at that moment: the lock
+ * therefore lives beside current (<area>/lock, with the holder's host and pid), never in it, and the
+ * commit has already removed the `unsynced` marker and every temp file; a snapshot holds config, keys/,
+ * objects/, head and index only. `btrfs` and `sync` are spawned without a shell.
  */
 import { execFile } from 'node:child_process';
 import * as fsp from 'node:fs/promises';

@@ -49,11 +49,28 @@ import { hostname } from 'node:os';
 import { join, resolve } from 'node:path';
 import { IntegrityError, SnapError } from '../core/errors.js';
 import { isValidFileName, isValidObjectId } from '../storage/types.js';
-import type { Lock, ObjectReader, SnapshotInfo, Storage } from '../storage/types.js';
+import type { DirectWriterSpec, Lock, ObjectReader, SnapshotInfo, Storage } from '../storage/types.js';
 
 export interface DirStorageOptions {
   /** Source of snapshot names and times (ms since the epoch); Date.now by default. */
   readonly clock?: () => number;
+  /**
+   * Where the parts of the area are, when not at the default places under the root (current/,
+   * snapshots/, the lock beside current/): used by the SSH server's per-user areas (server/area.ts).
+   */
+  readonly layout?: DirLayout;
+}
+
+/** Paths of an area's parts (absolute, or relative to the working directory). */
+export interface DirLayout {
+  /** The directory holding config, keys/, objects/, head, index. */
+  readonly current: string;
+  /** The directory whose entries are the sealed snapshots. */
+  readonly snapshots: string;
+  /** A writable directory outside current that holds the writer lock (and its temp files). */
+  readonly lockDir: string;
+  /** Relative path of the sealed state inside each snapshot (e.g. "repo"); the snapshot itself if absent. */
+  readonly snapshotState?: string;
 }
 
 export const DIR_MODE = 0o700;
@@ -109,6 +126,17 @@ function checkFileName(name: string): void {
 
 function isKeyName(name: string): boolean {
   return !name.startsWith('.') && isValidFileName(`keys/${name}`);
+}
+
+/** Create a new file (failing if it exists) holding data, without the promise API's overhead. */
+function writeNewFile(path: string, data: Buffer): void {
+  const fd = fs.openSync(path, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL, FILE_MODE);
+  try {
+    let off = 0;
+    while (off < data.length) off += fs.writeSync(fd, data, off, data.length - off);
+  } finally {
+    fs.closeSync(fd);
+  }
 }
 
 function tmpName(): string {
@@ -275,7 +303,7 @@ class DirReader implements ObjectReader {
   async getObject(id: string): Promise<Buffer> {
     checkId(id);
     try {
-      return await fsp.readFile(join(this.objectDir(id), id));
+      return fs.readFileSync(join(this.objectDir(id), id)); // sync: far cheaper per object than fsp
     } catch (err) {
       if (errnoOf(err) === 'ENOENT') throw new SnapError('not-found', `Object ${id} is not in ${this.label}`);
       throw ioError(`Cannot read object ${id} in ${this.label}`, err);
@@ -361,15 +389,21 @@ export abstract class DirStorage extends DirReader implements Storage {
   protected readonly root: string;
   protected readonly current: string;
   protected readonly snapshotsDir: string;
+  protected readonly lockDir: string;
+  protected readonly snapshotState: string | undefined;
   protected readonly clock: () => number;
 
   constructor(root: string, opts?: DirStorageOptions) {
     const abs = resolve(root);
-    super(join(abs, 'current'));
+    const layout = opts?.layout;
+    const current = layout ? resolve(layout.current) : join(abs, 'current');
+    super(current);
     this.location = abs;
     this.root = abs;
-    this.current = join(abs, 'current');
-    this.snapshotsDir = join(abs, 'snapshots');
+    this.current = current;
+    this.snapshotsDir = layout ? resolve(layout.snapshots) : join(abs, 'snapshots');
+    this.lockDir = layout ? resolve(layout.lockDir) : abs;
+    this.snapshotState = layout?.snapshotState;
     this.clock = opts?.clock ?? Date.now;
   }
 
@@ -377,6 +411,17 @@ export abstract class DirStorage extends DirReader implements Storage {
   protected abstract createCurrent(): Promise<void>;
   /** Turn the durable, pruned `current` into snapshots/<name> (which does not exist), all or nothing. */
   protected abstract seal(name: string): Promise<void>;
+
+  /**
+   * The last step of commit, once current is durable and pruned: pick a name from the clock and seal.
+   * A storage whose snapshots are named and taken by someone else (the server's root helper) overrides
+   * this and returns the name it was given.
+   */
+  protected async sealCurrent(): Promise<SnapshotInfo> {
+    const info = await this.newSnapshotName();
+    await this.seal(info.name);
+    return info;
+  }
 
   protected notARepository(): SnapError {
     return new SnapError(
@@ -453,25 +498,41 @@ export abstract class DirStorage extends DirReader implements Storage {
       await this.recover();
       this.marking ??= this.markUnsynced();
       await this.marking;
+      // Synchronous calls on purpose: per object they cost a fifth of the CPU of the promise API
+      // (measured: 68 µs against 318 µs for write + link + unlink of a 3 KB object).
       try {
-        await fsp.writeFile(tmp, data, { flag: 'wx', mode: FILE_MODE });
+        writeNewFile(tmp, data);
       } catch (err) {
         if (errnoOf(err) !== 'ENOENT') throw err;
-        await fsp.mkdir(dir, { mode: DIR_MODE }).catch((e: unknown) => {
+        try {
+          fs.mkdirSync(dir, { mode: DIR_MODE });
+        } catch (e) {
           if (errnoOf(e) !== 'EEXIST') throw e;
-        });
-        await fsp.writeFile(tmp, data, { flag: 'wx', mode: FILE_MODE });
+        }
+        writeNewFile(tmp, data);
       }
       try {
-        await fsp.link(tmp, join(dir, id)); // never replaces: putting an existing id is a no-op
+        fs.linkSync(tmp, join(dir, id)); // never replaces: putting an existing id is a no-op
       } catch (err) {
         if (errnoOf(err) !== 'EEXIST') throw err;
       }
     } catch (err) {
       throw await this.failure(`Cannot store object ${id} in ${this.current}`, err);
     } finally {
-      await fsp.rm(tmp, { force: true }).catch(() => undefined);
+      try {
+        fs.unlinkSync(tmp);
+      } catch {
+        /* not created, or already gone */
+      }
     }
+  }
+
+  /** Worker threads write objects with dirwriter.js (see Storage.directWriter). */
+  async directWriter(): Promise<DirectWriterSpec> {
+    await this.recover();
+    this.marking ??= this.markUnsynced();
+    await this.marking;
+    return { module: new URL('./dirwriter.js', import.meta.url).href, arg: { objectsDir: join(this.dir, 'objects') } };
   }
 
   private marking: Promise<void> | null = null;
@@ -514,9 +575,7 @@ export abstract class DirStorage extends DirReader implements Storage {
       for (const name of await readdirOrEmpty(this.snapshotsDir)) {
         if (name.startsWith(TMP_PREFIX)) await removeTree(join(this.snapshotsDir, name));
       }
-      const info = await this.newSnapshotName();
-      await this.seal(info.name);
-      return info;
+      return await this.sealCurrent();
     } catch (err) {
       throw await this.failure(`Cannot commit to ${this.location}`, err);
     }
@@ -615,20 +674,20 @@ export abstract class DirStorage extends DirReader implements Storage {
       throw ioError(`Cannot open snapshot ${name} in ${this.location}`, err);
     });
     if (!st?.isDirectory()) throw new SnapError('not-found', `No snapshot ${name} in ${this.location}`);
-    return new DirReader(dir);
+    return new DirReader(this.snapshotState === undefined ? dir : join(dir, this.snapshotState));
   }
 
   async lock(owner: string): Promise<Lock> {
     // The lock lives beside current, not in it: it names the host and pid, which a sealed snapshot
     // (a btrfs snapshot takes the whole subvolume) must not carry.
     if (!(await this.exists())) throw this.notARepository();
-    const path = join(this.root, 'lock');
+    const path = join(this.lockDir, 'lock');
     const mine = `${JSON.stringify({ owner, host: hostname(), pid: process.pid, time: new Date(this.clock()).toISOString() })}\n`;
     for (let attempt = 0; attempt < 5; attempt++) {
       let held: string | null;
       try {
         // link() of a complete temp file: as exclusive as O_EXCL, and never an empty lock file.
-        if (await writeDurable(this.root, 'lock', Buffer.from(mine), false)) {
+        if (await writeDurable(this.lockDir, 'lock', Buffer.from(mine), false)) {
           await this.recover();
           return { release: () => this.unlock(path, mine) };
         }
@@ -660,7 +719,7 @@ export abstract class DirStorage extends DirReader implements Storage {
 
   /** Moves the lock aside, checks it is still the stale one we judged, deletes it (or puts it back). */
   private async removeStaleLock(path: string, stale: string): Promise<void> {
-    const aside = join(this.root, tmpName());
+    const aside = join(this.lockDir, tmpName());
     try {
       await fsp.rename(path, aside);
     } catch (err) {

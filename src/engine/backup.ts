@@ -103,9 +103,9 @@ class Uploader {
       try {
         const sealed = await this.pool.seal(type, id, plain);
         this.step(type === ObjectType.data ? 'put-chunk' : 'put-tree');
-        await this.repo.storage.putObject(id.toString('hex'), sealed);
+        if (typeof sealed !== 'number') await this.repo.storage.putObject(id.toString('hex'), sealed);
         this.stats.objectsAdded++;
-        this.stats.bytesAdded += sealed.length;
+        this.stats.bytesAdded += typeof sealed === 'number' ? sealed : sealed.length;
       } catch (err) {
         this.failure ??= err;
       } finally {
@@ -476,7 +476,7 @@ export async function backup(repo: Repository, opts: BackupOptions): Promise<Bac
   const parent = await repo.currentHead();
   const stats = newStats();
   const refs = new IdList();
-  const pool = repo.sealPool();
+  const pool = await repo.sealPool();
   const up = new Uploader(repo, pool, known, opts.inflightBytes ?? 64 * 1024 * 1024, stats, step);
   try {
     return await runBackup(repo, opts, paths, known, parent, stats, refs, up, step, started);

@@ -187,9 +187,10 @@ export class Repository {
     return compressAndSeal(this.keys, type, id, plain);
   }
 
-  /** A pool of worker threads that seal objects (the caller closes it). */
-  sealPool(): SealPool {
-    return new SealPool(this.secret.master, this.keys);
+  /** A pool of worker threads that seal objects, and store them where the storage allows (the caller closes it). */
+  async sealPool(): Promise<SealPool> {
+    const writer = (await this.storage.directWriter?.()) ?? null;
+    return new SealPool(this.secret.master, this.keys, writer);
   }
 
   /** Decrypt, decompress and authenticate one object. */

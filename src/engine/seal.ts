@@ -7,6 +7,7 @@ import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { zstdCompressSync, constants as zc } from 'node:zlib';
 import { type Keys, type ObjectTypeCode, Compression, sealObject } from '../core/crypto.js';
+import type { DirectWriterSpec } from '../storage/types.js';
 
 /** zstd level 3; objects under 128 bytes, or that shrink by less than 3%, are stored uncompressed. */
 export const ZSTD_LEVEL = 3;
@@ -34,8 +35,16 @@ export interface SealJob {
 
 export interface SealDone {
   readonly seq: number;
+  /** The sealed object, when the worker does not write it itself. */
   readonly sealed?: Uint8Array;
+  /** Bytes written, when it does. */
+  readonly written?: number;
   readonly error?: string;
+}
+
+export interface SealWorkerData {
+  readonly master: Uint8Array;
+  readonly writer: DirectWriterSpec | null;
 }
 
 /** The ArrayBuffer of a view that owns all of it (else a copy that does), for a zero-copy transfer. */
@@ -54,17 +63,21 @@ export class SealPool {
   private readonly workers: Worker[] = [];
   private readonly load: number[] = [];
   private readonly outbox: SealJob[][] = [];
-  private readonly waiting = new Map<number, { resolve: (b: Buffer) => void; reject: (e: Error) => void; worker: number }>();
+  private readonly waiting = new Map<number, { resolve: (r: Buffer | number) => void; reject: (e: Error) => void; worker: number }>();
+  /** Whether the workers store what they seal (Storage.directWriter), instead of returning it. */
+  readonly writesDirectly: boolean;
   private seq = 0;
   private readonly keys: Keys;
   private failed: Error | null = null;
   private flushScheduled = false;
 
-  constructor(master: Buffer, keys: Keys, threads = Math.max(1, Math.min(availableParallelism(), 4))) {
+  constructor(master: Buffer, keys: Keys, writer: DirectWriterSpec | null = null, threads = Math.max(1, Math.min(availableParallelism(), 4))) {
     this.keys = keys;
+    this.writesDirectly = writer !== null && threads >= 2;
     if (threads < 2) return;
     for (let i = 0; i < threads; i++) {
-      const w = new Worker(new URL('./seal-worker.js', import.meta.url), { workerData: { master } });
+      const data: SealWorkerData = { master, writer };
+      const w = new Worker(new URL('./seal-worker.js', import.meta.url), { workerData: data });
       w.on('message', (batch: SealDone[]) => {
         for (const m of batch) this.done(i, m);
       });
@@ -81,6 +94,7 @@ export class SealPool {
     this.waiting.delete(m.seq);
     this.load[worker]!--;
     if (m.sealed) job.resolve(Buffer.from(m.sealed.buffer, m.sealed.byteOffset, m.sealed.byteLength));
+    else if (m.written !== undefined) job.resolve(m.written);
     else job.reject(new Error(m.error ?? 'seal worker failed'));
   }
 
@@ -99,7 +113,8 @@ export class SealPool {
     });
   }
 
-  seal(type: ObjectTypeCode, id: Buffer, plain: Buffer): Promise<Buffer> {
+  /** Sealed bytes (writesDirectly false) or the number of bytes the worker stored (true). */
+  seal(type: ObjectTypeCode, id: Buffer, plain: Buffer): Promise<Buffer | number> {
     if (this.failed) return Promise.reject(this.failed);
     if (this.workers.length === 0) {
       try {
@@ -114,7 +129,7 @@ export class SealPool {
     this.load[best]!++;
     const box = this.outbox[best]!;
     box.push({ seq, type, id: new Uint8Array(id), plain: ownedBuffer(plain) });
-    const promise = new Promise<Buffer>((resolve, reject) => this.waiting.set(seq, { resolve, reject, worker: best }));
+    const promise = new Promise<Buffer | number>((resolve, reject) => this.waiting.set(seq, { resolve, reject, worker: best }));
     if (box.length >= MAX_BATCH) this.flush();
     else if (!this.flushScheduled) {
       this.flushScheduled = true;

@@ -2,51 +2,194 @@
 /**
  * snapcrypt-server: the keyless side. It never imports the crypto code (I1, I6): it sees object ids,
  * clear-text indexes and snapshot names, nothing else.
+ *
+ * Each command is one entry of `commands` (usage line for the help, and a run function given the
+ * arguments after the command name); add a command by adding an entry.
  */
 import { parseArgs } from 'node:util';
 import { SnapError, ExitStatus, exitStatusOf } from '../core/errors.js';
 import { openStorage } from '../drivers/open.js';
+import { refuse, serve } from '../server/serve.js';
+import type { Storage } from '../storage/types.js';
+import { addUser, DEFAULTS, install } from '../server/admin.js';
 
-const help = `snapcrypt-server: the backup server's side of snapcrypt (needs no key)
+interface Command {
+  /** Lines for the help text, e.g. "snapshots --repo DIR [--json]   list ..." */
+  readonly usage: string;
+  run(args: string[]): Promise<number>;
+}
+
+type OptionSpec = Record<string, { type: 'string' | 'boolean' }>;
+
+/** parseArgs with usage errors as SnapError('usage'); --help is always accepted. */
+function parse(cmd: string, args: string[], options: OptionSpec, positionals = 0) {
+  let parsed;
+  try {
+    parsed = parseArgs({ args, options: { ...options, help: { type: 'boolean' } }, allowPositionals: positionals > 0, strict: true });
+  } catch (err) {
+    throw new SnapError('usage', `${cmd}: ${(err as Error).message}`);
+  }
+  if (parsed.positionals.length > positionals) {
+    throw new SnapError('usage', `${cmd}: unexpected argument ${JSON.stringify(parsed.positionals[positionals])}`);
+  }
+  return { values: parsed.values as Record<string, string | boolean | undefined>, positionals: parsed.positionals };
+}
+
+function str(v: string | boolean | undefined): string | undefined {
+  return typeof v === 'string' ? v : undefined;
+}
+
+const log = (line: string): void => {
+  process.stdout.write(`${line}\n`);
+};
+
+const commands: Record<string, Command> = {
+  serve: {
+    usage: `  serve [--area DIR]              speak the snapcrypt protocol on stdin/stdout (the command that an
+                                  authorized_keys line forces); the area is DIR, else
+                                  $SNAPCRYPT_SERVER_AREA, else the user's area in the server layout`,
+    run: (args) => serveCommand(args),
+  },
+  snapshots: {
+    usage: `  snapshots --repo DIR [--json]   list the sealed snapshots of a repository area with their object
+                                  counts (from each snapshot's clear-text index)`,
+    async run(args) {
+      const { values } = parse('snapshots', args, { repo: { type: 'string' }, json: { type: 'boolean' } });
+      if (values['help']) return printHelp(0);
+      const repo = str(values['repo']);
+      if (!repo) throw new SnapError('usage', 'snapshots: --repo DIR is required');
+      const storage = await openStorage(repo);
+      if (!(await storage.exists())) throw new SnapError('not-found', `No repository at ${repo}`);
+      for (const info of await storage.listSnapshots()) {
+        const snap = await storage.openSnapshot(info.name);
+        const index = await snap.readFile('index');
+        const objects = index ? index.length / 32 : 0;
+        if (values['json']) process.stdout.write(JSON.stringify({ type: 'snapshot', name: info.name, time: info.time, objects }) + '\n');
+        else process.stdout.write(`${info.name}  ${objects} objects\n`);
+      }
+      await storage.close();
+      return 0;
+    },
+  },
+  install: {
+    usage: `  install --root DIR              (as root) set up this machine as a backup server: the layout in
+                                  DIR (on btrfs), group ${DEFAULTS.group}, ${DEFAULTS.etc}/snapcrypt/server.json, the
+                                  seal helper, a sudoers rule and an sshd drop-in (see docs/SERVER.md);
+                                  safe to run again. Overrides: --etc DIR --sudoers-dir DIR
+                                  --sudoers-name NAME --sshd-config-dir DIR --lib-dir DIR --group NAME
+                                  --home-base DIR --serve-command CMD`,
+    async run(args) {
+      const { values } = parse('install', args, {
+        root: { type: 'string' },
+        etc: { type: 'string' },
+        'sudoers-dir': { type: 'string' },
+        'sudoers-name': { type: 'string' },
+        'sshd-config-dir': { type: 'string' },
+        'lib-dir': { type: 'string' },
+        group: { type: 'string' },
+        'home-base': { type: 'string' },
+        'serve-command': { type: 'string' },
+      });
+      if (values['help']) return printHelp(0);
+      const root = str(values['root']);
+      if (!root) throw new SnapError('usage', 'install: --root DIR is required');
+      const opt = <K extends string>(k: K, v: string | boolean | undefined) => (typeof v === 'string' ? { [k]: v } : {}) as Partial<Record<K, string>>;
+      await install({
+        root,
+        log,
+        ...opt('etc', values['etc']),
+        ...opt('sudoersDir', values['sudoers-dir']),
+        ...opt('sudoersName', values['sudoers-name']),
+        ...opt('sshdConfigDir', values['sshd-config-dir']),
+        ...opt('libDir', values['lib-dir']),
+        ...opt('group', values['group']),
+        ...opt('homeBase', values['home-base']),
+        ...opt('serve', values['serve-command']),
+      });
+      return 0;
+    },
+  },
+  adduser: {
+    usage: `  adduser NAME --key FILE         (as root) create the account NAME (or add a key to it) with its
+                                  area, allowed to log in with the public key in FILE only to run
+                                  the server. Override: --etc DIR`,
+    async run(args) {
+      const { values, positionals } = parse('adduser', args, { key: { type: 'string' }, etc: { type: 'string' } }, 1);
+      if (values['help']) return printHelp(0);
+      const name = positionals[0];
+      const key = str(values['key']);
+      if (!name) throw new SnapError('usage', 'adduser: the account NAME is required');
+      if (!key) throw new SnapError('usage', 'adduser: --key FILE (an OpenSSH public key) is required');
+      const etc = str(values['etc']);
+      await addUser({ name, keyFile: key, log, ...(etc === undefined ? {} : { etc }) });
+      return 0;
+    },
+  },
+};
+
+function helpText(): string {
+  return `snapcrypt-server: the backup server's side of snapcrypt (needs no key)
 
 Usage: snapcrypt-server COMMAND [options]
 
 Commands:
-  snapshots --repo DIR [--json]   list the sealed snapshots of a repository area with their object
-                                  counts (from each snapshot's clear-text index)
+${Object.values(commands)
+  .map((c) => c.usage)
+  .join('\n')}
 
-Exit status: 0 ok, 2 usage, 7 not found, 9 I/O error.`;
+Exit status: 0 ok, 2 usage, 7 not found, 9 I/O error, 10 protocol error.`;
+
+}
+
+/** The user's area from src/server/area.ts, when that module provides openUserArea. */
+async function userArea(): Promise<Storage> {
+  const mod = (await import('../server/area.js').catch(() => null)) as Record<string, unknown> | null;
+  const open = mod?.['openUserArea'];
+  if (typeof open !== 'function') {
+    throw new SnapError('usage', 'serve: no area given: use --area DIR or set SNAPCRYPT_SERVER_AREA');
+  }
+  return (await (open as () => Promise<Storage>)()) satisfies Storage;
+}
+
+/** serve: stdout carries only protocol frames; diagnostics go to stderr. */
+async function serveCommand(rest: string[]): Promise<number> {
+  const logErr = (line: string) => process.stderr.write(`snapcrypt-server: ${line}\n`);
+  let storage: Storage;
+  try {
+    let values;
+    try {
+      values = parseArgs({ args: rest, options: { area: { type: 'string' } } }).values;
+    } catch (err) {
+      throw new SnapError('usage', `serve: ${(err as Error).message}`);
+    }
+    const area = values.area ?? process.env['SNAPCRYPT_SERVER_AREA'];
+    storage = area ? await openStorage(area) : await userArea();
+  } catch (err) {
+    const e = err instanceof SnapError ? err : new SnapError('internal', String(err));
+    logErr(e.message);
+    await refuse(process.stdout, e.code, e.message);
+    return e.exitStatus;
+  }
+  const status = await serve(process.stdin, process.stdout, storage, {
+    sshOriginalCommand: process.env['SSH_ORIGINAL_COMMAND'],
+    log: logErr,
+  });
+  await storage.close().catch(() => undefined);
+  return status;
+}
+
+function printHelp(status: number): number {
+  process.stdout.write(helpText() + '\n');
+  return status;
+}
 
 async function main(argv: string[]): Promise<number> {
   const [cmd, ...rest] = argv;
-  if (cmd === undefined || cmd === '--help' || cmd === '-h') {
-    process.stdout.write(help + '\n');
-    return cmd === undefined ? ExitStatus.usage : 0;
-  }
+  if (cmd === undefined || cmd === '--help' || cmd === '-h') return printHelp(cmd === undefined ? ExitStatus.usage : 0);
   try {
-    if (cmd !== 'snapshots') throw new SnapError('usage', `Unknown command "${cmd}" (see "snapcrypt-server --help")`);
-    let values;
-    try {
-      values = parseArgs({ args: rest, options: { repo: { type: 'string' }, json: { type: 'boolean' }, help: { type: 'boolean' } } }).values;
-    } catch (err) {
-      throw new SnapError('usage', `snapshots: ${(err as Error).message}`);
-    }
-    if (values.help) {
-      process.stdout.write(help + '\n');
-      return 0;
-    }
-    if (!values.repo) throw new SnapError('usage', 'snapshots: --repo DIR is required');
-    const storage = await openStorage(values.repo);
-    if (!(await storage.exists())) throw new SnapError('not-found', `No repository at ${values.repo}`);
-    for (const info of await storage.listSnapshots()) {
-      const snap = await storage.openSnapshot(info.name);
-      const index = await snap.readFile('index');
-      const objects = index ? index.length / 32 : 0;
-      if (values.json) process.stdout.write(JSON.stringify({ type: 'snapshot', name: info.name, time: info.time, objects }) + '\n');
-      else process.stdout.write(`${info.name}  ${objects} objects\n`);
-    }
-    await storage.close();
-    return 0;
+    const command = Object.hasOwn(commands, cmd) ? commands[cmd] : undefined;
+    if (command === undefined) throw new SnapError('usage', `Unknown command "${cmd}" (see "snapcrypt-server --help")`);
+    return await command.run(rest);
   } catch (err) {
     process.stderr.write(`snapcrypt-server: ${err instanceof Error ? err.message : String(err)}\n`);
     return exitStatusOf(err);

@@ -10,9 +10,10 @@ import { restoreCommand } from '../cli/restore.js';
 import { verifyCommand } from '../cli/verify.js';
 import { keyCommand } from '../cli/key.js';
 import { demoCommand } from '../cli/demo.js';
+import { setupCommand } from '../cli/setup.js';
 
 const VERSION = '0.1.0';
-const commands: Command[] = [initCommand, backupCommand, snapshotsCommand, lsCommand, restoreCommand, verifyCommand, keyCommand, demoCommand];
+const commands: Command[] = [initCommand, backupCommand, snapshotsCommand, lsCommand, restoreCommand, verifyCommand, keyCommand, setupCommand, demoCommand];
 
 const topHelp = `snapcrypt ${VERSION}: encrypted, snapshotting backups
 

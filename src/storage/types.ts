@@ -47,6 +47,13 @@ export interface ObjectReader {
   listObjects(): AsyncIterable<string>;
 }
 
+export interface DirectWriterSpec {
+  /** URL of the module (file: URL string). */
+  readonly module: string;
+  /** Structured-cloneable argument for its createWriter(). */
+  readonly arg: unknown;
+}
+
 export interface Lock {
   release(): Promise<void>;
 }
@@ -68,6 +75,12 @@ export interface Storage extends ObjectReader {
   listSnapshots(): Promise<SnapshotInfo[]>;
   /** Read-only view of one sealed snapshot; SnapError('not-found') if absent. */
   openSnapshot(name: string): Promise<ObjectReader>;
+  /**
+   * Optional fast path: a module that worker threads can load to write objects themselves (same
+   * contract as putObject). Resolves after the storage is ready for writes; null if not offered.
+   * The module exports createWriter(arg) returning a synchronous (id, data) => void.
+   */
+  directWriter?(): Promise<DirectWriterSpec | null>;
   /** Exclusive writer lock on current. */
   lock(owner: string): Promise<Lock>;
   close(): Promise<void>;

@@ -1,0 +1,646 @@
+/**
+ * The snapcrypt wire protocol (docs/PROTOCOL.md): the Storage interface of src/storage/types.ts as
+ * framed, versioned binary messages. Pure: no fs, net, child_process, clock or randomness.
+ *
+ * Frame: u32 BE length of the rest | u8 message type | u32 BE request id | payload.
+ * Every length is checked against MAX_FRAME_LENGTH before anything is allocated for it, and every
+ * decoded field is validated strictly (object ids, file names, snapshot names, counts).
+ */
+import { SnapError } from './errors.js';
+import type { ErrorCode } from './errors.js';
+import type { SnapshotInfo } from '../storage/types.js';
+import { isValidFileName } from '../storage/types.js';
+
+export const PROTOCOL_MAGIC = 'snapcrypt';
+export const PROTOCOL_VERSION = 1;
+/** Largest payload of one frame: a padded 16 MiB chunk (about 16.5 MiB) with room to spare, or an index of 1 Mi ids. */
+export const MAX_PAYLOAD = 32 * 1024 * 1024 + 64 * 1024;
+/** Bytes of type + request id, counted in the length field. */
+export const FRAME_HEAD = 5;
+/** Largest value of a frame's length field. */
+export const MAX_FRAME_LENGTH = MAX_PAYLOAD + FRAME_HEAD;
+/** Requests a client may have outstanding at once (listings count until their LIST_END). */
+export const MAX_IN_FLIGHT = 64;
+/** Object ids per ID_BATCH frame. */
+export const LIST_BATCH = 4096;
+/** Longest error message or hint carried (longer ones are cut). */
+export const MAX_MESSAGE = 4096;
+/** Longest owner string of LOCK. */
+export const MAX_OWNER = 1024;
+/** Longest client wish in HELLO. */
+export const MAX_WISH = 255;
+const ID_BYTES = 32;
+
+export const Msg = {
+  // handshake and control
+  HELLO: 0x01,
+  HELLO_OK: 0x02,
+  ERROR: 0x03,
+  BYE: 0x04,
+  BYE_OK: 0x05,
+  LIST_CONTINUE: 0x06,
+  // requests
+  EXISTS: 0x10,
+  INIT: 0x11,
+  READ_FILE: 0x12,
+  WRITE_FILE: 0x13,
+  LIST_KEYS: 0x14,
+  LIST_OBJECTS: 0x15,
+  GET_OBJECT: 0x16,
+  PUT_OBJECT: 0x17,
+  COMMIT: 0x18,
+  LIST_SNAPSHOTS: 0x19,
+  OPEN_SNAPSHOT: 0x1a,
+  LOCK: 0x1b,
+  UNLOCK: 0x1c,
+  // responses
+  OK: 0x40,
+  BOOL: 0x41,
+  DATA: 0x42,
+  NAMES: 0x43,
+  ID_BATCH: 0x44,
+  LIST_END: 0x45,
+  SNAPSHOT: 0x46,
+  SNAPSHOTS: 0x47,
+  LOCK_TOKEN: 0x48,
+} as const;
+
+/** Error codes on the wire, by index. Never reorder; append only. */
+export const WIRE_ERROR_CODES: readonly ErrorCode[] = [
+  'usage',
+  'exists',
+  'not-found',
+  'not-a-repository',
+  'wrong-password',
+  'locked',
+  'integrity',
+  'unsupported-version',
+  'io',
+  'partial',
+  'interrupted',
+  'protocol',
+  'internal',
+];
+
+export interface Frame {
+  readonly type: number;
+  readonly id: number;
+  readonly payload: Buffer;
+}
+
+/** The state a read addresses: null for current, else a sealed snapshot's name. */
+export type Scope = string | null;
+
+export type Request =
+  | { readonly type: 'exists' }
+  | { readonly type: 'init'; readonly config: Buffer }
+  | { readonly type: 'readFile'; readonly scope: Scope; readonly name: string }
+  | { readonly type: 'writeFile'; readonly name: string; readonly data: Buffer }
+  | { readonly type: 'listKeys'; readonly scope: Scope }
+  | { readonly type: 'listObjects'; readonly scope: Scope }
+  | { readonly type: 'getObject'; readonly scope: Scope; readonly id: string }
+  | { readonly type: 'putObject'; readonly id: string; readonly data: Buffer }
+  | { readonly type: 'commit'; readonly head: Buffer; readonly index: Buffer }
+  | { readonly type: 'listSnapshots' }
+  | { readonly type: 'openSnapshot'; readonly name: string }
+  | { readonly type: 'lock'; readonly owner: string }
+  | { readonly type: 'unlock'; readonly token: number };
+
+export type Response =
+  | { readonly type: 'ok' }
+  | { readonly type: 'bool'; readonly value: boolean }
+  | { readonly type: 'data'; readonly data: Buffer | null }
+  | { readonly type: 'names'; readonly names: string[] }
+  | { readonly type: 'ids'; readonly ids: string[] }
+  | { readonly type: 'listEnd' }
+  | { readonly type: 'snapshot'; readonly info: SnapshotInfo }
+  | { readonly type: 'snapshots'; readonly infos: SnapshotInfo[] }
+  | { readonly type: 'lockToken'; readonly token: number };
+
+export interface Hello {
+  readonly version: number;
+  /** What the client wants the server to do; "serve" (or empty) is the only wish understood today. */
+  readonly wish: string;
+}
+
+export interface HelloOk {
+  readonly version: number;
+  readonly maxFrameLength: number;
+  readonly maxInFlight: number;
+}
+
+export interface WireError {
+  readonly code: ErrorCode;
+  readonly message: string;
+  readonly hint: string | undefined;
+}
+
+export function protocolError(message: string): SnapError {
+  return new SnapError('protocol', `Protocol error: ${message}`);
+}
+
+/** A snapshot name is exactly what Date.toISOString() gives for some time (no path tricks possible). */
+export function isSnapshotName(name: string): boolean {
+  if (!/^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$/.test(name)) return false;
+  const time = Date.parse(name);
+  return Number.isFinite(time) && new Date(time).toISOString() === name;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Frames
+
+/** The bytes of one frame as parts (header, then payload parts), so large payloads are never copied. */
+export function encodeFrame(type: number, id: number, payload: readonly Buffer[] = []): Buffer[] {
+  if (!Number.isInteger(type) || type < 0 || type > 0xff) throw new RangeError(`bad message type ${type}`);
+  if (!Number.isInteger(id) || id < 0 || id > 0xffffffff) throw new RangeError(`bad request id ${id}`);
+  let len = 0;
+  for (const p of payload) len += p.length;
+  if (len > MAX_PAYLOAD) throw new SnapError('usage', `Message of ${len} bytes exceeds the protocol limit of ${MAX_PAYLOAD} bytes`);
+  const head = Buffer.allocUnsafe(4 + FRAME_HEAD);
+  head.writeUInt32BE(len + FRAME_HEAD, 0);
+  head.writeUInt8(type, 4);
+  head.writeUInt32BE(id, 5);
+  return [head, ...payload.filter((p) => p.length > 0)];
+}
+
+/**
+ * Incremental frame decoder: push() the bytes as they arrive, get the complete frames back. A length
+ * outside [FRAME_HEAD, maxLength] throws SnapError('protocol') as soon as its 4 bytes are in, before
+ * anything is allocated for it; the decoder then refuses further input. It holds at most one partial
+ * frame, never allocates more than that frame's (checked) length.
+ */
+export class FrameDecoder {
+  private chunks: Buffer[] = [];
+  private have = 0;
+  private failed = false;
+  private readonly maxLength: number;
+  constructor(maxLength = MAX_FRAME_LENGTH) {
+    this.maxLength = maxLength;
+  }
+
+  /** Bytes held for a frame not yet complete. */
+  get buffered(): number {
+    return this.have;
+  }
+
+  push(bytes: Buffer): Frame[] {
+    if (this.failed) throw protocolError('input after a framing error');
+    if (bytes.length > 0) {
+      this.chunks.push(bytes);
+      this.have += bytes.length;
+    }
+    const frames: Frame[] = [];
+    for (;;) {
+      if (this.have < 4) break;
+      const len = this.peekLength();
+      if (len < FRAME_HEAD || len > this.maxLength) {
+        this.failed = true;
+        this.chunks = [];
+        this.have = 0;
+        throw protocolError(
+          len < FRAME_HEAD ? `frame length ${len} is too small` : `frame length ${len} exceeds the limit of ${this.maxLength}`,
+        );
+      }
+      if (this.have < 4 + len) break;
+      const frame = this.take(4 + len);
+      frames.push({ type: frame[4]!, id: frame.readUInt32BE(5), payload: frame.subarray(4 + FRAME_HEAD) });
+    }
+    return frames;
+  }
+
+  /** Whether the input so far ended on a frame boundary. */
+  get atBoundary(): boolean {
+    return this.have === 0;
+  }
+
+  private peekLength(): number {
+    const first = this.chunks[0]!;
+    if (first.length >= 4) return first.readUInt32BE(0);
+    const four = Buffer.alloc(4);
+    let off = 0;
+    for (const c of this.chunks) {
+      off += c.copy(four, off, 0, Math.min(c.length, 4 - off));
+      if (off === 4) break;
+    }
+    return four.readUInt32BE(0);
+  }
+
+  /** Removes and returns the next n bytes (n <= have, checked by the caller against the limit). */
+  private take(n: number): Buffer {
+    const first = this.chunks[0]!;
+    if (first.length >= n) {
+      const out = first.subarray(0, n);
+      if (first.length === n) this.chunks.shift();
+      else this.chunks[0] = first.subarray(n);
+      this.have -= n;
+      return out;
+    }
+    const out = Buffer.allocUnsafe(n);
+    let off = 0;
+    while (off < n) {
+      const c = this.chunks[0]!;
+      const k = Math.min(c.length, n - off);
+      c.copy(out, off, 0, k);
+      off += k;
+      if (k === c.length) this.chunks.shift();
+      else this.chunks[0] = c.subarray(k);
+    }
+    this.have -= n;
+    return out;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Field helpers
+
+class PayloadReader {
+  private pos = 0;
+  private readonly buf: Buffer;
+  private readonly what: string;
+  constructor(buf: Buffer, what: string) {
+    this.buf = buf;
+    this.what = what;
+  }
+  fail(msg: string): never {
+    throw protocolError(`malformed ${this.what}: ${msg}`);
+  }
+  get remaining(): number {
+    return this.buf.length - this.pos;
+  }
+  raw(n: number): Buffer {
+    if (n > this.remaining) this.fail(`needs ${n} bytes, ${this.remaining} left`);
+    const out = this.buf.subarray(this.pos, this.pos + n);
+    this.pos += n;
+    return out;
+  }
+  u8(): number {
+    return this.raw(1)[0]!;
+  }
+  u16(): number {
+    return this.raw(2).readUInt16BE(0);
+  }
+  u32(): number {
+    return this.raw(4).readUInt32BE(0);
+  }
+  bool(): boolean {
+    const b = this.u8();
+    if (b > 1) this.fail(`flag byte ${b}`);
+    return b === 1;
+  }
+  /** UTF-8 text with a u8 or u16 length; rejects bytes that are not exactly valid UTF-8. */
+  text(lenBytes: 1 | 2, limit: number): string {
+    const n = lenBytes === 1 ? this.u8() : this.u16();
+    if (n > limit) this.fail(`text of ${n} bytes exceeds ${limit}`);
+    const bytes = this.raw(n);
+    const s = bytes.toString('utf8');
+    if (!Buffer.from(s, 'utf8').equals(bytes)) this.fail('text is not valid UTF-8');
+    return s;
+  }
+  id(): string {
+    return this.raw(ID_BYTES).toString('hex');
+  }
+  rest(): Buffer {
+    return this.raw(this.remaining);
+  }
+  end(): void {
+    if (this.remaining !== 0) this.fail(`${this.remaining} trailing bytes`);
+  }
+}
+
+function u8(v: number): Buffer {
+  return Buffer.from([v]);
+}
+function u16(v: number): Buffer {
+  const b = Buffer.allocUnsafe(2);
+  b.writeUInt16BE(v, 0);
+  return b;
+}
+function u32(v: number): Buffer {
+  const b = Buffer.allocUnsafe(4);
+  b.writeUInt32BE(v, 0);
+  return b;
+}
+function text(lenBytes: 1 | 2, s: string, limit: number): Buffer[] {
+  let b = Buffer.from(s, 'utf8');
+  if (b.length > limit) b = Buffer.from(b.subarray(0, limit).toString('utf8').replace(/\uFFFD+$/, ''), 'utf8');
+  return [lenBytes === 1 ? u8(b.length) : u16(b.length), b];
+}
+function idBytes(id: string): Buffer {
+  if (!/^[0-9a-f]{64}$/.test(id)) throw new SnapError('usage', `Invalid object id ${JSON.stringify(id.slice(0, 80))}: expected 64 lower-case hex digits`);
+  return Buffer.from(id, 'hex');
+}
+function checkedName(name: string): string {
+  if (!isValidFileName(name)) throw new SnapError('usage', `Invalid file name ${JSON.stringify(name.slice(0, 80))}: expected config, head, index or keys/NAME`);
+  return name;
+}
+function checkedSnapshot(name: string): string {
+  if (!isSnapshotName(name)) throw new SnapError('usage', `Invalid snapshot name ${JSON.stringify(name.slice(0, 80))}: expected a time like 2026-11-26T23:15:02.123Z`);
+  return name;
+}
+function scopeParts(scope: Scope): Buffer[] {
+  return scope === null ? [u8(0)] : text(1, checkedSnapshot(scope), 64);
+}
+function readScope(r: PayloadReader): Scope {
+  const s = r.text(1, 64);
+  if (s === '') return null;
+  if (!isSnapshotName(s)) r.fail('invalid snapshot name');
+  return s;
+}
+function readFileName(r: PayloadReader): string {
+  const name = r.text(1, 255);
+  if (!isValidFileName(name)) r.fail('invalid file name');
+  return name;
+}
+function time8(time: number): Buffer {
+  const b = Buffer.allocUnsafe(8);
+  b.writeBigUInt64BE(BigInt(time), 0);
+  return b;
+}
+function readTime(r: PayloadReader): number {
+  const t = r.raw(8).readBigUInt64BE(0);
+  if (t > BigInt(Number.MAX_SAFE_INTEGER)) r.fail('time out of range');
+  return Number(t);
+}
+function snapshotParts(info: SnapshotInfo): Buffer[] {
+  if (!Number.isSafeInteger(info.time) || info.time < 0) throw new RangeError(`bad snapshot time ${info.time}`);
+  return [...text(1, checkedSnapshot(info.name), 64), time8(info.time)];
+}
+function readSnapshot(r: PayloadReader): SnapshotInfo {
+  const name = r.text(1, 64);
+  if (!isSnapshotName(name)) r.fail('invalid snapshot name');
+  return { name, time: readTime(r) };
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Handshake, errors, continuation
+
+export function encodeHello(h: Hello): Buffer[] {
+  return [Buffer.from(PROTOCOL_MAGIC), u16(h.version), ...text(1, h.wish, MAX_WISH)];
+}
+export function decodeHello(payload: Buffer): Hello {
+  const r = new PayloadReader(payload, 'HELLO');
+  if (!r.raw(PROTOCOL_MAGIC.length).equals(Buffer.from(PROTOCOL_MAGIC))) r.fail('bad magic');
+  const version = r.u16();
+  const wish = r.text(1, MAX_WISH);
+  r.end();
+  return { version, wish };
+}
+export function encodeHelloOk(h: HelloOk): Buffer[] {
+  return [u16(h.version), u32(h.maxFrameLength), u16(h.maxInFlight)];
+}
+export function decodeHelloOk(payload: Buffer): HelloOk {
+  const r = new PayloadReader(payload, 'HELLO_OK');
+  const version = r.u16();
+  const maxFrameLength = r.u32();
+  const maxInFlight = r.u16();
+  r.end();
+  if (maxFrameLength < FRAME_HEAD + 64 || maxInFlight < 1) r.fail('implausible limits');
+  return { version, maxFrameLength, maxInFlight };
+}
+
+export function encodeError(e: WireError): Buffer[] {
+  const index = WIRE_ERROR_CODES.indexOf(e.code);
+  return [
+    u8(index < 0 ? WIRE_ERROR_CODES.indexOf('internal') : index),
+    ...text(2, e.message, MAX_MESSAGE),
+    u8(e.hint === undefined ? 0 : 1),
+    ...(e.hint === undefined ? [] : text(2, e.hint, MAX_MESSAGE)),
+  ];
+}
+export function decodeError(payload: Buffer): WireError {
+  const r = new PayloadReader(payload, 'ERROR');
+  const code = WIRE_ERROR_CODES[r.u8()];
+  if (code === undefined) return r.fail('unknown error code');
+  const message = r.text(2, MAX_MESSAGE);
+  const hint = r.bool() ? r.text(2, MAX_MESSAGE) : undefined;
+  r.end();
+  return { code, message, hint };
+}
+
+export function encodeContinue(more: boolean): Buffer[] {
+  return [u8(more ? 1 : 0)];
+}
+export function decodeContinue(payload: Buffer): boolean {
+  const r = new PayloadReader(payload, 'LIST_CONTINUE');
+  const more = r.bool();
+  r.end();
+  return more;
+}
+
+export function decodeEmpty(payload: Buffer, what: string): void {
+  new PayloadReader(payload, what).end();
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Requests
+
+/** Message type and payload parts of a request; throws SnapError('usage') for invalid arguments. */
+export function encodeRequest(req: Request): { type: number; payload: Buffer[] } {
+  switch (req.type) {
+    case 'exists':
+      return { type: Msg.EXISTS, payload: [] };
+    case 'init':
+      return { type: Msg.INIT, payload: [req.config] };
+    case 'readFile':
+      return { type: Msg.READ_FILE, payload: [...scopeParts(req.scope), ...text(1, checkedName(req.name), 255)] };
+    case 'writeFile':
+      return { type: Msg.WRITE_FILE, payload: [...text(1, checkedName(req.name), 255), req.data] };
+    case 'listKeys':
+      return { type: Msg.LIST_KEYS, payload: scopeParts(req.scope) };
+    case 'listObjects':
+      return { type: Msg.LIST_OBJECTS, payload: scopeParts(req.scope) };
+    case 'getObject':
+      return { type: Msg.GET_OBJECT, payload: [...scopeParts(req.scope), idBytes(req.id)] };
+    case 'putObject':
+      return { type: Msg.PUT_OBJECT, payload: [idBytes(req.id), req.data] };
+    case 'commit':
+      return { type: Msg.COMMIT, payload: [u32(req.head.length), req.head, req.index] };
+    case 'listSnapshots':
+      return { type: Msg.LIST_SNAPSHOTS, payload: [] };
+    case 'openSnapshot':
+      return { type: Msg.OPEN_SNAPSHOT, payload: text(1, checkedSnapshot(req.name), 64) };
+    case 'lock':
+      return { type: Msg.LOCK, payload: text(2, req.owner, MAX_OWNER) };
+    case 'unlock':
+      return { type: Msg.UNLOCK, payload: [u32(req.token)] };
+  }
+}
+
+/** The request a frame carries; SnapError('protocol') for an unknown type or a malformed payload. */
+export function decodeRequest(frame: Frame): Request {
+  const r = new PayloadReader(frame.payload, `request type 0x${frame.type.toString(16)}`);
+  let req: Request;
+  switch (frame.type) {
+    case Msg.EXISTS:
+      req = { type: 'exists' };
+      break;
+    case Msg.INIT:
+      req = { type: 'init', config: r.rest() };
+      break;
+    case Msg.READ_FILE: {
+      const scope = readScope(r);
+      req = { type: 'readFile', scope, name: readFileName(r) };
+      break;
+    }
+    case Msg.WRITE_FILE: {
+      const name = readFileName(r);
+      req = { type: 'writeFile', name, data: r.rest() };
+      break;
+    }
+    case Msg.LIST_KEYS:
+      req = { type: 'listKeys', scope: readScope(r) };
+      break;
+    case Msg.LIST_OBJECTS:
+      req = { type: 'listObjects', scope: readScope(r) };
+      break;
+    case Msg.GET_OBJECT: {
+      const scope = readScope(r);
+      req = { type: 'getObject', scope, id: r.id() };
+      break;
+    }
+    case Msg.PUT_OBJECT: {
+      const id = r.id();
+      req = { type: 'putObject', id, data: r.rest() };
+      break;
+    }
+    case Msg.COMMIT: {
+      const n = r.u32();
+      if (n > r.remaining) r.fail(`head of ${n} bytes exceeds the ${r.remaining} left`);
+      const head = r.raw(n);
+      req = { type: 'commit', head, index: r.rest() };
+      break;
+    }
+    case Msg.LIST_SNAPSHOTS:
+      req = { type: 'listSnapshots' };
+      break;
+    case Msg.OPEN_SNAPSHOT: {
+      const name = r.text(1, 64);
+      if (!isSnapshotName(name)) r.fail('invalid snapshot name');
+      req = { type: 'openSnapshot', name };
+      break;
+    }
+    case Msg.LOCK:
+      req = { type: 'lock', owner: r.text(2, MAX_OWNER) };
+      break;
+    case Msg.UNLOCK:
+      req = { type: 'unlock', token: r.u32() };
+      break;
+    default:
+      throw protocolError(`unknown request type 0x${frame.type.toString(16)}`);
+  }
+  r.end();
+  return req;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Responses
+
+export function encodeResponse(res: Response): { type: number; payload: Buffer[] } {
+  switch (res.type) {
+    case 'ok':
+      return { type: Msg.OK, payload: [] };
+    case 'bool':
+      return { type: Msg.BOOL, payload: [u8(res.value ? 1 : 0)] };
+    case 'data':
+      return { type: Msg.DATA, payload: res.data === null ? [u8(0)] : [u8(1), res.data] };
+    case 'names': {
+      const parts: Buffer[] = [u32(res.names.length)];
+      for (const n of res.names) parts.push(...text(1, n, 255));
+      return { type: Msg.NAMES, payload: parts };
+    }
+    case 'ids':
+      if (res.ids.length > LIST_BATCH) throw new RangeError(`batch of ${res.ids.length} ids`);
+      return { type: Msg.ID_BATCH, payload: res.ids.map(idBytes) };
+    case 'listEnd':
+      return { type: Msg.LIST_END, payload: [] };
+    case 'snapshot':
+      return { type: Msg.SNAPSHOT, payload: snapshotParts(res.info) };
+    case 'snapshots': {
+      const parts: Buffer[] = [u32(res.infos.length)];
+      for (const info of res.infos) parts.push(...snapshotParts(info));
+      return { type: Msg.SNAPSHOTS, payload: parts };
+    }
+    case 'lockToken':
+      return { type: Msg.LOCK_TOKEN, payload: [u32(res.token)] };
+  }
+}
+
+/** Which response types answer each request type (ERROR answers any). */
+export function expectedResponses(req: Request['type']): readonly Response['type'][] {
+  switch (req) {
+    case 'exists':
+      return ['bool'];
+    case 'readFile':
+    case 'getObject':
+      return ['data'];
+    case 'listKeys':
+      return ['names'];
+    case 'listObjects':
+      return ['ids', 'listEnd'];
+    case 'commit':
+      return ['snapshot'];
+    case 'listSnapshots':
+      return ['snapshots'];
+    case 'lock':
+      return ['lockToken'];
+    default:
+      return ['ok'];
+  }
+}
+
+export function decodeResponse(frame: Frame): Response {
+  const r = new PayloadReader(frame.payload, `response type 0x${frame.type.toString(16)}`);
+  let res: Response;
+  switch (frame.type) {
+    case Msg.OK:
+      res = { type: 'ok' };
+      break;
+    case Msg.BOOL:
+      res = { type: 'bool', value: r.bool() };
+      break;
+    case Msg.DATA:
+      res = { type: 'data', data: r.bool() ? r.rest() : null };
+      break;
+    case Msg.NAMES: {
+      const n = r.u32();
+      if (n * 2 > r.remaining) r.fail(`count ${n} is implausible`);
+      const names: string[] = [];
+      for (let i = 0; i < n; i++) {
+        const name = r.text(1, 255);
+        if (!isValidFileName(`keys/${name}`)) r.fail('invalid key name');
+        names.push(name);
+      }
+      res = { type: 'names', names };
+      break;
+    }
+    case Msg.ID_BATCH: {
+      const bytes = r.rest();
+      if (bytes.length % ID_BYTES !== 0 || bytes.length / ID_BYTES > LIST_BATCH) r.fail(`batch of ${bytes.length} bytes`);
+      const ids: string[] = [];
+      for (let off = 0; off < bytes.length; off += ID_BYTES) ids.push(bytes.toString('hex', off, off + ID_BYTES));
+      res = { type: 'ids', ids };
+      break;
+    }
+    case Msg.LIST_END:
+      res = { type: 'listEnd' };
+      break;
+    case Msg.SNAPSHOT:
+      res = { type: 'snapshot', info: readSnapshot(r) };
+      break;
+    case Msg.SNAPSHOTS: {
+      const n = r.u32();
+      if (n * 10 > r.remaining) r.fail(`count ${n} is implausible`);
+      const infos: SnapshotInfo[] = [];
+      for (let i = 0; i < n; i++) infos.push(readSnapshot(r));
+      res = { type: 'snapshots', infos };
+      break;
+    }
+    case Msg.LOCK_TOKEN:
+      res = { type: 'lockToken', token: r.u32() };
+      break;
+    default:
+      throw protocolError(`unknown response type 0x${frame.type.toString(16)}`);
+  }
+  r.end();
+  return res;
+}

@@ -1,0 +1,507 @@
+/**
+ * RemoteStorage: the Storage interface spoken over the snapcrypt protocol (docs/PROTOCOL.md) on any
+ * pair of byte streams; usually the stdin/stdout of `ssh ... snapcrypt-server serve`.
+ *
+ * Requests are pipelined (up to the server's maxInFlight outstanding, matched by request id), so the
+ * backup's concurrent putObject calls keep the link busy. A broken connection, a protocol violation or
+ * a fatal server error rejects every pending call with a SnapError naming the location; errors the
+ * server reports for one request keep their code (locked, integrity, not-found, exists, ...).
+ */
+import { spawn } from 'node:child_process';
+import type { Readable, Writable } from 'node:stream';
+import { SnapError } from '../core/errors.js';
+import type { ErrorCode } from '../core/errors.js';
+import {
+  FrameDecoder,
+  LIST_BATCH,
+  MAX_FRAME_LENGTH,
+  MAX_IN_FLIGHT,
+  Msg,
+  PROTOCOL_VERSION,
+  decodeError,
+  decodeHelloOk,
+  decodeResponse,
+  encodeContinue,
+  encodeFrame,
+  encodeHello,
+  encodeRequest,
+  expectedResponses,
+} from '../core/protocol.js';
+import type { Frame, Request, Response, Scope } from '../core/protocol.js';
+import type { Lock, ObjectReader, SnapshotInfo, Storage } from '../storage/types.js';
+
+export interface Transport {
+  readonly readable: Readable;
+  readonly writable: Writable;
+  /** Ends the connection and waits for it (and any child process) to be gone. */
+  close(): Promise<void>;
+  /** What to say about the connection in an error message (e.g. the last lines ssh wrote to stderr). */
+  describe(): string;
+}
+
+export interface SshOptions {
+  readonly identityFile?: string;
+  readonly knownHostsFile?: string;
+  /** More ssh arguments, placed before the destination (e.g. ['-o', 'StrictHostKeyChecking=no']). */
+  readonly extraOptions?: readonly string[];
+  /** The ssh program (default "ssh"). */
+  readonly sshCommand?: string;
+}
+
+export interface SshTarget {
+  readonly user: string | undefined;
+  readonly host: string;
+  readonly port: number | undefined;
+}
+
+/** Bytes waiting in the output before new requests wait for it to drain. */
+const OUTPUT_HIGH_WATER = 32 * 1024 * 1024;
+const STDERR_KEEP = 8192;
+/** Request id of BYE; ordinary requests use 1 .. BYE_ID - 1. */
+const BYE_ID = 0xffffffff;
+
+/** Parses ssh://[user@]host[:port][/]; SnapError('usage') for anything else. */
+export function parseSshUrl(url: string): SshTarget {
+  const m = /^ssh:\/\/(?:([A-Za-z0-9._][A-Za-z0-9._-]{0,63})@)?([A-Za-z0-9][A-Za-z0-9.-]{0,252}|\[[0-9A-Fa-f:.]+\])(?::(\d{1,5}))?\/?$/.exec(url);
+  if (!m) {
+    throw new SnapError('usage', `Invalid repository URL ${JSON.stringify(url)}: expected ssh://[user@]host[:port]/`, {
+      hint: 'The server decides where the repository lives; the URL carries no path.',
+    });
+  }
+  const port = m[3] === undefined ? undefined : Number(m[3]);
+  if (port !== undefined && (port < 1 || port > 65535)) throw new SnapError('usage', `Invalid port in ${url}`);
+  const host = m[2]!.startsWith('[') ? m[2]!.slice(1, -1) : m[2]!;
+  return { user: m[1], host, port };
+}
+
+/** The ssh command line for a target (exported for tests and `snapcrypt setup`). */
+export function sshArgs(target: SshTarget, opts: SshOptions = {}): string[] {
+  const args = [
+    '-o', 'BatchMode=yes',
+    '-o', 'Ciphers=aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com',
+    '-o', 'ServerAliveInterval=15',
+    '-e', 'none',
+    '-T',
+  ];
+  if (target.port !== undefined) args.push('-p', String(target.port));
+  if (opts.identityFile !== undefined) args.push('-i', opts.identityFile, '-o', 'IdentitiesOnly=yes');
+  if (opts.knownHostsFile !== undefined) args.push('-o', `UserKnownHostsFile=${opts.knownHostsFile}`);
+  args.push(...(opts.extraOptions ?? []));
+  if (target.user !== undefined) args.push('-l', target.user);
+  args.push('--', target.host, 'snapcrypt-server serve');
+  return args;
+}
+
+/** SshOptions from the environment: SNAPCRYPT_SSH_OPTIONS holds extra ssh arguments split on white space. */
+export function sshOptionsFromEnv(env: Readonly<Record<string, string | undefined>>): SshOptions {
+  const extra = env['SNAPCRYPT_SSH_OPTIONS']?.trim();
+  return extra ? { extraOptions: extra.split(/\s+/) } : {};
+}
+
+/** A transport over a child process's stdin/stdout; its stderr is kept for error messages. */
+export function childTransport(cmd: string, args: readonly string[]): Transport {
+  const child = spawn(cmd, args, { stdio: ['pipe', 'pipe', 'pipe'] });
+  let stderr = '';
+  let spawnError: Error | null = null;
+  let exit: string | null = null;
+  const exited = new Promise<void>((resolve) => {
+    child.on('error', (err) => {
+      spawnError = err;
+      resolve();
+    });
+    child.on('close', (code, signal) => {
+      exit = signal ? `killed by ${signal}` : `exit status ${code}`;
+      resolve();
+    });
+  });
+  child.stderr.on('data', (b: Buffer) => {
+    stderr = (stderr + b.toString('utf8')).slice(-STDERR_KEEP);
+  });
+  child.stdin.on('error', () => {}); // reported through the connection's end instead
+  return {
+    readable: child.stdout,
+    writable: child.stdin,
+    describe() {
+      const parts: string[] = [];
+      if (spawnError) parts.push(`cannot run ${cmd}: ${(spawnError as Error).message}`);
+      if (exit) parts.push(`${cmd} ended with ${exit}`);
+      const err = stderr.trim();
+      if (err) parts.push(`it said: ${err.split('\n').slice(-5).join(' / ')}`);
+      return parts.join('; ');
+    },
+    async close() {
+      child.stdin.end();
+      const timer = setTimeout(() => child.kill('SIGTERM'), 10_000);
+      await exited;
+      clearTimeout(timer);
+    },
+  };
+}
+
+interface Pending {
+  readonly request: Request['type'];
+  resolve(res: Response): void;
+  reject(err: Error): void;
+  /** For listings: called with each batch; the id stays pending until LIST_END. */
+  onBatch?(ids: string[]): void;
+}
+
+class Connection {
+  private readonly decoder = new FrameDecoder(MAX_FRAME_LENGTH);
+  private readonly pending = new Map<number, Pending>();
+  private nextId = 1;
+  private slots = MAX_IN_FLIGHT;
+  private readonly slotWaiters: Array<() => void> = [];
+  private failure: SnapError | null = null;
+  private hello: ((frame: Frame) => void) | null = null;
+  private byeOk: (() => void) | null = null;
+  readonly location: string;
+  private readonly transport: Transport;
+
+  constructor(transport: Transport, location: string) {
+    this.transport = transport;
+    this.location = location;
+    transport.readable.on('data', (b: Buffer) => this.onData(b));
+    // Wait for the peer (e.g. ssh) to exit first, so that the message can quote its last words.
+    transport.readable.on('end', () => {
+      if (this.failure) return;
+      void transport.close().finally(() => this.fail(null, 'the connection closed'));
+    });
+    transport.readable.on('error', (err) => this.fail(null, `reading failed: ${err.message}`));
+    transport.writable.on('error', (err) => this.fail(null, `writing failed: ${err.message}`));
+  }
+
+  /** HELLO → HELLO_OK. */
+  async handshake(): Promise<void> {
+    const frame = await new Promise<Frame>((resolve, reject) => {
+      this.hello = resolve;
+      this.helloReject = reject;
+      this.write(encodeFrame(Msg.HELLO, 1, encodeHello({ version: PROTOCOL_VERSION, wish: 'serve' })));
+    });
+    this.hello = null;
+    if (frame.type === Msg.ERROR) throw this.serverError(decodeError(frame.payload), true);
+    if (frame.type !== Msg.HELLO_OK) throw this.protocolFailure(`expected HELLO_OK, got message type 0x${frame.type.toString(16)}`);
+    const ok = decodeHelloOk(frame.payload);
+    if (ok.version !== PROTOCOL_VERSION) throw this.protocolFailure(`the server answered with protocol version ${ok.version}`);
+    this.slots = Math.min(MAX_IN_FLIGHT, ok.maxInFlight);
+  }
+  private helloReject: ((err: Error) => void) | null = null;
+
+  private serverError(e: { code: ErrorCode; message: string; hint: string | undefined }, fatal: boolean): SnapError {
+    const prefix = fatal ? `${this.location}: the server ended the session: ` : `${this.location}: `;
+    return new SnapError(e.code, `${prefix}${e.message}`, e.hint === undefined ? undefined : { hint: e.hint });
+  }
+
+  private protocolFailure(msg: string): SnapError {
+    const err = new SnapError('protocol', `${this.location}: protocol error: ${msg}`);
+    this.fail(err, msg);
+    return err;
+  }
+
+  private onData(b: Buffer): void {
+    if (this.failure) return;
+    let frames: Frame[];
+    try {
+      frames = this.decoder.push(b);
+    } catch (err) {
+      this.fail(new SnapError('protocol', `${this.location}: ${(err as Error).message}`), '');
+      return;
+    }
+    for (const f of frames) {
+      if (this.failure) return;
+      this.onFrame(f);
+    }
+  }
+
+  private onFrame(f: Frame): void {
+    if (this.hello) return this.hello(f);
+    if (f.type === Msg.ERROR && f.id === 0) {
+      let e;
+      try {
+        e = decodeError(f.payload);
+      } catch (err) {
+        return void this.protocolFailure((err as Error).message);
+      }
+      return void this.fail(this.serverError(e, true), '');
+    }
+    if (f.type === Msg.BYE_OK) {
+      this.byeOk?.();
+      return;
+    }
+    const p = this.pending.get(f.id);
+    if (!p) return void this.protocolFailure(`a response for request ${f.id}, which is not pending`);
+    if (f.type === Msg.ERROR) {
+      let e;
+      try {
+        e = decodeError(f.payload);
+      } catch (err) {
+        return void this.protocolFailure((err as Error).message);
+      }
+      this.done(f.id);
+      return p.reject(this.serverError(e, false));
+    }
+    let res: Response;
+    try {
+      res = decodeResponse(f);
+    } catch (err) {
+      return void this.protocolFailure((err as Error).message);
+    }
+    if (!expectedResponses(p.request).includes(res.type)) {
+      return void this.protocolFailure(`response ${res.type} to a ${p.request} request`);
+    }
+    if (res.type === 'ids') {
+      p.onBatch?.(res.ids);
+      return;
+    }
+    this.done(f.id);
+    p.resolve(res);
+  }
+
+  private done(id: number): void {
+    this.pending.delete(id);
+    const next = this.slotWaiters.shift();
+    if (next) next();
+    else this.slots++;
+  }
+
+  /** Rejects everything pending; later calls fail at once. */
+  fail(err: SnapError | null, why: string): void {
+    if (this.failure) return;
+    const detail = this.transport.describe();
+    this.failure =
+      err ?? new SnapError('io', `Connection to ${this.location} failed: ${why}${detail ? ` (${detail})` : ''}`);
+    if (err && detail && err.code === 'protocol') {
+      this.failure = new SnapError(err.code, `${err.message} (${detail})`, err.hint === undefined ? undefined : { hint: err.hint });
+    }
+    this.helloReject?.(this.failure);
+    this.helloReject = null;
+    this.hello = null;
+    for (const p of this.pending.values()) p.reject(this.failure);
+    this.pending.clear();
+    for (const w of this.slotWaiters.splice(0)) w();
+    this.byeOk?.();
+  }
+
+  private write(parts: Buffer[]): void {
+    for (const p of parts) this.transport.writable.write(p);
+  }
+
+  private async acquire(): Promise<void> {
+    if (this.slots > 0) {
+      this.slots--;
+      return;
+    }
+    await new Promise<void>((resolve) => this.slotWaiters.push(resolve));
+  }
+
+  private async drained(): Promise<void> {
+    const w = this.transport.writable;
+    while (!this.failure && w.writableLength > OUTPUT_HIGH_WATER) {
+      await new Promise<void>((resolve) => {
+        const done = () => {
+          w.off('drain', done);
+          w.off('close', done);
+          resolve();
+        };
+        w.on('drain', done);
+        w.on('close', done);
+      });
+    }
+  }
+
+  /** Sends one request and resolves with its (single) response. */
+  async call(req: Request, onBatch?: (ids: string[], id: number) => void): Promise<Response> {
+    const { type, payload } = encodeRequest(req); // validates arguments before anything is sent
+    if (this.failure) throw this.failure;
+    await this.acquire();
+    if (this.failure) throw this.failure;
+    await this.drained();
+    if (this.failure) throw this.failure;
+    while (this.pending.has(this.nextId)) this.nextId = this.nextId >= BYE_ID - 1 ? 1 : this.nextId + 1;
+    const id = this.nextId;
+    this.nextId = this.nextId >= BYE_ID - 1 ? 1 : this.nextId + 1;
+    return new Promise<Response>((resolve, reject) => {
+      const p: Pending = { request: req.type, resolve, reject };
+      if (onBatch) p.onBatch = (ids) => onBatch(ids, id);
+      this.pending.set(id, p);
+      this.write(encodeFrame(type, id, payload));
+    });
+  }
+
+  sendContinue(id: number, more: boolean): void {
+    if (!this.failure) this.write(encodeFrame(Msg.LIST_CONTINUE, id, encodeContinue(more)));
+  }
+
+  async close(): Promise<void> {
+    if (!this.failure) {
+      const bye = new Promise<void>((resolve) => (this.byeOk = resolve));
+      this.write(encodeFrame(Msg.BYE, BYE_ID, []));
+      const timer = setTimeout(() => this.byeOk?.(), 10_000);
+      await bye;
+      clearTimeout(timer);
+    }
+    this.failure = new SnapError('usage', `The connection to ${this.location} is closed`);
+    await this.transport.close();
+  }
+}
+
+function expect<T extends Response['type']>(res: Response, type: T): Extract<Response, { type: T }> {
+  if (res.type !== type) throw new SnapError('protocol', `Protocol error: expected ${type}, got ${res.type}`);
+  return res as Extract<Response, { type: T }>;
+}
+
+class RemoteReader implements ObjectReader {
+  protected readonly conn: Connection;
+  private readonly scope: Scope;
+  constructor(conn: Connection, scope: Scope) {
+    this.conn = conn;
+    this.scope = scope;
+  }
+  async getObject(id: string): Promise<Buffer> {
+    const res = expect(await this.conn.call({ type: 'getObject', scope: this.scope, id }), 'data');
+    if (res.data === null) throw new SnapError('protocol', `${this.conn.location}: protocol error: no data for object ${id}`);
+    return res.data;
+  }
+  async readFile(name: string): Promise<Buffer | null> {
+    return expect(await this.conn.call({ type: 'readFile', scope: this.scope, name }), 'data').data;
+  }
+  async listKeys(): Promise<string[]> {
+    return expect(await this.conn.call({ type: 'listKeys', scope: this.scope }), 'names').names;
+  }
+  listObjects(): AsyncIterable<string> {
+    const conn = this.conn;
+    const scope = this.scope;
+    return {
+      [Symbol.asyncIterator]() {
+        return listing(conn, scope);
+      },
+    };
+  }
+}
+
+/**
+ * The client side of a streamed listing: batches are queued as they arrive; a full batch is answered
+ * with LIST_CONTINUE(true) once the consumer takes it (so at most about two batches are held), or
+ * LIST_CONTINUE(false) after the consumer stopped early.
+ */
+async function* listing(conn: Connection, scope: Scope): AsyncGenerator<string> {
+  const batches: Array<{ ids: string[]; id: number }> = [];
+  let wake: (() => void) | null = null;
+  let finished = false;
+  let error: unknown = null;
+  let cancelled = false;
+  const signal = () => {
+    const w = wake;
+    wake = null;
+    w?.();
+  };
+  conn
+    .call({ type: 'listObjects', scope }, (ids, id) => {
+      if (cancelled) {
+        if (ids.length === LIST_BATCH) conn.sendContinue(id, false);
+        return;
+      }
+      batches.push({ ids, id });
+      signal();
+    })
+    .then(
+      () => {
+        finished = true;
+        signal();
+      },
+      (err: unknown) => {
+        error = err;
+        finished = true;
+        signal();
+      },
+    );
+  try {
+    for (;;) {
+      const batch = batches.shift();
+      if (batch) {
+        if (batch.ids.length === LIST_BATCH) conn.sendContinue(batch.id, true);
+        yield* batch.ids;
+        continue;
+      }
+      if (finished) {
+        if (error !== null) throw error;
+        return;
+      }
+      await new Promise<void>((resolve) => (wake = resolve));
+    }
+  } finally {
+    if (!finished) {
+      cancelled = true;
+      for (const b of batches.splice(0)) if (b.ids.length === LIST_BATCH) conn.sendContinue(b.id, false);
+    }
+  }
+}
+
+export class RemoteStorage extends RemoteReader implements Storage {
+  readonly location: string;
+
+  private constructor(conn: Connection, location: string) {
+    super(conn, null);
+    this.location = location;
+  }
+
+  /** A session over any transport: HELLO is exchanged before this resolves. */
+  static async open(transport: Transport, location: string): Promise<RemoteStorage> {
+    const conn = new Connection(transport, location);
+    try {
+      await conn.handshake();
+    } catch (err) {
+      await transport.close().catch(() => undefined);
+      throw err;
+    }
+    return new RemoteStorage(conn, location);
+  }
+
+  /** Runs cmd with args and speaks the protocol on its stdin/stdout. */
+  static async spawn(cmd: string, args: string[], location: string): Promise<RemoteStorage> {
+    return RemoteStorage.open(childTransport(cmd, args), location);
+  }
+
+  /** Connects with the system ssh to ssh://[user@]host[:port]/, whose forced command runs the server. */
+  static async connectSsh(url: string, opts: SshOptions = {}): Promise<RemoteStorage> {
+    const args = sshArgs(parseSshUrl(url), opts);
+    return RemoteStorage.spawn(opts.sshCommand ?? 'ssh', args, url);
+  }
+
+  async exists(): Promise<boolean> {
+    return expect(await this.conn.call({ type: 'exists' }), 'bool').value;
+  }
+  async init(config: Buffer): Promise<void> {
+    expect(await this.conn.call({ type: 'init', config }), 'ok');
+  }
+  async writeFile(name: string, data: Buffer): Promise<void> {
+    expect(await this.conn.call({ type: 'writeFile', name, data }), 'ok');
+  }
+  async putObject(id: string, data: Buffer): Promise<void> {
+    expect(await this.conn.call({ type: 'putObject', id, data }), 'ok');
+  }
+  async commit(head: Buffer, index: Buffer): Promise<SnapshotInfo> {
+    return expect(await this.conn.call({ type: 'commit', head, index }), 'snapshot').info;
+  }
+  async listSnapshots(): Promise<SnapshotInfo[]> {
+    return expect(await this.conn.call({ type: 'listSnapshots' }), 'snapshots').infos;
+  }
+  async openSnapshot(name: string): Promise<ObjectReader> {
+    expect(await this.conn.call({ type: 'openSnapshot', name }), 'ok');
+    return new RemoteReader(this.conn, name);
+  }
+  async lock(owner: string): Promise<Lock> {
+    const token = expect(await this.conn.call({ type: 'lock', owner }), 'lockToken').token;
+    let released = false;
+    return {
+      release: async () => {
+        if (released) return;
+        released = true;
+        expect(await this.conn.call({ type: 'unlock', token }), 'ok');
+      },
+    };
+  }
+  async close(): Promise<void> {
+    await this.conn.close();
+  }
+}

@@ -1,0 +1,389 @@
+/**
+ * Administration of the backup server (docs/SERVER.md): `snapcrypt-server install` and `adduser`.
+ * Both run as root, change only what differs from the wanted state (safe to run again), and report
+ * every step through log().
+ */
+import { execFile } from 'node:child_process';
+import * as fsp from 'node:fs/promises';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+import { promisify } from 'node:util';
+import { SnapError } from '../core/errors.js';
+import {
+  checkRootOwnedChain,
+  DEFAULT_CONFIG_FILE,
+  getGroup,
+  getPasswd,
+  GROUP_NAME,
+  HelperError,
+  isBtrfsSubvolume,
+  readServerConfig,
+  SAFE_PATH,
+  USER_NAME,
+  type ServerConfig,
+} from './seal-helper.js';
+import { userAreaPaths } from './area.js';
+
+const execFileAsync = promisify(execFile);
+
+const BTRFS_SUPER_MAGIC = 0x9123683e;
+/** Paths written into sudoers, sshd_config and shell scripts: no quoting needed, nothing to misparse. */
+const PLAIN_PATH = /^\/[A-Za-z0-9_./+-]*$/;
+const PLAIN_NAME = /^[A-Za-z0-9_-]+$/;
+/** The lowest uid adduser accepts for an existing account (Debian's UID_MIN). */
+const UID_MIN = 1000;
+
+export const DEFAULTS = {
+  etc: '/etc',
+  sudoersDir: '/etc/sudoers.d',
+  sudoersName: 'snapcrypt',
+  sshdConfigDir: '/etc/ssh/sshd_config.d',
+  libDir: '/usr/local/lib/snapcrypt',
+  group: 'snapcrypt',
+  homeBase: '/var/lib/snapcrypt/home',
+} as const;
+
+export type Log = (line: string) => void;
+
+export interface InstallOptions {
+  readonly root: string;
+  /** Directory holding snapcrypt/server.json (default /etc). */
+  readonly etc?: string;
+  readonly sudoersDir?: string;
+  /** File name of the sudoers rule in sudoersDir (no dot: sudo ignores names with one). */
+  readonly sudoersName?: string;
+  readonly sshdConfigDir?: string;
+  /** Where the seal wrapper and the helper's root-owned copy go (default /usr/local/lib/snapcrypt). */
+  readonly libDir?: string;
+  readonly group?: string;
+  readonly homeBase?: string;
+  /** The command sshd forces (default: this node and this snapcrypt-server, with "serve"). */
+  readonly serve?: string;
+  readonly log: Log;
+}
+
+export interface AddUserOptions {
+  readonly name: string;
+  /** Path of a file holding one OpenSSH public key line. */
+  readonly keyFile: string;
+  readonly etc?: string;
+  readonly log: Log;
+}
+
+function requireRoot(what: string): void {
+  if (process.getuid?.() !== 0) throw new SnapError('usage', `${what} must be run as root`);
+}
+
+function errnoOf(err: unknown): string | undefined {
+  return typeof err === 'object' && err !== null && 'code' in err && typeof err.code === 'string' ? err.code : undefined;
+}
+
+function asSnapError(err: unknown): unknown {
+  return err instanceof HelperError ? new SnapError('usage', err.message, { cause: err }) : err;
+}
+
+async function run(cmd: string, args: string[]): Promise<string> {
+  try {
+    return (await execFileAsync(cmd, args, { encoding: 'utf8', env: { PATH: SAFE_PATH } })).stdout;
+  } catch (err) {
+    const e = err as { stderr?: unknown; message?: unknown };
+    const why = (typeof e.stderr === 'string' && e.stderr.trim().split('\n')[0]) || String(e.message);
+    throw new SnapError('io', `${cmd} ${args.join(' ')} failed: ${why}`, { cause: err });
+  }
+}
+
+/** Make dir (and missing parents) and give it exactly this owner and mode; logs changes. */
+async function ensureDir(dir: string, uid: number, gid: number, mode: number, log: Log): Promise<void> {
+  let st = await fsp.lstat(dir).catch(() => null);
+  if (st === null) {
+    await fsp.mkdir(dir, { recursive: true, mode: 0o755 }); // missing parents must be traversable
+    st = await fsp.lstat(dir);
+    log(`created ${dir}`);
+  }
+  if (!st.isDirectory()) throw new SnapError('usage', `${dir} exists and is not a directory`);
+  if (st.uid !== uid || st.gid !== gid) await fsp.chown(dir, uid, gid);
+  if ((st.mode & 0o7777) !== mode) await fsp.chmod(dir, mode);
+  if (st.uid !== uid || st.gid !== gid || (st.mode & 0o7777) !== mode) {
+    log(`set ${dir} to ${uid}:${gid} ${mode.toString(8).padStart(4, '0')}`);
+  }
+}
+
+/** Write a file atomically (temp + fsync + rename) with owner and mode, unless it already holds data. */
+async function ensureFile(path: string, data: string, uid: number, gid: number, mode: number, log: Log): Promise<boolean> {
+  const old = await fsp.readFile(path, 'utf8').catch(() => null);
+  const st = await fsp.lstat(path).catch(() => null);
+  if (old === data && st?.isFile() && st.uid === uid && st.gid === gid && (st.mode & 0o7777) === mode) return false;
+  // A dot in the temp name: sudo's @includedir skips such files while they are incomplete.
+  const tmp = join(dirname(path), `.${process.pid}.snapcrypt-tmp`);
+  try {
+    const fh = await fsp.open(tmp, 'w', 0o600);
+    try {
+      await fh.writeFile(data);
+      await fh.chown(uid, gid);
+      await fh.chmod(mode);
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
+    await fsp.rename(tmp, path);
+  } finally {
+    await fsp.rm(tmp, { force: true });
+  }
+  log(`${old === null ? 'wrote' : 'updated'} ${path}`);
+  return true;
+}
+
+function checkPlainPath(what: string, p: string): void {
+  if (!PLAIN_PATH.test(p)) {
+    throw new SnapError('usage', `${what} ${JSON.stringify(p)} has characters other than letters, digits and "_./+-"; install snapcrypt under a plainer path`);
+  }
+}
+
+function configFileOf(etc: string | undefined): string {
+  return etc === undefined ? DEFAULT_CONFIG_FILE : join(resolve(etc), 'snapcrypt', 'server.json');
+}
+
+/** The directory must be on btrfs. */
+async function checkBtrfs(dir: string): Promise<void> {
+  const fs = await fsp.statfs(dir);
+  if (fs.type !== BTRFS_SUPER_MAGIC) {
+    throw new SnapError('usage', `${dir} is not on a btrfs file system; the server keeps every user's area as a btrfs subvolume`);
+  }
+}
+
+/** `snapcrypt-server install --root DIR`. Returns the configuration written. */
+export async function install(opts: InstallOptions): Promise<ServerConfig> {
+  requireRoot('snapcrypt-server install');
+  const log = opts.log;
+  const root = resolve(opts.root);
+  const group = opts.group ?? DEFAULTS.group;
+  const libDir = resolve(opts.libDir ?? DEFAULTS.libDir);
+  const sudoersDir = resolve(opts.sudoersDir ?? DEFAULTS.sudoersDir);
+  const sudoersName = opts.sudoersName ?? DEFAULTS.sudoersName;
+  const sshdDir = resolve(opts.sshdConfigDir ?? DEFAULTS.sshdConfigDir);
+  const homeBase = resolve(opts.homeBase ?? DEFAULTS.homeBase);
+  const configFile = configFileOf(opts.etc);
+  if (!GROUP_NAME.test(group)) throw new SnapError('usage', `Invalid group name ${JSON.stringify(group)}`);
+  if (!PLAIN_NAME.test(sudoersName)) throw new SnapError('usage', `Invalid sudoers file name ${JSON.stringify(sudoersName)}`);
+  for (const [what, p] of [['--root', root], ['--lib-dir', libDir], ['the configuration file', configFile], ['--home-base', homeBase]] as const) {
+    checkPlainPath(what, p);
+  }
+  const node = process.execPath;
+  const helperSource = fileURLToPath(new URL('./seal-helper.js', import.meta.url));
+  const program = fileURLToPath(new URL('../programs/snapcrypt-server.js', import.meta.url));
+  checkPlainPath('node', node);
+  const serve = opts.serve ?? `${node} ${program} serve`;
+  if (opts.serve === undefined) checkPlainPath('snapcrypt-server', program);
+  if (/[\n\r"\\]/.test(serve) || serve.trim() === '') throw new SnapError('usage', `Invalid serve command ${JSON.stringify(serve)}`);
+
+  // The root helper runs this node as root: only root may be able to change it.
+  try {
+    const st = await fsp.stat(node);
+    if (st.uid !== 0 || (st.mode & 0o022) !== 0) throw new HelperError(`${node} must be owned by root and writable by root only`);
+    await checkRootOwnedChain(dirname(await fsp.realpath(node)));
+  } catch (err) {
+    throw new SnapError('usage', `Refusing to let root run ${node} for the seal helper: ${(err as Error).message}; install Node.js 24 in a root-owned place`);
+  }
+
+  // 1. The root directory, on btrfs, reachable only through root-owned directories.
+  const parent = dirname(root);
+  if ((await fsp.lstat(root).catch(() => null)) === null) {
+    await checkBtrfs(parent).catch((err: unknown) => {
+      throw errnoOf(err) === 'ENOENT' ? new SnapError('not-found', `${parent} does not exist`) : err;
+    });
+  }
+  try {
+    await checkRootOwnedChain(parent);
+  } catch (err) {
+    throw asSnapError(err);
+  }
+  await ensureDir(root, 0, 0, 0o755, log);
+  await checkBtrfs(root);
+  // 0711: users reach their own area but cannot list the others' names.
+  await ensureDir(join(root, 'users'), 0, 0, 0o711, log);
+  await ensureDir(join(root, 'snapshots'), 0, 0, 0o711, log);
+  await ensureDir(homeBase, 0, 0, 0o755, log);
+
+  // 2. The group.
+  if ((await getGroup(group)) === null) {
+    await run('groupadd', ['--system', group]);
+    log(`created group ${group}`);
+  }
+
+  // 3. The configuration.
+  const config: ServerConfig = { version: 1, root, group, seal: join(libDir, 'seal'), serve, homeBase };
+  await ensureDir(dirname(configFile), 0, 0, 0o755, log);
+  await ensureFile(configFile, `${JSON.stringify(config, null, 2)}\n`, 0, 0, 0o644, log);
+
+  // 4. The seal wrapper, with a root-owned copy of the helper and an entry naming the configuration.
+  await ensureDir(libDir, 0, 0, 0o755, log);
+  const helper = join(libDir, 'seal-helper.mjs');
+  const entry = join(libDir, 'seal-entry.mjs');
+  await ensureFile(helper, await fsp.readFile(helperSource, 'utf8'), 0, 0, 0o644, log);
+  await ensureFile(
+    entry,
+    `// Written by snapcrypt-server install: run the seal helper with the server's configuration.\n` +
+      `import { main } from ${JSON.stringify(pathToFileURL(helper).href)};\n` +
+      `process.exitCode = await main(${JSON.stringify(configFile)}, process.argv.slice(2));\n`,
+    0,
+    0,
+    0o644,
+    log,
+  );
+  await ensureFile(
+    config.seal,
+    `#!/bin/sh\n` +
+      `# Written by snapcrypt-server install: seal the calling user's area as root (run through sudo,\n` +
+      `# no arguments; the user comes from SUDO_UID). The environment is cleared.\n` +
+      `[ "$#" -eq 0 ] || { echo "snapcrypt-seal: takes no arguments" >&2; exit 2; }\n` +
+      `exec /usr/bin/env -i PATH=${SAFE_PATH} SUDO_UID="$SUDO_UID" ${node} ${entry}\n`,
+    0,
+    0,
+    0o755,
+    log,
+  );
+
+  // 5. The sudoers rule, checked by visudo before sudo can see it.
+  const rule = `# Written by snapcrypt-server install: members of ${group} may seal their own area, nothing else.\n%${group} ALL=(root) NOPASSWD: ${config.seal} ""\n`;
+  const sudoersFile = join(sudoersDir, sudoersName);
+  const oldRule = await fsp.readFile(sudoersFile, 'utf8').catch(() => null);
+  if (oldRule !== rule) {
+    await ensureDir(sudoersDir, 0, 0, 0o755, () => undefined);
+    const tmp = join(sudoersDir, `.${sudoersName}.snapcrypt-new`);
+    try {
+      await fsp.writeFile(tmp, rule, { mode: 0o440 });
+      await fsp.chmod(tmp, 0o440);
+      await run('visudo', ['-cf', tmp]);
+      await fsp.rename(tmp, sudoersFile);
+    } finally {
+      await fsp.rm(tmp, { force: true });
+    }
+    log(`${oldRule === null ? 'wrote' : 'updated'} ${sudoersFile}`);
+  }
+
+  // 6. The sshd drop-in.
+  await ensureDir(sshdDir, 0, 0, 0o755, () => undefined);
+  const sshdFile = join(sshdDir, 'snapcrypt.conf');
+  await ensureFile(
+    sshdFile,
+    `# Written by snapcrypt-server install: accounts of group ${group} can only run the server.\n` +
+      `Match Group ${group}\n` +
+      `\tForceCommand ${serve}\n` +
+      `\tDisableForwarding yes\n` +
+      `\tAllowAgentForwarding no\n` +
+      `\tAllowTcpForwarding no\n` +
+      `\tAllowStreamLocalForwarding no\n` +
+      `\tX11Forwarding no\n` +
+      `\tPermitTunnel no\n` +
+      `\tPermitTTY no\n` +
+      `\tPermitUserRC no\n`,
+    0,
+    0,
+    0o644,
+    log,
+  );
+  log(`installed: root ${root}, group ${group}, configuration ${configFile}`);
+  log(`check the sshd configuration with "sshd -t" and reload sshd; add users with "snapcrypt-server adduser NAME --key FILE"`);
+  return config;
+}
+
+const KEY_TYPES = new Set([
+  'ssh-ed25519',
+  'ssh-rsa',
+  'ecdsa-sha2-nistp256',
+  'ecdsa-sha2-nistp384',
+  'ecdsa-sha2-nistp521',
+  'sk-ssh-ed25519@openssh.com',
+  'sk-ecdsa-sha2-nistp256@openssh.com',
+]);
+
+/** One public key line "TYPE BASE64 [comment]" (no options); returns it normalized. */
+export function parsePublicKey(text: string): string {
+  const lines = text.split('\n').map((l) => l.replace(/\r$/, '')).filter((l) => l.trim() !== '');
+  if (lines.length !== 1) throw new SnapError('usage', `The key file must hold exactly one public key line (found ${lines.length})`);
+  const line = (lines[0] ?? '').trim();
+  const m = /^(\S+) ([A-Za-z0-9+/]+={0,2})(?: ([\x20-\x7e]*))?$/.exec(line);
+  if (m === null || !KEY_TYPES.has(m[1] ?? '')) {
+    throw new SnapError('usage', 'Not an OpenSSH public key line: expected "ssh-ed25519 AAAA... comment" (or ecdsa-sha2-*, ssh-rsa), without options');
+  }
+  const type = m[1] ?? '';
+  const blob = Buffer.from(m[2] ?? '', 'base64');
+  const len = blob.length >= 4 ? blob.readUInt32BE(0) : -1;
+  if (len !== type.length || blob.subarray(4, 4 + len).toString('latin1') !== type) {
+    throw new SnapError('usage', `The key's data does not match its type ${type}: the key line is damaged`);
+  }
+  const comment = (m[3] ?? '').replace(/"/g, '').trim();
+  return comment === '' ? `${type} ${m[2]}` : `${type} ${m[2]} ${comment}`;
+}
+
+/** `snapcrypt-server adduser NAME --key FILE`. */
+export async function addUser(opts: AddUserOptions): Promise<void> {
+  requireRoot('snapcrypt-server adduser');
+  const { name, log } = opts;
+  if (!USER_NAME.test(name)) {
+    throw new SnapError('usage', `Invalid user name ${JSON.stringify(name)}: use a lower-case letter or "_", then up to 31 of a-z, 0-9, "_", "-"`);
+  }
+  let keyText: string;
+  try {
+    keyText = await fsp.readFile(opts.keyFile, 'utf8');
+  } catch (err) {
+    throw new SnapError('not-found', `Cannot read the key file ${opts.keyFile}: ${errnoOf(err) ?? String(err)}`);
+  }
+  const key = parsePublicKey(keyText);
+  let config: ServerConfig;
+  try {
+    config = await readServerConfig(configFileOf(opts.etc), true);
+  } catch (err) {
+    throw asSnapError(err);
+  }
+  if ((await getGroup(config.group)) === null) throw new SnapError('not-found', `There is no group ${config.group}: run snapcrypt-server install first`);
+
+  // 1. The account: its own group, a working shell (sshd runs "$SHELL -c"), password '*' (no password
+  // login, yet not "locked" for sshd), member of the server's group.
+  const home = join(config.homeBase, name);
+  let account = await getPasswd(name);
+  if (account === null) {
+    await run('useradd', ['--home-dir', home, '--no-create-home', '--shell', '/bin/sh', '--user-group', '--groups', config.group, '--comment', 'snapcrypt backup account', name]);
+    await run('usermod', ['-p', '*', name]);
+    account = await getPasswd(name);
+    if (account === null) throw new SnapError('io', `useradd ${name} succeeded, but the account cannot be found`);
+    log(`created account ${name} (uid ${account.uid}, shell /bin/sh, no password)`);
+  } else {
+    if (account.uid < UID_MIN) {
+      throw new SnapError('usage', `Refusing to use the existing account ${name} (uid ${account.uid}): it is a system account; choose another name`);
+    }
+    const group = await getGroup(config.group);
+    if (group !== null && account.gid !== group.gid && !group.members.includes(name)) {
+      await run('usermod', ['-a', '-G', config.group, name]);
+      log(`added ${name} to group ${config.group}`);
+    }
+  }
+  const { uid, gid } = account;
+  const accountHome = account.home === '' ? home : account.home;
+
+  // 2. Home and the key, owned by root (readable by the user): the user cannot add keys of their own.
+  await ensureDir(accountHome, 0, gid, 0o750, log);
+  await ensureDir(join(accountHome, '.ssh'), 0, gid, 0o750, log);
+  const keysFile = join(accountHome, '.ssh', 'authorized_keys');
+  const keyLine = `restrict,command="${config.serve}" ${key}`;
+  const old = (await fsp.readFile(keysFile, 'utf8').catch(() => '')).split('\n').filter((l) => l.trim() !== '');
+  const keyData = key.split(' ').slice(0, 2).join(' ');
+  const kept = old.filter((l) => !l.includes(` ${keyData}`));
+  await ensureFile(keysFile, [...kept, keyLine].join('\n') + '\n', 0, gid, 0o640, log);
+
+  // 3. The area.
+  const p = userAreaPaths(config.root, name);
+  await ensureDir(p.home, 0, gid, 0o750, log);
+  if ((await fsp.lstat(p.subvolume).catch(() => null)) === null) {
+    await run('btrfs', ['subvolume', 'create', p.subvolume]);
+    log(`created subvolume ${p.subvolume}`);
+  } else if (!(await isBtrfsSubvolume(p.subvolume))) {
+    throw new SnapError('usage', `${p.subvolume} exists and is not a btrfs subvolume; move it away and run adduser again`);
+  }
+  await ensureDir(p.subvolume, 0, gid, 0o750, log);
+  await ensureDir(p.current, uid, gid, 0o700, log);
+  await ensureDir(p.lockDir, uid, gid, 0o700, log);
+  await ensureDir(p.snapshots, 0, gid, 0o750, log);
+  log(`user ${name} can back up to this server with the key ${keyData.slice(0, 40)}...`);
+  log(`on the client: snapcrypt init --repo ssh://${name}@<this server> (the area is ${p.current})`);
+}

@@ -1,0 +1,444 @@
+/**
+ * The server loop of `snapcrypt-server serve`: frames in on one byte stream, answers out on another,
+ * each request carried out on a Storage (docs/PROTOCOL.md). It sees object ids, clear-text config,
+ * key files (wrapped keys), head and index, never a key: it imports no crypto or engine code (I1, I6).
+ *
+ * Bounded memory (I8): at most maxInFlight requests run at once; input is paused while that many run
+ * or while the payloads held exceed a byte budget; at most HEAVY requests that move whole objects or
+ * indexes run at once; a response is only counted done when the output has taken it.
+ * Any protocol violation ends the session with one ERROR frame (request id 0, code 'protocol').
+ */
+import type { Readable, Writable } from 'node:stream';
+import { ExitStatus, SnapError } from '../core/errors.js';
+import {
+  FrameDecoder,
+  LIST_BATCH,
+  MAX_FRAME_LENGTH,
+  MAX_IN_FLIGHT,
+  MAX_PAYLOAD,
+  Msg,
+  PROTOCOL_VERSION,
+  decodeContinue,
+  decodeEmpty,
+  decodeHello,
+  decodeRequest,
+  encodeError,
+  encodeFrame,
+  encodeHelloOk,
+  encodeResponse,
+  protocolError,
+} from '../core/protocol.js';
+import type { Frame, Request, Response, Scope } from '../core/protocol.js';
+import type { Lock, ObjectReader, Storage } from '../storage/types.js';
+
+/** Requests moving whole objects or indexes that may run at once. */
+const HEAVY = 8;
+/** Payload bytes of queued and running requests above which input is paused. */
+const PAYLOAD_BUDGET = 2 * MAX_PAYLOAD;
+/** Locks one session may hold. */
+const MAX_LOCKS = 16;
+
+export interface ServeOptions {
+  /** The client's wish from SSH_ORIGINAL_COMMAND (data only, never run); undefined when not over SSH. */
+  readonly sshOriginalCommand?: string | undefined;
+  readonly maxInFlight?: number;
+  /** Diagnostics (stderr in the program). */
+  readonly log?: (line: string) => void;
+}
+
+/** Commands an SSH client may ask for: the forced command runs us whatever it asked, we only check. */
+export function isAcceptedWish(wish: string | undefined): boolean {
+  if (wish === undefined) return true;
+  const w = wish.trim();
+  return w === '' || w === 'serve' || w === 'snapcrypt-server serve';
+}
+
+/** Writes one ERROR frame (id 0) to out and ends it; for failures before a session can start. */
+export function refuse(out: Writable, code: SnapError['code'], message: string): Promise<void> {
+  return new Promise((resolve) => {
+    out.on('error', () => resolve());
+    for (const p of encodeFrame(Msg.ERROR, 0, encodeError({ code, message, hint: undefined }))) out.write(p);
+    out.end(() => resolve());
+  });
+}
+
+interface Listing {
+  /** Resolves with the client's answer to the last batch sent. */
+  waiting: ((more: boolean) => void) | null;
+}
+
+class Semaphore {
+  private free: number;
+  private readonly waiters: Array<() => void> = [];
+  constructor(n: number) {
+    this.free = n;
+  }
+  async acquire(): Promise<void> {
+    if (this.free > 0) {
+      this.free--;
+      return;
+    }
+    await new Promise<void>((resolve) => this.waiters.push(resolve));
+  }
+  release(): void {
+    const next = this.waiters.shift();
+    if (next) next();
+    else this.free++;
+  }
+}
+
+/**
+ * Serves one session; resolves with the exit status (0 after BYE or end of input, ExitStatus.protocol
+ * after a protocol violation). Never rejects. Locks taken in the session are released at its end.
+ */
+export function serve(input: Readable, output: Writable, storage: Storage, opts: ServeOptions = {}): Promise<number> {
+  return new Session(input, output, storage, opts).run();
+}
+
+class Session {
+  private readonly decoder = new FrameDecoder(MAX_FRAME_LENGTH);
+  private readonly queue: Frame[] = [];
+  private readonly running = new Set<number>();
+  private readonly listings = new Map<number, Listing>();
+  private readonly locks = new Map<number, Lock>();
+  private readonly snapshots = new Map<string, ObjectReader>();
+  private readonly heavy = new Semaphore(HEAVY);
+  private readonly maxInFlight: number;
+  private nextToken = 1;
+  private heldBytes = 0;
+  private greeted = false;
+  private ending = false; // BYE or end of input: finish what runs, then stop
+  private status: number = ExitStatus.ok;
+  private closed = false; // no more output
+  private finish!: () => void;
+  private readonly done: Promise<void>;
+  private outputBroken = false;
+  private byeId: number | null = null;
+
+  private readonly input: Readable;
+  private readonly output: Writable;
+  private readonly storage: Storage;
+  private readonly opts: ServeOptions;
+
+  constructor(input: Readable, output: Writable, storage: Storage, opts: ServeOptions) {
+    this.input = input;
+    this.output = output;
+    this.storage = storage;
+    this.opts = opts;
+    this.maxInFlight = opts.maxInFlight ?? MAX_IN_FLIGHT;
+    this.done = new Promise((resolve) => (this.finish = resolve));
+  }
+
+  async run(): Promise<number> {
+    if (!isAcceptedWish(this.opts.sshOriginalCommand)) {
+      this.fatal(protocolError(`the server only runs "snapcrypt-server serve", not ${JSON.stringify(this.opts.sshOriginalCommand?.slice(0, 80))}`));
+    } else {
+      this.input.on('data', (chunk: Buffer) => this.onData(chunk));
+      this.input.on('end', () => this.onEnd());
+      this.input.on('error', (err) => {
+        this.opts.log?.(`input error: ${err.message}`);
+        this.onEnd();
+      });
+      this.output.on('error', (err) => {
+        this.opts.log?.(`output error: ${err.message}`);
+        this.outputBroken = true;
+        this.closed = true;
+        this.ending = true;
+        this.maybeFinish();
+      });
+      this.output.on('drain', () => this.pump());
+    }
+    await this.done;
+    this.input.removeAllListeners('data');
+    this.input.pause();
+    for (const listing of this.listings.values()) listing.waiting?.(false);
+    for (const lock of this.locks.values()) await lock.release().catch((err: unknown) => this.opts.log?.(`releasing a lock: ${String(err)}`));
+    this.locks.clear();
+    if (this.byeId !== null) await this.send(Msg.BYE_OK, this.byeId, []);
+    if (!this.outputBroken) await new Promise<void>((resolve) => this.output.end(() => resolve()));
+    return this.status;
+  }
+
+  private onData(chunk: Buffer): void {
+    if (this.ending) return;
+    let frames: Frame[];
+    try {
+      frames = this.decoder.push(chunk);
+    } catch (err) {
+      this.fatal(err);
+      return;
+    }
+    for (const f of frames) {
+      if (this.ending) break;
+      if (f.type === Msg.LIST_CONTINUE) {
+        // Answers to a listing are handled at once: they never wait behind requests.
+        this.onContinue(f);
+        continue;
+      }
+      this.queue.push(f);
+      this.heldBytes += f.payload.length;
+    }
+    this.pump();
+  }
+
+  private onEnd(): void {
+    if (this.ending) return;
+    if (!this.decoder.atBoundary) {
+      this.fatal(protocolError('input ended inside a frame'));
+      return;
+    }
+    this.ending = true;
+    this.queue.length = 0;
+    this.maybeFinish();
+  }
+
+  private onContinue(f: Frame): void {
+    let more: boolean;
+    try {
+      more = decodeContinue(f.payload);
+    } catch (err) {
+      this.fatal(err);
+      return;
+    }
+    const listing = this.listings.get(f.id);
+    const waiting = listing?.waiting;
+    if (!listing || !waiting) {
+      this.fatal(protocolError(`LIST_CONTINUE for request ${f.id}, which is not a listing waiting for one`));
+      return;
+    }
+    listing.waiting = null;
+    waiting(more);
+  }
+
+  /** Starts queued requests while there is room; pauses or resumes the input. */
+  private pump(): void {
+    while (!this.ending && this.queue.length > 0 && this.running.size < this.maxInFlight) {
+      const f = this.queue.shift()!;
+      this.start(f);
+    }
+    if (this.ending) return;
+    const full =
+      this.queue.length > 0 || this.running.size >= this.maxInFlight || this.heldBytes > PAYLOAD_BUDGET || this.output.writableNeedDrain;
+    if (full) this.input.pause();
+    else this.input.resume();
+  }
+
+  private start(f: Frame): void {
+    if (!this.greeted) {
+      this.hello(f);
+      this.heldBytes -= f.payload.length;
+      return;
+    }
+    if (f.type === Msg.BYE) {
+      try {
+        decodeEmpty(f.payload, 'BYE');
+      } catch (err) {
+        this.fatal(err);
+        return;
+      }
+      this.ending = true;
+      this.byeId = f.id;
+      this.queue.length = 0;
+      this.heldBytes = 0;
+      this.maybeFinish();
+      return;
+    }
+    if (f.type === Msg.HELLO) return this.fatal(protocolError('a second HELLO'));
+    if (f.id === 0) return this.fatal(protocolError('request id 0 is reserved'));
+    if (this.running.has(f.id)) return this.fatal(protocolError(`request id ${f.id} is already in use`));
+    let req: Request;
+    try {
+      req = decodeRequest(f);
+    } catch (err) {
+      return this.fatal(err);
+    }
+    this.running.add(f.id);
+    void this.handle(f.id, req).finally(() => {
+      this.running.delete(f.id);
+      this.heldBytes -= f.payload.length;
+      this.maybeFinish();
+      this.pump();
+    });
+  }
+
+  private hello(f: Frame): void {
+    if (f.type !== Msg.HELLO) return this.fatal(protocolError(`expected HELLO, got message type 0x${f.type.toString(16)}`));
+    let hello;
+    try {
+      hello = decodeHello(f.payload);
+    } catch (err) {
+      return this.fatal(err);
+    }
+    if (hello.version !== PROTOCOL_VERSION) {
+      return this.fatal(
+        new SnapError('unsupported-version', `Protocol version ${hello.version} is not supported by this server (it speaks version ${PROTOCOL_VERSION})`),
+      );
+    }
+    if (!isAcceptedWish(hello.wish)) return this.fatal(protocolError(`unknown wish ${JSON.stringify(hello.wish)}`));
+    this.greeted = true;
+    void this.send(Msg.HELLO_OK, f.id, encodeHelloOk({ version: PROTOCOL_VERSION, maxFrameLength: MAX_FRAME_LENGTH, maxInFlight: this.maxInFlight }));
+  }
+
+  private maybeFinish(): void {
+    if (this.ending && this.running.size === 0) this.finish();
+  }
+
+  /** Ends the session with one ERROR frame for id 0. */
+  private fatal(err: unknown): void {
+    if (this.closed) return;
+    const e = err instanceof SnapError ? err : protocolError(err instanceof Error ? err.message : String(err));
+    this.opts.log?.(e.message);
+    this.status = ExitStatus.protocol;
+    void this.send(Msg.ERROR, 0, encodeError({ code: e.code, message: e.message, hint: e.hint }));
+    this.closed = true;
+    this.ending = true;
+    this.queue.length = 0;
+    this.maybeFinish();
+  }
+
+  /** Writes one frame unless the session is closed; resolves once the output has taken it. */
+  private async send(type: number, id: number, payload: Buffer[]): Promise<void> {
+    if (this.closed) return;
+    const parts = encodeFrame(type, id, payload);
+    let ok = true;
+    for (const p of parts) ok = this.output.write(p);
+    if (!ok && !this.outputBroken) {
+      await new Promise<void>((resolve) => {
+        const done = () => {
+          this.output.off('drain', done);
+          this.output.off('close', done);
+          this.output.off('error', done);
+          resolve();
+        };
+        this.output.on('drain', done);
+        this.output.on('close', done);
+        this.output.on('error', done);
+      });
+    }
+  }
+
+  private async respond(id: number, res: Response): Promise<void> {
+    const { type, payload } = encodeResponse(res);
+    await this.send(type, id, payload);
+  }
+
+  private async reader(scope: Scope): Promise<ObjectReader> {
+    if (scope === null) return this.storage;
+    let r = this.snapshots.get(scope);
+    if (!r) {
+      r = await this.storage.openSnapshot(scope);
+      if (this.snapshots.size >= 16) this.snapshots.delete(this.snapshots.keys().next().value!);
+      this.snapshots.set(scope, r);
+    }
+    return r;
+  }
+
+  private async handle(id: number, req: Request): Promise<void> {
+    try {
+      await this.execute(id, req);
+    } catch (err) {
+      const e =
+        err instanceof SnapError
+          ? err
+          : new SnapError('internal', `Server failure on ${req.type}: ${err instanceof Error ? err.message : String(err)}`);
+      await this.send(Msg.ERROR, id, encodeError({ code: e.code, message: e.message, hint: e.hint }));
+    }
+  }
+
+  private async heavily<T>(fn: () => Promise<T>): Promise<T> {
+    await this.heavy.acquire();
+    try {
+      return await fn();
+    } finally {
+      this.heavy.release();
+    }
+  }
+
+  private async execute(id: number, req: Request): Promise<void> {
+    const s = this.storage;
+    switch (req.type) {
+      case 'exists':
+        return this.respond(id, { type: 'bool', value: await s.exists() });
+      case 'init':
+        await s.init(req.config);
+        return this.respond(id, { type: 'ok' });
+      case 'readFile': {
+        const reader = await this.reader(req.scope);
+        return this.heavily(async () => this.respond(id, { type: 'data', data: await reader.readFile(req.name) }));
+      }
+      case 'writeFile':
+        await s.writeFile(req.name, req.data);
+        return this.respond(id, { type: 'ok' });
+      case 'listKeys':
+        return this.respond(id, { type: 'names', names: await (await this.reader(req.scope)).listKeys() });
+      case 'listObjects':
+        return this.list(id, await this.reader(req.scope));
+      case 'getObject': {
+        const reader = await this.reader(req.scope);
+        return this.heavily(async () => this.respond(id, { type: 'data', data: await reader.getObject(req.id) }));
+      }
+      case 'putObject':
+        await this.heavily(() => s.putObject(req.id, req.data));
+        return this.respond(id, { type: 'ok' });
+      case 'commit': {
+        const info = await this.heavily(() => s.commit(req.head, req.index));
+        return this.respond(id, { type: 'snapshot', info });
+      }
+      case 'listSnapshots':
+        return this.respond(id, { type: 'snapshots', infos: await s.listSnapshots() });
+      case 'openSnapshot':
+        await this.reader(req.name);
+        return this.respond(id, { type: 'ok' });
+      case 'lock': {
+        if (this.locks.size >= MAX_LOCKS) throw new SnapError('usage', `A session may hold at most ${MAX_LOCKS} locks`);
+        const lock = await s.lock(req.owner);
+        const token = this.nextToken++;
+        this.locks.set(token, lock);
+        return this.respond(id, { type: 'lockToken', token });
+      }
+      case 'unlock': {
+        const lock = this.locks.get(req.token);
+        if (lock) {
+          this.locks.delete(req.token);
+          await lock.release();
+        }
+        return this.respond(id, { type: 'ok' });
+      }
+    }
+  }
+
+  /** Streams ids in batches; after each batch waits for the client's LIST_CONTINUE. */
+  private async list(id: number, reader: ObjectReader): Promise<void> {
+    const listing: Listing = { waiting: null };
+    this.listings.set(id, listing);
+    const it = reader.listObjects()[Symbol.asyncIterator]();
+    try {
+      let batch: string[] = [];
+      for (;;) {
+        const next = await it.next();
+        if (!next.done) {
+          batch.push(next.value);
+          if (batch.length < LIST_BATCH) continue;
+        }
+        if (!next.done) {
+          // A full batch: the client answers it with LIST_CONTINUE before the next one is sent.
+          const answer = new Promise<boolean>((resolve) => (listing.waiting = resolve));
+          await this.respond(id, { type: 'ids', ids: batch });
+          batch = [];
+          if (this.closed || !(await answer)) {
+            await it.return?.();
+            break;
+          }
+          continue;
+        }
+        // A short (possibly empty) final batch needs no answer: LIST_END follows at once.
+        if (batch.length > 0) await this.respond(id, { type: 'ids', ids: batch });
+        break;
+      }
+      await this.respond(id, { type: 'listEnd' });
+    } finally {
+      listing.waiting = null;
+      this.listings.delete(id);
+    }
+  }
+}

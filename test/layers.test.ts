@@ -1,0 +1,63 @@
+/**
+ * Layer rules checked on the compiled code: the server program's import graph never reaches the
+ * crypto code or the engines (I1, I6), and the pure core touches no file system, network or processes.
+ */
+import assert from 'node:assert/strict';
+import { readFileSync, readdirSync } from 'node:fs';
+import { dirname, join, relative, resolve } from 'node:path';
+import { describe, it } from 'node:test';
+import { fileURLToPath } from 'node:url';
+
+const SRC = fileURLToPath(new URL('../src/', import.meta.url));
+
+/** Module specifiers of static imports/exports and of import('literal') calls. */
+function specifiers(code: string): string[] {
+  const out: string[] = [];
+  const patterns = [
+    /\b(?:import|export)\s+(?:type\s+)?(?:[\w*${}\s,]+?\s+from\s+)?['"]([^'"]+)['"]/g,
+    /\bimport\s*\(\s*['"]([^'"]+)['"]\s*\)/g,
+  ];
+  for (const re of patterns) for (const m of code.matchAll(re)) out.push(m[1]!);
+  return out;
+}
+
+/** Every local module reachable from entry, as paths relative to dist/src. */
+function reachable(entry: string): Set<string> {
+  const seen = new Set<string>();
+  const todo = [resolve(entry)];
+  while (todo.length > 0) {
+    const file = todo.pop()!;
+    if (seen.has(file)) continue;
+    seen.add(file);
+    for (const spec of specifiers(readFileSync(file, 'utf8'))) {
+      if (spec.startsWith('.')) todo.push(resolve(dirname(file), spec));
+    }
+  }
+  return new Set([...seen].map((f) => relative(SRC, f)));
+}
+
+describe('layers', () => {
+  it('specifiers finds static, re-export, type-free and dynamic imports', () => {
+    const code = `import { a } from './a.js';\nimport * as b from "./b.js";\nexport { c } from './c.js';\nimport './d.js';\nconst e = await import('./e.js');\nimport {\n  f,\n  g,\n} from './f.js';`;
+    assert.deepEqual(specifiers(code).sort(), ['./a.js', './b.js', './c.js', './d.js', './e.js', './f.js']);
+  });
+
+  it('the server program cannot reach the crypto code or the engines', () => {
+    const files = reachable(join(SRC, 'programs', 'snapcrypt-server.js'));
+    assert.ok(files.has(join('server', 'serve.js')), 'the walk follows imports');
+    assert.ok(files.has(join('core', 'protocol.js')));
+    const forbidden = [...files].filter((f) => f === join('core', 'crypto.js') || f.startsWith(`engine/`) || f.startsWith('cli/'));
+    assert.deepEqual(forbidden, [], `the server's import graph reaches ${forbidden.join(', ')}`);
+  });
+
+  it('the pure core imports no fs, child_process or net', () => {
+    const core = join(SRC, 'core');
+    const bad: string[] = [];
+    for (const name of readdirSync(core).filter((n) => n.endsWith('.js'))) {
+      for (const spec of specifiers(readFileSync(join(core, name), 'utf8'))) {
+        if (/^(node:)?(fs|fs\/promises|child_process|net|tls|http|https|dgram)$/.test(spec)) bad.push(`${name} imports ${spec}`);
+      }
+    }
+    assert.deepEqual(bad, []);
+  });
+});

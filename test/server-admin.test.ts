@@ -1,0 +1,339 @@
+/**
+ * The backup server's administration and layout, for real: `snapcrypt-server install` into a temp root
+ * on the btrfs test mount, `adduser` of two throw-away accounts, then as one of them (runuser) a put and
+ * two commits through openUserArea, the real sudo and the root seal helper; then the attacks of I5 from
+ * that account, which must all fail. Needs root and btrfs: in CI (CI=true) it never skips.
+ *
+ * Outside the temp directory it touches: two accounts and their groups (sct-alice-XXXX, sct-bob-XXXX),
+ * one group (sct-g-XXXX) and one sudoers file (/etc/sudoers.d/snapcrypt-test-XXXX; sudo reads only
+ * /etc/sudoers.d), all removed at the end.
+ */
+import assert from 'node:assert/strict';
+import { execFile, execFileSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import * as fsp from 'node:fs/promises';
+import { rmSync } from 'node:fs';
+import { join } from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+import { btrfsTempDir, btrfsTestDir } from './env.js';
+import { isSnapshotName } from '../src/drivers/localdir.js';
+
+const CI = process.env['CI'] === 'true';
+const isRoot = process.getuid?.() === 0;
+const haveBtrfs = btrfsTestDir() !== null; // throws in CI without btrfs
+if (CI && !isRoot) throw new Error('CI must run test/server-admin as root');
+const skip = !isRoot || !haveBtrfs ? 'needs root and SNAPCRYPT_TEST_BTRFS' : false;
+
+const program = fileURLToPath(new URL('../src/programs/snapcrypt-server.js', import.meta.url));
+const areaModule = pathToFileURL(fileURLToPath(new URL('../src/server/area.js', import.meta.url))).href;
+const tag = randomBytes(3).toString('hex');
+const alice = `sct-alice-${tag}`;
+const bob = `sct-bob-${tag}`;
+const group = `sct-g-${tag}`;
+const sudoersName = `snapcrypt-test-${tag}`;
+const sudoersFile = join('/etc/sudoers.d', sudoersName);
+
+interface Result {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+function run(cmd: string, args: string[], env?: NodeJS.ProcessEnv): Promise<Result> {
+  return new Promise((resolve) => {
+    execFile(cmd, args, { encoding: 'utf8', timeout: 30_000, ...(env ? { env } : {}) }, (err, stdout, stderr) => {
+      const code = err === null ? 0 : typeof (err as { code?: unknown }).code === 'number' ? ((err as { code: number }).code) : -1;
+      resolve({ code, stdout, stderr });
+    });
+  });
+}
+
+function server(...args: string[]): Promise<Result> {
+  return run(process.execPath, [program, ...args]);
+}
+
+/** Run a command as an account (no shell). */
+function as(user: string, cmd: string, ...args: string[]): Promise<Result> {
+  return run('runuser', ['-u', user, '--', cmd, ...args]);
+}
+
+function fakeEd25519Key(comment: string): string {
+  const type = Buffer.from('ssh-ed25519');
+  const len = (n: number) => {
+    const b = Buffer.alloc(4);
+    b.writeUInt32BE(n);
+    return b;
+  };
+  const blob = Buffer.concat([len(type.length), type, len(32), randomBytes(32)]);
+  return `ssh-ed25519 ${blob.toString('base64')} ${comment}\n`;
+}
+
+function cleanupSystem(): void {
+  for (const user of [alice, bob]) {
+    try {
+      execFileSync('getent', ['passwd', user], { stdio: 'ignore' });
+    } catch {
+      continue;
+    }
+    // -r: mail spool and home (the homes are in the temp dir, root-owned, so userdel may leave them)
+    try {
+      execFileSync('userdel', ['-r', user], { stdio: 'ignore' });
+    } catch {
+      /* exit 12: home not removed (not owned by the user); the temp dir's cleanup removes it */
+    }
+  }
+  try {
+    execFileSync('groupdel', [group], { stdio: 'ignore' });
+  } catch {
+    /* not created */
+  }
+  rmSync(sudoersFile, { force: true });
+}
+
+describe('snapcrypt-server install, adduser and the sealed user area', { skip }, () => {
+  let top = '';
+  let root = '';
+  let etc = '';
+  let lib = '';
+  let sshd = '';
+  let homeBase = '';
+  let configFile = '';
+  let seal = '';
+  let aliceGid = 0;
+  let bobGid = 0;
+  let snapName = '';
+
+  before(async () => {
+    process.once('exit', cleanupSystem);
+    const dir = await btrfsTempDir('server');
+    assert.ok(dir);
+    top = dir;
+    await fsp.chmod(top, 0o755); // the accounts must reach their areas through it
+    root = join(top, 'srv');
+    etc = join(top, 'etc');
+    lib = join(top, 'lib');
+    sshd = join(top, 'sshd');
+    homeBase = join(top, 'home');
+    configFile = join(etc, 'snapcrypt', 'server.json');
+    seal = join(lib, 'seal');
+    await fsp.writeFile(join(top, 'alice.pub'), fakeEd25519Key('alice@test'));
+    await fsp.writeFile(join(top, 'bob.pub'), fakeEd25519Key('bob@test'));
+  });
+
+  after(() => {
+    cleanupSystem();
+  });
+
+  const installArgs = () => [
+    'install', '--root', root, '--etc', etc, '--lib-dir', lib, '--sshd-config-dir', sshd, '--home-base', homeBase,
+    '--group', group, '--sudoers-name', sudoersName,
+  ];
+
+  it('install sets up the layout, configuration, seal wrapper, sudoers rule and sshd drop-in', async () => {
+    const r = await server(...installArgs());
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stdout, /wrote .*server\.json/);
+    const config = JSON.parse(await fsp.readFile(configFile, 'utf8')) as Record<string, unknown>;
+    assert.equal(config['root'], root);
+    assert.equal(config['group'], group);
+    assert.equal(config['seal'], seal);
+    assert.match(String(config['serve']), / serve$/);
+    for (const [p, mode] of [[root, 0o755], [join(root, 'users'), 0o711], [join(root, 'snapshots'), 0o711], [seal, 0o755]] as const) {
+      const st = await fsp.stat(p);
+      assert.equal(st.uid, 0, p);
+      assert.equal(st.mode & 0o7777, mode, p);
+    }
+    assert.equal(await fsp.readFile(sudoersFile, 'utf8'), `# Written by snapcrypt-server install: members of ${group} may seal their own area, nothing else.\n%${group} ALL=(root) NOPASSWD: ${seal} ""\n`);
+    assert.equal((await fsp.stat(sudoersFile)).mode & 0o7777, 0o440);
+    const drop = await fsp.readFile(join(sshd, 'snapcrypt.conf'), 'utf8');
+    for (const line of [`Match Group ${group}`, `ForceCommand ${String(config['serve'])}`, 'DisableForwarding yes', 'PermitTTY no', 'PermitUserRC no', 'AllowAgentForwarding no', 'X11Forwarding no']) {
+      assert.ok(drop.includes(line), line);
+    }
+    assert.equal((await run('getent', ['group', group])).code, 0);
+    // idempotent: a second run changes nothing
+    const again = await server(...installArgs());
+    assert.equal(again.code, 0, again.stderr);
+    assert.doesNotMatch(again.stdout, /wrote|updated|created|set /);
+  });
+
+  it('install refuses a root directory that is not on btrfs', async () => {
+    const r = await server('install', '--root', '/dev/snapcrypt-nope', '--etc', etc, '--group', group);
+    assert.equal(r.code, 2, r.stderr);
+    assert.match(r.stderr, /not on a btrfs/);
+  });
+
+  it('adduser validates its name and key', async () => {
+    const bad = await server('adduser', 'Root;x', '--key', join(top, 'alice.pub'), '--etc', etc);
+    assert.equal(bad.code, 2);
+    assert.match(bad.stderr, /Invalid user name/);
+    await fsp.writeFile(join(top, 'bad.pub'), 'command="sh" ssh-ed25519 AAAA x\n');
+    const badKey = await server('adduser', alice, '--key', join(top, 'bad.pub'), '--etc', etc);
+    assert.equal(badKey.code, 2);
+    await fsp.writeFile(join(top, 'two.pub'), fakeEd25519Key('a') + fakeEd25519Key('b'));
+    assert.equal((await server('adduser', alice, '--key', join(top, 'two.pub'), '--etc', etc)).code, 2);
+    assert.equal((await run('getent', ['passwd', alice])).code, 2, 'no account made by a refused adduser');
+  });
+
+  it('adduser creates the accounts and their areas', async () => {
+    for (const user of [alice, bob]) {
+      const key = join(top, user === alice ? 'alice.pub' : 'bob.pub');
+      const r = await server('adduser', user, '--key', key, '--etc', etc);
+      assert.equal(r.code, 0, r.stderr);
+      assert.match(r.stdout, /created account/);
+      const again = await server('adduser', user, '--key', key, '--etc', etc);
+      assert.equal(again.code, 0, again.stderr);
+      assert.doesNotMatch(again.stdout, /created|wrote|updated|set /);
+    }
+    const pw = (await run('getent', ['passwd', alice])).stdout.trim().split(':');
+    assert.equal(pw[5], join(homeBase, alice));
+    assert.equal(pw[6], '/bin/sh');
+    aliceGid = Number(pw[3]);
+    bobGid = Number((await run('getent', ['passwd', bob])).stdout.split(':')[3]);
+    assert.equal((await run('getent', ['shadow', alice])).stdout.split(':')[1], '*');
+    assert.ok((await run('id', ['-nG', alice])).stdout.split(/\s+/).includes(group));
+    const aliceUid = Number(pw[2]);
+    const expect: [string, number, number, number][] = [
+      [join(root, 'users', alice), 0, aliceGid, 0o750],
+      [join(root, 'users', alice, 'current'), 0, aliceGid, 0o750],
+      [join(root, 'users', alice, 'current', 'repo'), aliceUid, aliceGid, 0o700],
+      [join(root, 'users', alice, 'run'), aliceUid, aliceGid, 0o700],
+      [join(root, 'snapshots', alice), 0, aliceGid, 0o750],
+      [join(homeBase, alice, '.ssh', 'authorized_keys'), 0, aliceGid, 0o640],
+    ];
+    for (const [p, uid, gid, mode] of expect) {
+      const st = await fsp.lstat(p);
+      assert.deepEqual([st.uid, st.gid, st.mode & 0o7777], [uid, gid, mode], p);
+    }
+    assert.equal((await fsp.stat(join(root, 'users', alice, 'current'))).ino, 256, 'current is a subvolume');
+    const keys = await fsp.readFile(join(homeBase, alice, '.ssh', 'authorized_keys'), 'utf8');
+    const config = JSON.parse(await fsp.readFile(configFile, 'utf8')) as { serve: string };
+    assert.match(keys, new RegExp(`^restrict,command="${config.serve.replace(/[.+]/g, '\\$&')}" ssh-ed25519 \\S+ alice@test\\n$`));
+  });
+
+  it('the user commits through openUserArea, sudo and the root seal helper', async () => {
+    const script = join(top, 'client.mjs');
+    await fsp.writeFile(
+      script,
+      `import { createHash } from 'node:crypto';
+import { openUserArea } from ${JSON.stringify(areaModule)};
+const storage = await openUserArea({ configFile: ${JSON.stringify(configFile)} });
+if (!(await storage.exists())) await storage.init(Buffer.from('test config\\n'));
+const lock = await storage.lock('server-admin test');
+const out = [];
+for (const text of ['first', 'second']) {
+  const data = Buffer.from(text);
+  const id = createHash('sha256').update(data).digest('hex');
+  await storage.putObject(id, data);
+  out.push(await storage.commit(Buffer.from(id + '\\n'), Buffer.from(id, 'hex')));
+}
+await lock.release();
+const snaps = await storage.listSnapshots();
+const first = await storage.openSnapshot(snaps[0].name);
+const head = (await first.readFile('head')).toString().trim();
+console.log(JSON.stringify({ commits: out, snaps, firstObject: (await first.getObject(head)).toString() }));
+`,
+      { mode: 0o644 },
+    );
+    const before = Date.now();
+    const r = await as(alice, process.execPath, script);
+    assert.equal(r.code, 0, r.stderr);
+    const res = JSON.parse(r.stdout) as { commits: { name: string; time: number }[]; snaps: { name: string }[]; firstObject: string };
+    assert.equal(res.commits.length, 2);
+    assert.deepEqual(res.snaps.map((s) => s.name), res.commits.map((c) => c.name));
+    assert.equal(res.firstObject, 'first');
+    for (const c of res.commits) {
+      assert.ok(isSnapshotName(c.name), c.name);
+      assert.equal(c.time, Date.parse(c.name));
+      assert.ok(c.time >= before - 1000 && c.time <= Date.now() + 1000, 'named by the server clock');
+    }
+    snapName = res.commits[0]?.name ?? '';
+    const snap = join(root, 'snapshots', alice, snapName);
+    const st = await fsp.stat(snap);
+    assert.deepEqual([st.uid, st.gid, st.mode & 0o7777, st.ino], [0, aliceGid, 0o750, 256]);
+    assert.match((await run('btrfs', ['property', 'get', '-ts', snap, 'ro'])).stdout, /ro=true/);
+    assert.equal(await fsp.readFile(join(snap, 'repo', 'config'), 'utf8'), 'test config\n');
+    // the lock lives outside the subvolume: no snapshot carries it
+    await assert.rejects(fsp.lstat(join(snap, 'repo', 'lock')));
+    await assert.rejects(fsp.lstat(join(snap, 'lock')));
+  });
+
+  it('the user cannot delete, rename, unprotect, change or reach what is not theirs', async () => {
+    assert.ok(snapName, 'needs the commit test');
+    const snap = join(root, 'snapshots', alice, snapName);
+    const attempts: [string, ...string[]][] = [
+      ['rm', '-rf', snap],
+      ['rmdir', snap],
+      ['mv', snap, join(root, 'snapshots', alice, 'moved')],
+      ['mv', snap, join(root, 'users', alice, 'current', 'repo', 'moved')],
+      ['btrfs', 'subvolume', 'delete', snap],
+      ['btrfs', 'property', 'set', '-ts', snap, 'ro', 'false'],
+      ['chmod', '0777', snap],
+      ['chmod', '0777', join(snap, 'repo')],
+      ['chown', alice, snap],
+      ['touch', join(snap, 'new')],
+      ['touch', join(snap, 'repo', 'new')],
+      ['rm', '-f', join(snap, 'repo', 'head')],
+      ['sh', '-c', `echo x >> ${join(snap, 'repo', 'config')}`],
+      ['mv', join(root, 'users', alice, 'current'), join(root, 'users', alice, 'old')],
+      ['btrfs', 'subvolume', 'delete', join(root, 'users', alice, 'current')],
+      ['chmod', '0777', join(root, 'users', alice, 'current')],
+      ['touch', join(root, 'snapshots', alice, 'new')],
+      ['ls', join(root, 'users', bob)],
+      ['touch', join(root, 'users', bob, 'current', 'repo', 'x')],
+      ['touch', join(root, 'snapshots', bob, 'x')],
+      ['ls', join(root, 'snapshots', bob)],
+      ['ls', join(root, 'users')],
+      ['sudo', '-n', seal, 'x'],
+      ['sudo', '-n', seal, ''],
+      ['sudo', '-n', seal, '--', 'x'],
+      ['sudo', '-n', '-E', seal],
+      ['sudo', '-n', '-u', bob, seal],
+      ['sudo', '-n', process.execPath, join(lib, 'seal-entry.mjs')],
+      [seal], // not through sudo: not root
+      ['sh', '-c', `echo x >> ${join(homeBase, alice, '.ssh', 'authorized_keys')}`],
+      ['touch', join(homeBase, alice, '.ssh', 'new')],
+    ];
+    // controls: the same tools work as alice where she may act, so the refusals below are real
+    const controls: [string, ...string[]][] = [
+      ['ls', join(snap, 'repo', 'objects')],
+      ['cat', join(snap, 'repo', 'config')],
+      ['touch', join(root, 'users', alice, 'current', 'repo', 'scratch')],
+      ['rm', join(root, 'users', alice, 'current', 'repo', 'scratch')],
+      ['btrfs', 'property', 'get', '-ts', snap, 'ro'],
+    ];
+    for (const c of controls) {
+      const r = await as(alice, ...c);
+      assert.equal(r.code, 0, `${c.join(' ')}: ${r.stderr}`);
+    }
+    const results = await Promise.all(attempts.map((a) => as(alice, ...a)));
+    for (const [i, r] of results.entries()) {
+      assert.ok(r.stderr.trim() !== '', `${attempts[i]?.join(' ')} failed silently`);
+    }
+    const succeeded = attempts.filter((_, i) => results[i]?.code === 0).map((a) => a.join(' '));
+    assert.deepEqual(succeeded, [], 'attacks that succeeded');
+    const st = await fsp.stat(snap);
+    assert.deepEqual([st.uid, st.gid, st.mode & 0o7777], [0, aliceGid, 0o750]);
+    assert.match((await run('btrfs', ['property', 'get', '-ts', snap, 'ro'])).stdout, /ro=true/);
+    assert.equal(await fsp.readFile(join(snap, 'repo', 'config'), 'utf8'), 'test config\n');
+    assert.deepEqual((await fsp.readdir(join(root, 'snapshots', bob))), [], 'bob has no snapshot');
+    assert.ok(bobGid > 0);
+  });
+
+  it('the seal helper refuses root, strangers and arguments', async () => {
+    const env = (uid?: string): NodeJS.ProcessEnv => ({ PATH: '/usr/bin:/bin', ...(uid === undefined ? {} : { SUDO_UID: uid }) });
+    const noUid = await run(seal, [], env());
+    assert.equal(noUid.code, 2);
+    assert.match(noUid.stderr, /^snapcrypt-seal: SUDO_UID/);
+    const asRoot = await run(seal, [], env('0'));
+    assert.notEqual(asRoot.code, 0);
+    assert.match(asRoot.stderr, /refusing to seal for root/);
+    const nobody = await run(seal, [], env('65534'));
+    assert.notEqual(nobody.code, 0);
+    assert.match(nobody.stderr, /not in group/);
+    const args = await run(seal, ['x'], env(String((await fsp.stat(join(root, 'users', alice, 'current', 'repo'))).uid)));
+    assert.equal(args.code, 2);
+    assert.match(args.stderr, /takes no arguments/);
+    assert.equal(args.stderr.trim().split('\n').length, 1);
+  });
+});
