@@ -9,14 +9,15 @@
  * /etc/sudoers.d), all removed at the end.
  */
 import assert from 'node:assert/strict';
-import { execFile, execFileSync } from 'node:child_process';
+import { execFile, execFileSync, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import * as fsp from 'node:fs/promises';
-import { rmSync } from 'node:fs';
+import { existsSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { btrfsTempDir, btrfsTestDir } from './env.js';
+import { freePort } from './sshd.js';
 import { isSnapshotName } from '../src/drivers/localdir.js';
 
 const CI = process.env['CI'] === 'true';
@@ -117,7 +118,7 @@ describe('snapcrypt-server install, adduser and the sealed user area', { skip },
     homeBase = join(top, 'home');
     configFile = join(etc, 'snapcrypt', 'server.json');
     seal = join(lib, 'seal');
-    await fsp.writeFile(join(top, 'alice.pub'), fakeEd25519Key('alice@test'));
+    execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-C', 'alice@test', '-f', join(top, 'alice')], { stdio: 'ignore' });
     await fsp.writeFile(join(top, 'bob.pub'), fakeEd25519Key('bob@test'));
   });
 
@@ -209,6 +210,60 @@ describe('snapcrypt-server install, adduser and the sealed user area', { skip },
     const keys = await fsp.readFile(join(homeBase, alice, '.ssh', 'authorized_keys'), 'utf8');
     const config = JSON.parse(await fsp.readFile(configFile, 'utf8')) as { serve: string };
     assert.match(keys, new RegExp(`^restrict,command="${config.serve.replace(/[.+]/g, '\\$&')}" ssh-ed25519 \\S+ alice@test\\n$`));
+  });
+
+  it('sshd accepts the drop-in and forces the server on the group\'s accounts only', async () => {
+    // a main configuration like Debian's (Include first, then settings that must not leak into the Match)
+    const hostKey = join(top, 'hostkey');
+    assert.equal((await run('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', hostKey])).code, 0);
+    const main = join(top, 'sshd_config');
+    await fsp.writeFile(main, `Include ${sshd}/*.conf\nHostKey ${hostKey}\nPidFile ${join(top, 'sshd.pid')}\nPermitTTY yes\nX11Forwarding yes\nSubsystem sftp /usr/lib/openssh/sftp-server\n`);
+    await fsp.mkdir('/run/sshd', { recursive: true, mode: 0o755 }); // sshd -t wants its privilege separation directory
+    const serve = (JSON.parse(await fsp.readFile(configFile, 'utf8')) as { serve: string }).serve;
+    const t = await run('/usr/sbin/sshd', ['-t', '-f', main]);
+    assert.equal(t.code, 0, t.stderr);
+    const forAlice = await run('/usr/sbin/sshd', ['-T', '-f', main, '-C', `user=${alice},host=client,addr=127.0.0.1`]);
+    assert.equal(forAlice.code, 0, forAlice.stderr);
+    for (const line of [`forcecommand ${serve}`, 'permittty no', 'x11forwarding no', 'allowagentforwarding no', 'allowtcpforwarding no', 'permituserrc no']) {
+      assert.ok(forAlice.stdout.split('\n').includes(line), `${line} in ${forAlice.stdout}`);
+    }
+    const forRoot = await run('/usr/sbin/sshd', ['-T', '-f', main, '-C', 'user=root,host=client,addr=127.0.0.1']);
+    assert.ok(forRoot.stdout.split('\n').includes('forcecommand none'));
+    assert.ok(forRoot.stdout.split('\n').includes('permittty yes'));
+  });
+
+  it('over a real sshd, the key logs in and can only run snapcrypt-server serve', async () => {
+    const hostKey = join(top, 'hostkey2');
+    assert.equal((await run('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', hostKey])).code, 0);
+    const port = await freePort();
+    const main = join(top, 'sshd_config_live');
+    await fsp.writeFile(
+      main,
+      [`Include ${sshd}/*.conf`, `Port ${port}`, 'ListenAddress 127.0.0.1', `HostKey ${hostKey}`, 'PidFile none', 'UsePAM no',
+        'PasswordAuthentication no', 'KbdInteractiveAuthentication no', `AllowUsers ${alice}`, 'LogLevel VERBOSE', ''].join('\n'),
+    );
+    await fsp.mkdir('/run/sshd', { recursive: true, mode: 0o755 });
+    const daemon = spawn('/usr/sbin/sshd', ['-D', '-e', '-f', main], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let log = '';
+    daemon.stderr.on('data', (d: Buffer) => (log += d.toString()));
+    try {
+      for (let i = 0; i < 100 && !/Server listening/.test(log) && daemon.exitCode === null; i++) await new Promise((r) => setTimeout(r, 50));
+      assert.match(log, /Server listening/);
+      const ssh = (...args: string[]) =>
+        run('ssh', ['-n', '-F', '/dev/null', '-i', join(top, 'alice'), '-p', String(port), '-o', 'BatchMode=yes', '-o', 'IdentitiesOnly=yes',
+          '-o', 'StrictHostKeyChecking=no', '-o', 'UserKnownHostsFile=/dev/null', '-o', 'LogLevel=ERROR', ...args]);
+      const r = await ssh(`${alice}@127.0.0.1`, 'echo pwned; id');
+      const tty = await ssh('-tt', `${alice}@127.0.0.1`);
+      assert.match(log, new RegExp(`Accepted publickey for ${alice}`), log);
+      assert.doesNotMatch(r.stdout, /pwned|uid=/);
+      // the forced serve ran as alice: it reports the missing /etc configuration (this test's is elsewhere)
+      if (!existsSync('/etc/snapcrypt/server.json')) assert.match(r.stderr, /snapcrypt-server: .*server configuration/, r.stderr);
+      assert.doesNotMatch(tty.stdout + tty.stderr, /\$ |# /);
+      assert.match(tty.stderr, /PTY allocation request failed/);
+      assert.match(log, /Starting session: forced-command/);
+    } finally {
+      daemon.kill('SIGTERM');
+    }
   });
 
   it('the user commits through openUserArea, sudo and the root seal helper', async () => {

@@ -14,6 +14,7 @@
  * (/proc/PID/cmdline, ps). Instead every ssh/ssh-keygen child runs with
  *   SSH_ASKPASS=<config root>/ssh/askpass, SSH_ASKPASS_REQUIRE=force (OpenSSH >= 8.4),
  *   SNAPCRYPT_ASKPASS_SECRET=<the passphrase as octal escapes>
+ * (DISPLAY is not needed: "force" enables askpass without it, and leaving it alone keeps X11 out)
  * and OpenSSH's read_passphrase() asks the askpass program for every passphrase: ssh-keygen's
  * "Enter passphrase (empty for no passphrase)" / "Enter same passphrase again" when generating,
  * "Enter passphrase" for `ssh-keygen -y`, and ssh's "Enter passphrase for key '...'" on connect. The
@@ -47,6 +48,10 @@ const MAX_PASSPHRASE = 1000;
  * KDF, so it gets 4x the default: about 0.5 s per decryption, i.e. per ssh connection.
  */
 export const KEY_KDF_ROUNDS = 64;
+/** Rounds for new keys: KEY_KDF_ROUNDS, or 4 with SNAPCRYPT_TEST_WEAK_KDF=1 (tests only, as for key files). */
+export function keyKdfRounds(): number {
+  return process.env['SNAPCRYPT_TEST_WEAK_KDF'] === '1' ? 4 : KEY_KDF_ROUNDS;
+}
 
 /** Where the identity lives. */
 export interface SshIdentity {
@@ -278,7 +283,7 @@ export interface KeyPair {
  * The key pair, generated with this passphrase if there is none; an existing key is never overwritten
  * (its passphrase is checked instead, and a missing .pub is rebuilt from it).
  */
-export async function ensureKeyPair(passphrase: Buffer, id: SshIdentity = sshIdentity()): Promise<KeyPair> {
+export async function ensureKeyPair(passphrase: Buffer, id: SshIdentity = sshIdentity(), opts: { rounds?: number } = {}): Promise<KeyPair> {
   if (keyExists(id)) {
     const pub = await checkPassphrase(passphrase, id);
     if (!fs.existsSync(id.pubFile)) writeFileAtomic(id.pubFile, pub + '\n', 0o644);
@@ -289,9 +294,17 @@ export async function ensureKeyPair(passphrase: Buffer, id: SshIdentity = sshIde
   const tmpDir = fs.mkdtempSync(path.join(id.dir, '.keygen-'));
   try {
     const tmpKey = path.join(tmpDir, 'id_ed25519');
-    const r = await run('ssh-keygen', ['-q', '-t', 'ed25519', '-a', String(KEY_KDF_ROUNDS), '-C', `snapcrypt@${os.hostname()}`, '-f', tmpKey], { env });
+    const r = await run('ssh-keygen', ['-q', '-t', 'ed25519', '-a', String(opts.rounds ?? keyKdfRounds()), '-C', `snapcrypt@${os.hostname()}`, '-f', tmpKey], { env });
     if (r.code !== 0 || !fs.existsSync(tmpKey) || !fs.existsSync(`${tmpKey}.pub`)) {
       throw new SnapError('io', `ssh-keygen could not make a key: ${r.stderr.trim() || `exit status ${r.code}`}`);
+    }
+    // If askpass could not run (e.g. a noexec config directory), ssh-keygen takes "" as the passphrase
+    // and writes the key unencrypted: make sure it did not.
+    const plain = await run('ssh-keygen', ['-y', '-P', '', '-f', tmpKey]);
+    if (plain.code === 0) {
+      throw new SnapError('io', `ssh-keygen did not get the passphrase through ${id.askpassFile}; no key was made`, {
+        hint: 'the configuration directory must allow running programs (not mounted noexec)',
+      });
     }
     fs.chmodSync(tmpKey, 0o600);
     fs.chmodSync(`${tmpKey}.pub`, 0o644);
@@ -300,7 +313,7 @@ export async function ensureKeyPair(passphrase: Buffer, id: SshIdentity = sshIde
     try {
       fs.linkSync(tmpKey, id.keyFile); // fails if a key appeared meanwhile: never overwrite
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'EEXIST') return ensureKeyPair(passphrase, id);
+      if ((err as NodeJS.ErrnoException).code === 'EEXIST') return ensureKeyPair(passphrase, id, opts);
       throw err;
     }
   } finally {
@@ -327,13 +340,19 @@ function writeFileAtomic(file: string, data: string, mode: number): void {
  * The ssh options snapcrypt uses for a server: only the snapcrypt key, only the snapcrypt known_hosts
  * (strict: an unknown or changed host key is refused by ssh itself), public-key authentication only
  * (so askpass is never asked for a password), no forwarding, no multiplexing, AES-GCM first.
- * The destination (-p PORT, user@host) is not included; see sshDestinationArgs().
+ * The destination (-p PORT, user@host) is not included; see sshDestinationArgs(). The same options
+ * serve every server (`url` is accepted for per-server options later).
+ *
+ * Do NOT combine with `-o BatchMode=yes`: in batch mode ssh never asks for a key's passphrase, so the
+ * encrypted key is skipped and the login fails ("Permission denied (publickey)"). The options here
+ * already keep ssh from asking anything else (no passwords, strict host key checking).
  */
 export function sshOptionsFor(url: string, id: SshIdentity = sshIdentity()): string[] {
-  parseSshTarget(url); // validates
+  void url;
   const o = (s: string): string[] => ['-o', s];
   return [
     '-i', id.keyFile,
+    ...o('BatchMode=no'),
     ...o('IdentitiesOnly=yes'),
     ...o('IdentityAgent=none'),
     ...o(`UserKnownHostsFile=${id.knownHostsFile}`),
@@ -368,12 +387,18 @@ function globMatch(pattern: string, name: string): boolean {
 }
 
 /**
- * Everything needed to spawn ssh for a server: the options and destination (append the remote
- * command), and the child's environment with the askpass plumbing. Refuses (usage) when the effective
+ * Everything needed to spawn ssh for a server: the options (snapcrypt's, then extraOptions, e.g. from
+ * SNAPCRYPT_SSH_OPTIONS) and destination (append the remote command), and the child's environment with
+ * the askpass plumbing. Refuses (usage) when the effective
  * ssh configuration would send the passphrase variable to the server (a SendEnv pattern matching it).
  */
-export async function sshClientSetup(url: string, passphrase: Buffer, id: SshIdentity = sshIdentity()): Promise<{ args: string[]; env: NodeJS.ProcessEnv }> {
-  const args = [...sshOptionsFor(url, id), ...sshDestinationArgs(url)];
+export async function sshClientSetup(
+  url: string,
+  passphrase: Buffer,
+  id: SshIdentity = sshIdentity(),
+  extraOptions: readonly string[] = [],
+): Promise<{ args: string[]; env: NodeJS.ProcessEnv }> {
+  const args = [...sshOptionsFor(url, id), ...extraOptions, ...sshDestinationArgs(url)];
   const g = await run('ssh', ['-G', ...args], { timeoutMs: 10_000 });
   if (g.code !== 0) throw new SnapError('usage', `ssh -G failed for ${url}: ${g.stderr.trim()}`);
   for (const line of g.stdout.split('\n')) {

@@ -62,7 +62,7 @@ function newStats(): SnapshotStats {
 
 const display = (p: Buffer): string => p.toString('utf8');
 
-const MAX_INFLIGHT_OBJECTS = 512;
+const MAX_INFLIGHT_OBJECTS = 256;
 
 /** Stores objects that current lacks, with bounded memory in flight. */
 class Uploader {
@@ -199,11 +199,12 @@ async function readFileChunks(w: Walk, p: Buffer, st: SourceStat): Promise<{ chu
     for (;;) {
       // buffers sized by what lstat said is left, so small files do not pin a whole chunk each
       const want = Math.min(cs, Math.max(st.size - pos, 0));
-      let data = Buffer.allocUnsafe(want === 0 ? cs : want);
+      // allocUnsafeSlow: never a slice of the shared pool, so it moves to a worker thread without a copy
+      let data = Buffer.allocUnsafeSlow(want === 0 ? cs : want);
       let n = readFull(w, fd, data, pos);
       if (n === want && want > 0 && want < cs) {
         // the file may have grown since lstat: a short chunk is only allowed at the end
-        const more = Buffer.allocUnsafe(cs - want);
+        const more = Buffer.allocUnsafeSlow(cs - want);
         const m = readFull(w, fd, more, pos + n);
         if (m > 0) {
           data = Buffer.concat([data, more.subarray(0, m)]);
@@ -477,7 +478,7 @@ export async function backup(repo: Repository, opts: BackupOptions): Promise<Bac
   const stats = newStats();
   const refs = new IdList();
   const pool = await repo.sealPool();
-  const up = new Uploader(repo, pool, known, opts.inflightBytes ?? 64 * 1024 * 1024, stats, step);
+  const up = new Uploader(repo, pool, known, opts.inflightBytes ?? 32 * 1024 * 1024, stats, step);
   try {
     return await runBackup(repo, opts, paths, known, parent, stats, refs, up, step, started);
   } finally {

@@ -56,7 +56,8 @@ export function ownedBuffer(b: Uint8Array): Uint8Array {
 const MAX_BATCH = 64;
 
 /**
- * Seals objects in worker threads, one per core (at most 4); with one core it seals inline. Jobs go
+ * Seals objects in worker threads, one per core beside the main thread (at most 3); with one core it
+ * seals inline. Jobs go
  * to the least loaded worker in batches (one message per batch, buffers transferred, not copied).
  */
 export class SealPool {
@@ -71,17 +72,31 @@ export class SealPool {
   private failed: Error | null = null;
   private flushScheduled = false;
 
-  constructor(master: Buffer, keys: Keys, writer: DirectWriterSpec | null = null, threads = Math.max(1, Math.min(availableParallelism(), 4))) {
+  private readonly master: Buffer;
+  private readonly writer: DirectWriterSpec | null;
+  private readonly threads: number;
+
+  constructor(master: Buffer, keys: Keys, writer: DirectWriterSpec | null = null, threads = Math.min(availableParallelism() - 1, 3)) {
     this.keys = keys;
-    this.writesDirectly = writer !== null && threads >= 2;
-    if (threads < 2) return;
-    for (let i = 0; i < threads; i++) {
-      const data: SealWorkerData = { master, writer };
-      const w = new Worker(new URL('./seal-worker.js', import.meta.url), { workerData: data });
+    this.master = master;
+    this.writer = writer;
+    this.threads = Math.max(0, threads);
+    this.writesDirectly = writer !== null && this.threads >= 1;
+  }
+
+  /** Workers start with the first object to seal: a backup with no change needs none. */
+  private start(): void {
+    for (let i = 0; i < this.threads; i++) {
+      const data: SealWorkerData = { master: this.master, writer: this.writer };
+      // a small young generation: garbage (and the native zstd contexts it holds) is freed sooner
+      const w = new Worker(new URL('./seal-worker.js', import.meta.url), { workerData: data, resourceLimits: { maxYoungGenerationSizeMb: 4 } });
       w.on('message', (batch: SealDone[]) => {
         for (const m of batch) this.done(i, m);
       });
       w.on('error', (err) => this.fail(err));
+      w.on('exit', (code) => {
+        if (!this.closing) this.fail(new Error(`a seal worker thread stopped (exit code ${code})`));
+      });
       this.workers.push(w);
       this.load.push(0);
       this.outbox.push([]);
@@ -116,6 +131,7 @@ export class SealPool {
   /** Sealed bytes (writesDirectly false) or the number of bytes the worker stored (true). */
   seal(type: ObjectTypeCode, id: Buffer, plain: Buffer): Promise<Buffer | number> {
     if (this.failed) return Promise.reject(this.failed);
+    if (this.workers.length === 0 && this.threads > 0) this.start();
     if (this.workers.length === 0) {
       try {
         return Promise.resolve(compressAndSeal(this.keys, type, id, plain));
@@ -138,7 +154,10 @@ export class SealPool {
     return promise;
   }
 
+  private closing = false;
+
   async close(): Promise<void> {
+    this.closing = true;
     await Promise.all(this.workers.map((w) => w.terminate()));
     this.workers.length = 0;
   }

@@ -4,6 +4,7 @@
  * every step through log().
  */
 import { execFile } from 'node:child_process';
+import { existsSync } from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
@@ -108,6 +109,13 @@ async function ensureDir(dir: string, uid: number, gid: number, mode: number, lo
   }
 }
 
+/** A system directory (sudoers.d, sshd_config.d): created root 0755 if missing, otherwise left as it is. */
+async function mkdirIfMissing(dir: string, log: Log): Promise<void> {
+  if ((await fsp.lstat(dir).catch(() => null)) !== null) return;
+  await fsp.mkdir(dir, { recursive: true, mode: 0o755 });
+  log(`created ${dir}`);
+}
+
 /** Write a file atomically (temp + fsync + rename) with owner and mode, unless it already holds data. */
 async function ensureFile(path: string, data: string, uid: number, gid: number, mode: number, log: Log): Promise<boolean> {
   const old = await fsp.readFile(path, 'utf8').catch(() => null);
@@ -137,6 +145,13 @@ function checkPlainPath(what: string, p: string): void {
   if (!PLAIN_PATH.test(p)) {
     throw new SnapError('usage', `${what} ${JSON.stringify(p)} has characters other than letters, digits and "_./+-"; install snapcrypt under a plainer path`);
   }
+}
+
+/** The nearest existing directory at or above p (synchronously: called a few times at install). */
+function nearestAncestor(p: string): string {
+  let dir = p;
+  while (!existsSync(dir) && dirname(dir) !== dir) dir = dirname(dir);
+  return dir;
 }
 
 function configFileOf(etc: string | undefined): string {
@@ -192,8 +207,11 @@ export async function install(opts: InstallOptions): Promise<ServerConfig> {
       throw errnoOf(err) === 'ENOENT' ? new SnapError('not-found', `${parent} does not exist`) : err;
     });
   }
+  // Root runs what is in libDir and trusts configFile: nobody else may change any directory above them.
   try {
     await checkRootOwnedChain(parent);
+    await checkRootOwnedChain(nearestAncestor(libDir));
+    await checkRootOwnedChain(nearestAncestor(dirname(configFile)));
   } catch (err) {
     throw asSnapError(err);
   }
@@ -248,7 +266,7 @@ export async function install(opts: InstallOptions): Promise<ServerConfig> {
   const sudoersFile = join(sudoersDir, sudoersName);
   const oldRule = await fsp.readFile(sudoersFile, 'utf8').catch(() => null);
   if (oldRule !== rule) {
-    await ensureDir(sudoersDir, 0, 0, 0o755, () => undefined);
+    await mkdirIfMissing(sudoersDir, log);
     const tmp = join(sudoersDir, `.${sudoersName}.snapcrypt-new`);
     try {
       await fsp.writeFile(tmp, rule, { mode: 0o440 });
@@ -262,7 +280,7 @@ export async function install(opts: InstallOptions): Promise<ServerConfig> {
   }
 
   // 6. The sshd drop-in.
-  await ensureDir(sshdDir, 0, 0, 0o755, () => undefined);
+  await mkdirIfMissing(sshdDir, log);
   const sshdFile = join(sshdDir, 'snapcrypt.conf');
   await ensureFile(
     sshdFile,

@@ -280,7 +280,14 @@ class Session {
   }
 
   private maybeFinish(): void {
-    if (this.ending && this.running.size === 0) this.finish();
+    if (!this.ending) return;
+    // Listings waiting for a LIST_CONTINUE that will never come stop now.
+    for (const listing of this.listings.values()) {
+      const waiting = listing.waiting;
+      listing.waiting = null;
+      waiting?.(false);
+    }
+    if (this.running.size === 0) this.finish();
   }
 
   /** Ends the session with one ERROR frame for id 0. */
@@ -422,7 +429,8 @@ class Session {
         }
         if (!next.done) {
           // A full batch: the client answers it with LIST_CONTINUE before the next one is sent.
-          const answer = new Promise<boolean>((resolve) => (listing.waiting = resolve));
+          // After the end of input or BYE no LIST_CONTINUE can come: stop after this batch.
+          const answer = this.ending ? Promise.resolve(false) : new Promise<boolean>((resolve) => (listing.waiting = resolve));
           await this.respond(id, { type: 'ids', ids: batch });
           batch = [];
           if (this.closed || !(await answer)) {

@@ -1,0 +1,123 @@
+/**
+ * I7 Only changes travel, through the CLI:
+ * - a second backup with nothing changed reads no file and stores only the new snapshot root (and the
+ *   trees of the directories above the backed-up path, whose metadata may have changed meanwhile);
+ * - 100 bytes changed in the middle of a 40 MiB file cost one chunk (plus the trees on its path and
+ *   the root), not the file;
+ * - with the local cache deleted, the next backup is still correct (restores exactly) and stores no
+ *   chunk again, though it may read files again.
+ * What a backup stored is checked twice: by its own --json summary and by the objects that appeared in
+ * the repository's current/objects.
+ */
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { test } from 'node:test';
+import { tempDir } from './env.js';
+import { assertSameTree, expectExit, jsonLines, makeRepo, runCli, treeSnapshot, type TestRepo } from './cli-helpers.js';
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+const BIG_SIZE = 40 * MiB;
+/** Where the 100 bytes change: well inside the 21st chunk (chunks are 1 MiB). */
+const CHANGE_AT = 20 * MiB + 300 * KiB;
+/**
+ * Objects a backup stores besides changed chunks: the snapshot root, the source directory's tree and
+ * the trees of its ancestors (/ and /tmp, whose mtimes other processes may change).
+ */
+const TREES_AND_ROOT = 4;
+
+interface Summary {
+  files: number;
+  filesRead: number;
+  bytesRead: number;
+  objectsAdded: number;
+  bytesAdded: number;
+  id: string;
+}
+
+function objects(repo: TestRepo): Set<string> {
+  const out = new Set<string>();
+  const dir = path.join(repo.repo, 'current', 'objects');
+  for (const prefix of fs.readdirSync(dir)) {
+    if (!/^[0-9a-f]{2}$/.test(prefix)) continue;
+    for (const name of fs.readdirSync(path.join(dir, prefix))) if (/^[0-9a-f]{64}$/.test(name)) out.add(name);
+  }
+  return out;
+}
+
+/** A backup that must succeed; returns its summary and the objects it added to current. */
+async function backup(repo: TestRepo, src: string, what: string): Promise<{ s: Summary; added: string[] }> {
+  const before = objects(repo);
+  const r = await runCli(['backup', '--repo', repo.repo, '--json', src], { env: repo.env });
+  expectExit(r, `backup ${what}`);
+  const line = jsonLines(r.stdout).find((l) => l['type'] === 'summary');
+  assert.ok(line, `backup ${what} printed no summary`);
+  const s = line as unknown as Summary;
+  const added = [...objects(repo)].filter((id) => !before.has(id));
+  assert.equal(s.objectsAdded, added.length, `backup ${what}: summary's objectsAdded vs new objects in current`);
+  return { s, added };
+}
+
+async function assertRestores(repo: TestRepo, src: string, what: string): Promise<void> {
+  const target = await tempDir('incr-restore');
+  const r = await runCli(['restore', '--repo', repo.repo, '--json', `latest:${src}`, '--target', target], { env: repo.env });
+  expectExit(r, `restore ${what}`);
+  assertSameTree(await treeSnapshot(path.join(target, path.basename(src))), await treeSnapshot(src), `restore ${what}`);
+  fs.rmSync(target, { recursive: true, force: true });
+}
+
+test('only changes travel: unchanged files are not read, a small change costs one chunk, a lost cache costs no upload (I7)', async (t) => {
+  const repo = await makeRepo();
+  // The source is a temp dir of its own, so nothing is created beside it between backups.
+  const src = await tempDir('incr-src');
+  fs.writeFileSync(path.join(src, 'big.bin'), randomBytes(BIG_SIZE));
+  for (const d of ['a', 'b', path.join('b', 'c')]) {
+    fs.mkdirSync(path.join(src, d));
+    for (let i = 0; i < 20; i++) fs.writeFileSync(path.join(src, d, `f${i}`), randomBytes(100 + i * 97));
+  }
+  fs.writeFileSync(path.join(src, 'empty'), '');
+  fs.symlinkSync('big.bin', path.join(src, 'link'));
+
+  const first = await backup(repo, src, 'first');
+  assert.equal(first.s.filesRead, first.s.files, 'the first backup reads every file');
+  assert.ok(first.s.bytesAdded > BIG_SIZE, 'the first backup stores the data');
+  t.diagnostic(`first backup: ${first.s.files} files, ${first.s.objectsAdded} objects, ${first.s.bytesAdded} bytes`);
+
+  // --- nothing changed: nothing read, only the new root (+ ancestor trees) stored
+  const second = await backup(repo, src, 'with nothing changed');
+  assert.equal(second.s.filesRead, 0, 'no file is read when nothing changed');
+  assert.equal(second.s.bytesRead, 0);
+  assert.ok(second.s.objectsAdded >= 1 && second.s.objectsAdded <= TREES_AND_ROOT - 1, `stored ${second.s.objectsAdded} objects: the root and at most the ancestor trees`);
+  assert.ok(second.added.includes(second.s.id), 'the new snapshot root is one of the added objects');
+  assert.ok(second.s.bytesAdded < 10 * KiB, `stored ${second.s.bytesAdded} bytes, expected < 10 KiB`);
+  t.diagnostic(`unchanged: ${second.s.objectsAdded} objects, ${second.s.bytesAdded} bytes`);
+
+  // --- 100 bytes in the middle of the 40 MiB file: one chunk, the trees above it, the root
+  const fd = fs.openSync(path.join(src, 'big.bin'), 'r+');
+  fs.writeSync(fd, randomBytes(100), 0, 100, CHANGE_AT);
+  fs.closeSync(fd);
+  const third = await backup(repo, src, 'after changing 100 bytes');
+  assert.equal(third.s.filesRead, 1, 'only the changed file is read');
+  assert.equal(third.s.bytesRead, BIG_SIZE);
+  assert.ok(third.s.objectsAdded >= 2 && third.s.objectsAdded <= 1 + TREES_AND_ROOT, `stored ${third.s.objectsAdded} objects: one chunk, the trees on its path, the root`);
+  assert.ok(third.s.bytesAdded < 1.2 * MiB + 8 * KiB, `stored ${third.s.bytesAdded} bytes, expected about one 1 MiB chunk`);
+  t.diagnostic(`100 bytes changed in ${BIG_SIZE / MiB} MiB: ${third.s.objectsAdded} objects, ${third.s.bytesAdded} bytes`);
+  await assertRestores(repo, src, 'after changing 100 bytes');
+
+  // --- the local cache is lost (and one small file changes): still correct, no chunk stored again
+  assert.ok(fs.existsSync(repo.cacheDir), `the backups used the cache ${repo.cacheDir}`);
+  fs.rmSync(repo.cacheDir, { recursive: true, force: true });
+  fs.writeFileSync(path.join(src, 'a', 'f3'), randomBytes(333));
+  const fourth = await backup(repo, src, 'without the local cache');
+  assert.ok(fourth.s.filesRead >= 1, 'the changed file is read');
+  // the changed file's chunk, its directory's tree, and the trees above it and the root
+  assert.ok(fourth.s.objectsAdded <= 2 + TREES_AND_ROOT, `stored ${fourth.s.objectsAdded} objects: the changed file's chunk, the trees on its path, the root`);
+  assert.ok(fourth.s.bytesAdded < 16 * KiB, `stored ${fourth.s.bytesAdded} bytes: no chunk of the unchanged files is stored again`);
+  t.diagnostic(`without the cache: read ${fourth.s.filesRead} files, stored ${fourth.s.objectsAdded} objects, ${fourth.s.bytesAdded} bytes`);
+  await assertRestores(repo, src, 'without the local cache');
+
+  const v = await runCli(['verify', '--repo', repo.repo, '--read-data'], { env: repo.env });
+  expectExit(v, 'verify --read-data at the end');
+});

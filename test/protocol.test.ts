@@ -1,0 +1,441 @@
+/**
+ * The wire protocol: codec round trips, the frame decoder's limits, and a fuzz test of the server loop
+ * (random and mutated frames) that must always end with a valid answer or one ERROR frame, within a
+ * time limit, without touching anything outside the area.
+ */
+import assert from 'node:assert/strict';
+import * as fsp from 'node:fs/promises';
+import { join, relative } from 'node:path';
+import { PassThrough } from 'node:stream';
+import { describe, it } from 'node:test';
+import { ExitStatus, isSnapError } from '../src/core/errors.js';
+import {
+  FrameDecoder,
+  LIST_BATCH,
+  MAX_FRAME_LENGTH,
+  MAX_PAYLOAD,
+  Msg,
+  PROTOCOL_VERSION,
+  decodeError,
+  decodeHello,
+  decodeHelloOk,
+  decodeRequest,
+  decodeResponse,
+  encodeError,
+  encodeFrame,
+  encodeHello,
+  encodeHelloOk,
+  encodeRequest,
+  encodeResponse,
+} from '../src/core/protocol.js';
+import type { Frame, Request, Response } from '../src/core/protocol.js';
+import { parseSshUrl, sshArgs } from '../src/drivers/ssh.js';
+import { LocalDirStorage } from '../src/drivers/localdir.js';
+import { serve } from '../src/server/serve.js';
+import { tempDir } from './env.js';
+
+function bytesOf(parts: Buffer[]): Buffer {
+  return Buffer.concat(parts);
+}
+
+/** Frames parsed from bytes (through the decoder, fed in pieces of `step` bytes). */
+function frames(bytes: Buffer, step = bytes.length || 1): Frame[] {
+  const d = new FrameDecoder();
+  const out: Frame[] = [];
+  for (let i = 0; i < bytes.length; i += step) out.push(...d.push(bytes.subarray(i, i + step)));
+  assert.ok(d.atBoundary);
+  return out;
+}
+
+const ID = 'ab'.repeat(32);
+const SNAP = '2026-11-26T23:15:02.123Z';
+
+const requests: Request[] = [
+  { type: 'exists' },
+  { type: 'init', config: Buffer.from('config') },
+  { type: 'readFile', scope: null, name: 'config' },
+  { type: 'readFile', scope: SNAP, name: 'keys/main' },
+  { type: 'writeFile', name: 'keys/a.b', data: Buffer.from('key') },
+  { type: 'listKeys', scope: null },
+  { type: 'listKeys', scope: SNAP },
+  { type: 'listObjects', scope: SNAP },
+  { type: 'getObject', scope: null, id: ID },
+  { type: 'getObject', scope: SNAP, id: ID },
+  { type: 'putObject', id: ID, data: Buffer.alloc(1000, 3) },
+  { type: 'putObject', id: ID, data: Buffer.alloc(0) },
+  { type: 'commit', head: Buffer.from(`${ID}\n`), index: Buffer.from(ID, 'hex') },
+  { type: 'listSnapshots' },
+  { type: 'openSnapshot', name: SNAP },
+  { type: 'lock', owner: 'backup of ~ on laptop ✓' },
+  { type: 'unlock', token: 0xfffffffe },
+];
+
+const responses: Response[] = [
+  { type: 'ok' },
+  { type: 'bool', value: true },
+  { type: 'bool', value: false },
+  { type: 'data', data: null },
+  { type: 'data', data: Buffer.alloc(0) },
+  { type: 'data', data: Buffer.from('bytes') },
+  { type: 'names', names: ['a', 'b.key'] },
+  { type: 'names', names: [] },
+  { type: 'ids', ids: [ID, 'cd'.repeat(32)] },
+  { type: 'listEnd' },
+  { type: 'snapshot', info: { name: SNAP, time: Date.parse(SNAP) } },
+  { type: 'snapshots', infos: [{ name: SNAP, time: Date.parse(SNAP) }, { name: '2027-01-01T00:00:00.000Z', time: 5 }] },
+  { type: 'lockToken', token: 7 },
+];
+
+describe('protocol codec', () => {
+  it('every request survives encode, framing (byte by byte) and decode', () => {
+    for (const req of requests) {
+      const { type, payload } = encodeRequest(req);
+      const [f, ...rest] = frames(bytesOf(encodeFrame(type, 42, payload)), 1);
+      assert.equal(rest.length, 0);
+      assert.equal(f!.id, 42);
+      assert.deepEqual(decodeRequest(f!), req);
+    }
+  });
+
+  it('every response survives encode and decode', () => {
+    for (const res of responses) {
+      const { type, payload } = encodeResponse(res);
+      const [f] = frames(bytesOf(encodeFrame(type, 0xffffffff, payload)), 7);
+      assert.deepEqual(decodeResponse(f!), res);
+    }
+  });
+
+  it('hello, hello-ok and error round trip', () => {
+    const [h] = frames(bytesOf(encodeFrame(Msg.HELLO, 1, encodeHello({ version: 1, wish: 'serve' }))));
+    assert.deepEqual(decodeHello(h!.payload), { version: 1, wish: 'serve' });
+    const ok = { version: 1, maxFrameLength: MAX_FRAME_LENGTH, maxInFlight: 64 };
+    assert.deepEqual(decodeHelloOk(bytesOf(encodeHelloOk(ok))), ok);
+    const e = { code: 'locked' as const, message: 'Repository is locked by "x"', hint: 'delete it' };
+    assert.deepEqual(decodeError(bytesOf(encodeError(e))), e);
+    assert.deepEqual(decodeError(bytesOf(encodeError({ ...e, hint: undefined }))), { ...e, hint: undefined });
+    const long = decodeError(bytesOf(encodeError({ code: 'io', message: 'é'.repeat(5000), hint: undefined })));
+    assert.ok(Buffer.byteLength(long.message) <= 4096);
+  });
+
+  it('invalid arguments are refused with usage before anything is sent', () => {
+    const bad: Request[] = [
+      { type: 'getObject', scope: null, id: ID.toUpperCase() },
+      { type: 'putObject', id: '../x', data: Buffer.alloc(1) },
+      { type: 'readFile', scope: null, name: '../config' },
+      { type: 'writeFile', name: 'keys/a/b', data: Buffer.alloc(1) },
+      { type: 'listKeys', scope: '2026-02-30T00:00:00.000Z' },
+      { type: 'openSnapshot', name: '..' },
+    ];
+    for (const req of bad) assert.throws(() => encodeRequest(req), (err: unknown) => isSnapError(err, 'usage'));
+    assert.throws(() => encodeFrame(Msg.PUT_OBJECT, 1, [Buffer.alloc(MAX_PAYLOAD + 1)]), (err: unknown) => isSnapError(err, 'usage'));
+  });
+
+  it('malformed payloads are protocol errors', () => {
+    const proto = (err: unknown) => isSnapError(err, 'protocol');
+    const f = (type: number, payload: Buffer): Frame => ({ type, id: 1, payload });
+    assert.throws(() => decodeRequest(f(0x7f, Buffer.alloc(0))), proto);
+    assert.throws(() => decodeRequest(f(Msg.EXISTS, Buffer.alloc(1))), proto);
+    assert.throws(() => decodeRequest(f(Msg.GET_OBJECT, Buffer.alloc(32))), proto); // scope length 0, 31 id bytes
+    assert.throws(() => decodeRequest(f(Msg.READ_FILE, Buffer.from([0, 9, ...Buffer.from('../config')]))), proto);
+    assert.throws(() => decodeRequest(f(Msg.READ_FILE, Buffer.from([0, 6, 0x63, 0x6f, 0x6e, 0x66, 0xff, 0x67]))), proto);
+    assert.throws(() => decodeRequest(f(Msg.COMMIT, Buffer.from([0, 0, 1, 0]))), proto);
+    assert.throws(() => decodeResponse(f(Msg.BOOL, Buffer.from([2]))), proto);
+    assert.throws(() => decodeResponse(f(Msg.ID_BATCH, Buffer.alloc(33))), proto);
+    assert.throws(() => decodeResponse(f(Msg.NAMES, Buffer.from([0xff, 0xff, 0xff, 0xff]))), proto);
+    assert.throws(() => decodeHello(Buffer.from('snapcrypX\0\x01\0')), proto);
+  });
+
+  it('the decoder refuses a too long or too short frame as soon as its length is in, and stays failed', () => {
+    for (const len of [MAX_FRAME_LENGTH + 1, 0xffffffff, 0, 4]) {
+      const d = new FrameDecoder();
+      const head = Buffer.alloc(4);
+      head.writeUInt32BE(len);
+      assert.deepEqual(d.push(head.subarray(0, 3)), []);
+      assert.throws(() => d.push(head.subarray(3)), (err: unknown) => isSnapError(err, 'protocol'));
+      assert.equal(d.buffered, 0);
+      assert.throws(() => d.push(Buffer.alloc(10)), (err: unknown) => isSnapError(err, 'protocol'));
+    }
+    const d = new FrameDecoder();
+    const head = Buffer.alloc(4);
+    head.writeUInt32BE(MAX_FRAME_LENGTH);
+    assert.deepEqual(d.push(head), []); // the largest frame is accepted, and nothing is allocated for it yet
+    assert.equal(d.buffered, 4);
+  });
+});
+
+describe('ssh URLs', () => {
+  it('parses ssh://[user@]host[:port]/ and builds a safe ssh command line', () => {
+    assert.deepEqual(parseSshUrl('ssh://alice@backup.example:2222/'), { user: 'alice', host: 'backup.example', port: 2222 });
+    assert.deepEqual(parseSshUrl('ssh://h'), { user: undefined, host: 'h', port: undefined });
+    for (const bad of ['ssh://-oProxyCommand=x/', 'ssh://a@b/path', 'ssh://a b@c/', 'ssh://h:99999/', 'sftp://h/', 'ssh://@h/']) {
+      assert.throws(() => parseSshUrl(bad), (err: unknown) => isSnapError(err, 'usage'), bad);
+    }
+    const args = sshArgs(parseSshUrl('ssh://alice@h:22/'), { identityFile: '/k', knownHostsFile: '/kh', extraOptions: ['-v'] });
+    assert.deepEqual(args.slice(-4), ['alice', '--', 'h', 'snapcrypt-server serve']);
+    assert.ok(args.includes('BatchMode=yes') && args.includes('-T') && args.includes('UserKnownHostsFile=/kh'));
+  });
+});
+
+// ---------------------------------------------------------------------------------------------------
+// The server loop under fuzzing
+
+/** A small deterministic PRNG (mulberry32), so a failure can be reproduced from its seed. */
+function prng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+interface SessionResult {
+  status: number;
+  out: Frame[];
+}
+
+/** Runs one server session on in-memory streams with the given input; fails after timeoutMs. */
+async function session(storage: LocalDirStorage, input: Buffer[], opts: { end?: boolean; sshOriginalCommand?: string } = {}, timeoutMs = 10_000): Promise<SessionResult> {
+  const up = new PassThrough();
+  const down = new PassThrough();
+  const chunks: Buffer[] = [];
+  down.on('data', (b: Buffer) => chunks.push(b));
+  const served = serve(up, down, storage, opts.sshOriginalCommand === undefined ? {} : { sshOriginalCommand: opts.sshOriginalCommand });
+  for (const b of input) up.write(b);
+  if (opts.end !== false) up.end();
+  let timer: NodeJS.Timeout | undefined;
+  const status = await Promise.race([
+    served,
+    new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error('server session hung')), timeoutMs))),
+  ]);
+  clearTimeout(timer);
+  await new Promise<void>((resolve) => (down.writableFinished ? resolve() : down.on('finish', () => resolve())));
+  const d = new FrameDecoder();
+  const out = d.push(Buffer.concat(chunks));
+  assert.ok(d.atBoundary, 'the server wrote whole frames');
+  return { status, out };
+}
+
+const HELLO = bytesOf(encodeFrame(Msg.HELLO, 1, encodeHello({ version: PROTOCOL_VERSION, wish: 'serve' })));
+
+async function treeOf(dir: string, skip: string): Promise<string[]> {
+  const out: string[] = [];
+  for (const e of await fsp.readdir(dir, { withFileTypes: true, recursive: true })) {
+    const p = join(e.parentPath, e.name);
+    if (p === skip || p.startsWith(`${skip}/`)) continue;
+    out.push(relative(dir, p));
+  }
+  return out.sort();
+}
+
+describe('server loop', () => {
+  it('answers pipelined requests by id and ends cleanly after BYE', async () => {
+    const root = await tempDir('serve');
+    const storage = new LocalDirStorage(join(root, 'area'));
+    const reqs: Buffer[] = [HELLO];
+    reqs.push(bytesOf(encodeFrame(Msg.EXISTS, 5, [])));
+    const init = encodeRequest({ type: 'init', config: Buffer.from('c') });
+    reqs.push(bytesOf(encodeFrame(init.type, 6, init.payload)));
+    reqs.push(bytesOf(encodeFrame(Msg.LIST_SNAPSHOTS, 7, [])));
+    reqs.push(bytesOf(encodeFrame(Msg.BYE, 8, [])));
+    reqs.push(bytesOf(encodeFrame(Msg.EXISTS, 9, []))); // after BYE: ignored
+    const { status, out } = await session(storage, [Buffer.concat(reqs)], { end: false });
+    assert.equal(status, ExitStatus.ok);
+    const byId = new Map(out.map((f) => [f.id, f]));
+    assert.equal(byId.get(1)?.type, Msg.HELLO_OK);
+    assert.deepEqual(decodeResponse(byId.get(5)!), { type: 'bool', value: false });
+    assert.equal(byId.get(6)?.type, Msg.OK);
+    assert.equal(byId.get(8)?.type, Msg.BYE_OK);
+    assert.equal(byId.has(9), false);
+    assert.equal(out.at(-1)?.type, Msg.BYE_OK);
+  });
+
+  it('refuses a wish other than serve, a frame before HELLO, an oversized frame and a wrong version', async () => {
+    const root = await tempDir('serve');
+    const storage = new LocalDirStorage(join(root, 'area'));
+    const huge = Buffer.alloc(4);
+    huge.writeUInt32BE(MAX_FRAME_LENGTH + 1);
+    const cases: Array<{ input: Buffer[]; sshOriginalCommand?: string; end?: boolean }> = [
+      { input: [HELLO], sshOriginalCommand: 'rm -rf /' },
+      { input: [bytesOf(encodeFrame(Msg.EXISTS, 1, []))] },
+      { input: [HELLO, huge], end: false }, // no more input follows: the refusal must not wait for it
+      { input: [bytesOf(encodeFrame(Msg.HELLO, 1, encodeHello({ version: 99, wish: '' })))] },
+      { input: [HELLO, HELLO.subarray(0, 7)] }, // ends inside a frame
+    ];
+    for (const c of cases) {
+      const { status, out } = await session(storage, c.input, c);
+      assert.equal(status, ExitStatus.protocol);
+      const last = out.at(-1)!;
+      assert.equal(last.type, Msg.ERROR);
+      assert.equal(last.id, 0);
+      assert.ok(['protocol', 'unsupported-version'].includes(decodeError(last.payload).code));
+    }
+  });
+
+  it('a listing waiting for LIST_CONTINUE ends with the input, and streams batches on CONTINUE', async () => {
+    const root = await tempDir('serve-list');
+    const area = join(root, 'area');
+    const storage = new LocalDirStorage(area);
+    await storage.init(Buffer.from('c'));
+    const total = LIST_BATCH + 10;
+    for (let i = 0; i < total; i++) {
+      const id = i.toString(16).padStart(64, '0');
+      await fsp.mkdir(join(area, 'current', 'objects', id.slice(0, 2)), { recursive: true });
+      await fsp.writeFile(join(area, 'current', 'objects', id.slice(0, 2), id), 'x');
+    }
+    const list = bytesOf(encodeFrame(Msg.LIST_OBJECTS, 3, [Buffer.from([0])]));
+    // No LIST_CONTINUE, then end of input: the session must still end.
+    const a = await session(storage, [HELLO, list]);
+    assert.equal(a.status, ExitStatus.ok);
+    assert.deepEqual(a.out.map((f) => f.type), [Msg.HELLO_OK, Msg.ID_BATCH, Msg.LIST_END]);
+    // With a LIST_CONTINUE(1) after the first batch, every id arrives.
+    const more = bytesOf(encodeFrame(Msg.LIST_CONTINUE, 3, [Buffer.from([1])]));
+    const up = new PassThrough();
+    const down = new PassThrough();
+    const decoder = new FrameDecoder();
+    const got: Frame[] = [];
+    let sentMore = false;
+    down.on('data', (chunk: Buffer) => {
+      for (const f of decoder.push(chunk)) {
+        got.push(f);
+        if (f.type === Msg.ID_BATCH && !sentMore) {
+          sentMore = true;
+          up.write(more); // the answer to the first (full) batch
+        }
+        if (f.type === Msg.LIST_END) up.end();
+      }
+    });
+    up.write(Buffer.concat([HELLO, list]));
+    assert.equal(await serve(up, down, storage), ExitStatus.ok);
+    const ids = got.filter((f) => f.type === Msg.ID_BATCH).flatMap((f) => (decodeResponse(f) as { ids: string[] }).ids);
+    assert.equal(new Set(ids).size, total);
+    assert.equal(got.at(-1)?.type, Msg.LIST_END);
+    // A LIST_CONTINUE nobody waits for is a protocol error.
+    const c = await session(storage, [HELLO, more]);
+    assert.equal(c.status, ExitStatus.protocol);
+  });
+
+  it('fuzz: 10,000 random and mutated frames always end in answers or one ERROR frame, inside the area', async () => {
+    const root = await tempDir('fuzz');
+    const area = join(root, 'area');
+    await fsp.writeFile(join(root, 'outside'), 'x');
+    const storage = new LocalDirStorage(area);
+    await storage.init(Buffer.from('config'));
+    const before = await treeOf(root, area);
+    const rnd = prng(20261126);
+    const int = (n: number) => Math.floor(rnd() * n);
+    const bytes = (n: number) => Buffer.from(Array.from({ length: n }, () => int(256)));
+    const names = ['config', 'head', 'index', 'keys/a', 'keys/..', '../x', 'keys/x/../../y', '/etc/passwd', 'current/config', ''];
+    const snaps = [null, SNAP, '../current', '2026-11-26T23:15:02.123Z/..', ''];
+    const ids = [ID, 'cd'.repeat(32), '00'.repeat(32)];
+    const pick = <T>(xs: readonly T[]): T => xs[int(xs.length)]!;
+
+    /** A request frame, valid or with invalid fields encoded by hand. */
+    function request(id: number): Buffer {
+      const kind = int(17);
+      const text = (s: string) => Buffer.concat([Buffer.from([Buffer.byteLength(s)]), Buffer.from(s)]);
+      const scope = () => text(pick(snaps) ?? '');
+      switch (kind) {
+        case 0: return bytesOf(encodeFrame(Msg.EXISTS, id, []));
+        case 1: return bytesOf(encodeFrame(Msg.INIT, id, [bytes(int(20))]));
+        case 2: return bytesOf(encodeFrame(Msg.READ_FILE, id, [scope(), text(pick(names))]));
+        case 3: return bytesOf(encodeFrame(Msg.WRITE_FILE, id, [text(pick(names)), bytes(int(50))]));
+        case 4: return bytesOf(encodeFrame(Msg.LIST_KEYS, id, [scope()]));
+        case 5: return bytesOf(encodeFrame(Msg.LIST_OBJECTS, id, [scope()]));
+        case 6: return bytesOf(encodeFrame(Msg.GET_OBJECT, id, [scope(), Buffer.from(pick(ids), 'hex')]));
+        case 7: return bytesOf(encodeFrame(Msg.PUT_OBJECT, id, [rnd() < 0.5 ? Buffer.from(pick(ids), 'hex') : bytes(32), bytes(int(300))]));
+        case 8: {
+          const head = Buffer.from(`${pick(ids)}\n`);
+          const lenb = Buffer.alloc(4);
+          lenb.writeUInt32BE(head.length);
+          return bytesOf(encodeFrame(Msg.COMMIT, id, [lenb, head, Buffer.concat([...new Set([pick(ids), pick(ids)])].sort().map((x) => Buffer.from(x, 'hex')))]));
+        }
+        case 9: return bytesOf(encodeFrame(Msg.LIST_SNAPSHOTS, id, []));
+        case 10: return bytesOf(encodeFrame(Msg.OPEN_SNAPSHOT, id, [scope()]));
+        case 11: return bytesOf(encodeFrame(Msg.LOCK, id, [Buffer.from([0, 3]), Buffer.from('fuz')]));
+        case 12: return bytesOf(encodeFrame(Msg.UNLOCK, id, [Buffer.from([0, 0, 0, int(3)])]));
+        case 13: return bytesOf(encodeFrame(Msg.LIST_CONTINUE, id, [Buffer.from([int(2)])]));
+        case 14: return bytesOf(encodeFrame(int(256), id, [bytes(int(40))]));
+        case 15: return bytes(int(64)); // junk
+        default: return bytesOf(encodeFrame(Msg.BYE, id, []));
+      }
+    }
+
+    function mutate(frame: Buffer): Buffer {
+      const b = Buffer.from(frame);
+      switch (int(5)) {
+        case 0: // flip some bytes
+          for (let i = 0, n = 1 + int(3); i < n && b.length > 0; i++) b[int(b.length)] = int(256);
+          return b;
+        case 1: // truncate
+          return b.subarray(0, int(b.length));
+        case 2: // extend
+          return Buffer.concat([b, bytes(1 + int(16))]);
+        case 3: { // lie about the length
+          const lens = [0, 1, 4, 5, MAX_FRAME_LENGTH, MAX_FRAME_LENGTH + 1, 0xffffffff, b.length - 3, b.length + 100];
+          if (b.length >= 4) b.writeUInt32BE(pick(lens) >>> 0, 0);
+          return b;
+        }
+        default: // change the type
+          if (b.length > 4) b[4] = int(256);
+          return b;
+      }
+    }
+
+    let frameCount = 0;
+    let sessions = 0;
+    const statuses = new Map<number, number>();
+    const peak = process.memoryUsage().rss;
+    while (frameCount < 10_000) {
+      const input: Buffer[] = [rnd() < 0.95 ? HELLO : mutate(HELLO)];
+      const n = 1 + int(30);
+      for (let i = 0; i < n; i++) {
+        const f = request(2 + int(40));
+        input.push(rnd() < 0.3 ? mutate(f) : f);
+      }
+      frameCount += input.length;
+      sessions++;
+      // Split the input at random points so that frames also arrive in pieces.
+      const all = Buffer.concat(input);
+      const pieces: Buffer[] = [];
+      for (let pos = 0; pos < all.length; ) {
+        const k = 1 + int(200);
+        pieces.push(all.subarray(pos, pos + k));
+        pos += k;
+      }
+      let result: SessionResult;
+      try {
+        result = await session(storage, pieces, {}, 10_000);
+      } catch (err) {
+        throw new Error(`session ${sessions} failed: ${(err as Error).message}; input ${all.toString('hex').slice(0, 400)}`);
+      }
+      const { status, out } = result;
+      statuses.set(status, (statuses.get(status) ?? 0) + 1);
+      assert.ok(status === ExitStatus.ok || status === ExitStatus.protocol, `status ${status}`);
+      const fatal = out.filter((f) => f.type === Msg.ERROR && f.id === 0);
+      if (status === ExitStatus.protocol) {
+        assert.equal(fatal.length, 1);
+        assert.equal(out.at(-1), fatal[0]);
+        assert.ok(['protocol', 'unsupported-version'].includes(decodeError(fatal[0]!.payload).code));
+      } else {
+        assert.equal(fatal.length, 0);
+      }
+      for (const f of out) {
+        if (f.type === Msg.ERROR) decodeError(f.payload);
+        else if (f.type === Msg.HELLO_OK) decodeHelloOk(f.payload);
+        else if (f.type !== Msg.BYE_OK) decodeResponse(f);
+      }
+    }
+    assert.ok(frameCount >= 10_000);
+    assert.ok((statuses.get(ExitStatus.ok) ?? 0) > 0 && (statuses.get(ExitStatus.protocol) ?? 0) > 0, JSON.stringify([...statuses]));
+    assert.deepEqual(await treeOf(root, area), before, 'nothing changed outside the area');
+    assert.equal(await fsp.readFile(join(root, 'outside'), 'utf8'), 'x');
+    assert.ok(process.memoryUsage().rss - peak < 256 * 1024 * 1024, 'memory stayed bounded');
+    // The area is still a sound repository: readable config, no lock left behind.
+    assert.deepEqual(await storage.readFile('config') !== null, true);
+    const lock = await storage.lock('after fuzz');
+    await lock.release();
+  });
+});
