@@ -12,7 +12,7 @@ import assert from 'node:assert/strict';
 import { execFile, execFileSync, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import * as fsp from 'node:fs/promises';
-import { existsSync, rmSync } from 'node:fs';
+import { chmodSync, copyFileSync, existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { fileURLToPath, pathToFileURL } from 'node:url';
@@ -50,8 +50,25 @@ function run(cmd: string, args: string[], env?: NodeJS.ProcessEnv): Promise<Resu
   });
 }
 
+/**
+ * install bakes the node that runs it into the root helper, and refuses a node that anyone but root
+ * could replace (a checkout under /tmp, say): the tests run snapcrypt-server with a root-owned copy.
+ */
+let rootNode: string | null = null;
+function rootOwnedNode(): string {
+  if (rootNode !== null) return rootNode;
+  const dir = mkdtempSync('/usr/local/lib/snapcrypt-test-node-');
+  chmodSync(dir, 0o755);
+  const copy = join(dir, 'node');
+  copyFileSync(process.execPath, copy);
+  chmodSync(copy, 0o755);
+  process.on('exit', () => rmSync(dir, { recursive: true, force: true }));
+  rootNode = copy;
+  return copy;
+}
+
 function server(...args: string[]): Promise<Result> {
-  return run(process.execPath, [program, ...args]);
+  return run(process.getuid?.() === 0 ? rootOwnedNode() : process.execPath, [program, ...args]);
 }
 
 /** Run a command as an account (no shell). */

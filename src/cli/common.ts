@@ -5,6 +5,8 @@ import { SnapError } from '../core/errors.js';
 import { Repository } from '../engine/repository.js';
 import { DirKeyStore, defaultCacheRoot, defaultConfigRoot, openTreeCache } from '../drivers/cachedir.js';
 import { openStorage } from '../drivers/open.js';
+import { RemoteStorage, sshOptionsFromEnv } from '../drivers/ssh.js';
+import { keyExists, sshClientSetup, sshIdentity } from '../drivers/sshkeys.js';
 import type { Storage } from '../storage/types.js';
 
 export interface Io {
@@ -96,7 +98,17 @@ export class Ctx {
     return r;
   }
   async openStorage(): Promise<Storage> {
-    this.storage ??= await openStorage(this.repoLocation());
+    if (this.storage) return this.storage;
+    const location = this.repoLocation();
+    if (location.startsWith('ssh://') && keyExists()) {
+      // the workstation's own SSH key (snapcrypt setup) is protected by the repository passphrase
+      const pass = await this.passphrase();
+      const extra = sshOptionsFromEnv(this.io.env).extraOptions ?? [];
+      const { args, env } = await sshClientSetup(location, pass, sshIdentity(), extra);
+      this.storage = await RemoteStorage.spawn('ssh', [...args, 'snapcrypt-server serve'], location, env);
+    } else {
+      this.storage = await openStorage(location);
+    }
     return this.storage;
   }
   async close(): Promise<void> {
@@ -108,7 +120,15 @@ export class Ctx {
     return this.str('cache-dir') ?? defaultCacheRoot();
   }
 
+  private cachedPassphrase: Buffer | null = null;
+
+  /** The passphrase, asked (or read) once per command. */
   async passphrase(prompt = 'Passphrase: '): Promise<Buffer> {
+    this.cachedPassphrase ??= await this.readPassphrase(prompt);
+    return this.cachedPassphrase;
+  }
+
+  private async readPassphrase(prompt: string): Promise<Buffer> {
     const file = this.str('password-file');
     if (file !== undefined) return readPasswordFile(file);
     const env = this.io.env['SNAPCRYPT_PASSWORD'];

@@ -99,8 +99,8 @@ export function sshOptionsFromEnv(env: Readonly<Record<string, string | undefine
 }
 
 /** A transport over a child process's stdin/stdout; its stderr is kept for error messages. */
-export function childTransport(cmd: string, args: readonly string[]): Transport {
-  const child = spawn(cmd, args, { stdio: ['pipe', 'pipe', 'pipe'] });
+export function childTransport(cmd: string, args: readonly string[], env?: NodeJS.ProcessEnv): Transport {
+  const child = spawn(cmd, args, { stdio: ['pipe', 'pipe', 'pipe'], ...(env ? { env } : {}) });
   let stderr = '';
   let spawnError: Error | null = null;
   let exit: string | null = null;
@@ -458,8 +458,8 @@ export class RemoteStorage extends RemoteReader implements Storage {
   }
 
   /** Runs cmd with args and speaks the protocol on its stdin/stdout. */
-  static async spawn(cmd: string, args: string[], location: string): Promise<RemoteStorage> {
-    return RemoteStorage.open(childTransport(cmd, args), location);
+  static async spawn(cmd: string, args: string[], location: string, env?: NodeJS.ProcessEnv): Promise<RemoteStorage> {
+    return RemoteStorage.open(childTransport(cmd, args, env), location);
   }
 
   /** Connects with the system ssh to ssh://[user@]host[:port]/, whose forced command runs the server. */
