@@ -478,7 +478,7 @@ export async function backup(repo: Repository, opts: BackupOptions): Promise<Bac
   const stats = newStats();
   const refs = new IdList();
   const pool = await repo.sealPool();
-  const up = new Uploader(repo, pool, known, opts.inflightBytes ?? 32 * 1024 * 1024, stats, step);
+  const up = new Uploader(repo, pool, known, opts.inflightBytes ?? 16 * 1024 * 1024, stats, step);
   try {
     return await runBackup(repo, opts, paths, known, parent, stats, refs, up, step, started);
   } finally {
