@@ -12,6 +12,7 @@ HERE=$(cd "$(dirname "$0")/.." && pwd)
 CORPUS=$(realpath "${1:?usage: bench/local.sh CORPUS_DIR OUT_DIR}")
 OUT=$(realpath -m "${2:?usage: bench/local.sh CORPUS_DIR OUT_DIR}")
 mkdir -p "$OUT"
+SNAPCRYPT_ROOT=$HERE
 . "$HERE/scripts/env.sh"
 snapcrypt_find_node || { echo "no node >= 24: run ./install.sh" >&2; exit 1; }
 NODE=$SNAPCRYPT_NODE
