@@ -47,18 +47,32 @@ export function runCli(args: readonly string[], opts: CliOptions = {}): Promise<
     const child = spawn(process.execPath, [CLI_PATH, ...args], { cwd: opts.cwd, env, stdio: ['pipe', 'pipe', 'pipe'] });
     const out: Buffer[] = [];
     const err: Buffer[] = [];
-    child.stdout.on('data', (b: Buffer) => out.push(b));
-    child.stderr.on('data', (b: Buffer) => err.push(b));
+    let lastOutput = Date.now();
+    child.stdout.on('data', (b: Buffer) => {
+      out.push(b);
+      lastOutput = Date.now();
+    });
+    child.stderr.on('data', (b: Buffer) => {
+      err.push(b);
+      lastOutput = Date.now();
+    });
     child.stdin.on('error', () => {}); // the CLI may exit without reading its input
     child.stdin.end(opts.input ?? '');
-    const timer = setTimeout(() => child.kill('SIGKILL'), opts.timeoutMs ?? 120_000);
+    const started = Date.now();
+    let timedOut = false;
+    const timer = setTimeout(() => {
+      timedOut = true;
+      child.kill('SIGKILL');
+    }, opts.timeoutMs ?? 300_000);
     child.on('error', (e) => {
       clearTimeout(timer);
       reject(e);
     });
     child.on('close', (code, signal) => {
       clearTimeout(timer);
-      resolve({ code, signal, stdout: Buffer.concat(out).toString('utf8'), stderr: Buffer.concat(err).toString('utf8') });
+      // a run killed by the timeout says so, with when its last output arrived (to tell a hang from slowness)
+      const note = timedOut && opts.timeoutMs === undefined ? `\n[runCli: killed by the ${Date.now() - started} ms timeout; last output at ${lastOutput - started} ms]` : '';
+      resolve({ code, signal, stdout: Buffer.concat(out).toString('utf8'), stderr: Buffer.concat(err).toString('utf8') + note });
     });
   });
 }
