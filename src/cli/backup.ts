@@ -4,6 +4,7 @@ import { backup } from '../engine/backup.js';
 import { LocalSourceFs } from '../drivers/localfs.js';
 import { SnapError } from '../core/errors.js';
 import { makeExcluder } from '../core/excluder.js';
+import { optimizeForSize } from '../programs/runtime.js';
 import { type Command, commonHelp, fmtBytes, fmtDuration } from './common.js';
 
 export const backupCommand: Command = {
@@ -36,6 +37,7 @@ Exit status: 0 done, 3 done but some files could not be read (listed as warnings
   },
   allowPositionals: true,
   async run(ctx) {
+    optimizeForSize();
     if (ctx.positionals.length === 0) throw new SnapError('usage', 'backup: give at least one PATH to back up');
     const files = ctx.list('exclude-file').map((name) => {
       try {

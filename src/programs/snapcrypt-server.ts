@@ -6,7 +6,6 @@
  * Each command is one entry of `commands` (usage line for the help, and a run function given the
  * arguments after the command name); add a command by adding an entry.
  */
-import './runtime.js'; // first: V8 settings before any allocation
 import { parseArgs } from 'node:util';
 import { SnapError, ExitStatus, exitStatusOf } from '../core/errors.js';
 import { openStorage } from '../drivers/open.js';

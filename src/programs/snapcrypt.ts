@@ -1,6 +1,5 @@
 #!/usr/bin/env node
 /** The snapcrypt client: parses the command line, runs one command, maps errors to exit statuses. */
-import './runtime.js'; // first: V8 settings before any allocation
 import { SnapError, ExitStatus, exitStatusOf } from '../core/errors.js';
 import { type Command, Ctx, parse } from '../cli/common.js';
 import { initCommand } from '../cli/init.js';
