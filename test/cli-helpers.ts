@@ -3,9 +3,10 @@
  * directory tree exactly (content and metadata) so that two trees compare with assert.deepStrictEqual.
  */
 import assert from 'node:assert/strict';
-import { execFile, spawn } from 'node:child_process';
+import { execFile, spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { FsMeta } from '../src/drivers/fsmeta.js';
@@ -37,14 +38,26 @@ export interface CliResult {
  * SNAPCRYPT_* variable (so a developer's settings do not leak in), plus opts.env.
  */
 export function runCli(args: readonly string[], opts: CliOptions = {}): Promise<CliResult> {
+  return startCli(args, opts).done;
+}
+
+/**
+ * runCli's process, for tests that signal it while it runs (SIGSTOP, SIGKILL). done settles when it
+ * has exited; at the timeout it is killed, and the result's stderr says when it last wrote anything and
+ * what its threads and JavaScript were doing (to tell a hang from slowness, and to find the hang).
+ */
+export function startCli(args: readonly string[], opts: CliOptions = {}): { child: ChildProcessWithoutNullStreams; done: Promise<CliResult> } {
   const env: NodeJS.ProcessEnv = {};
   for (const [k, v] of Object.entries(process.env)) if (!k.startsWith('SNAPCRYPT_')) env[k] = v;
   for (const [k, v] of Object.entries(opts.env ?? {})) {
     if (v === undefined) delete env[k];
     else env[k] = v;
   }
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [CLI_PATH, ...args], { cwd: opts.cwd, env, stdio: ['pipe', 'pipe', 'pipe'] });
+  // a hung run can be asked for a diagnostic report (JS stack, libuv handles) before it is killed
+  const reportDir = fs.mkdtempSync(path.join(os.tmpdir(), 'snapcrypt-report-'));
+  env['NODE_OPTIONS'] = `${env['NODE_OPTIONS'] ?? ''} --report-on-signal --report-signal=SIGUSR2 --report-directory=${reportDir}`.trim();
+  const child = spawn(process.execPath, [CLI_PATH, ...args], { cwd: opts.cwd, env, stdio: ['pipe', 'pipe', 'pipe'] });
+  const done = new Promise<CliResult>((resolve, reject) => {
     const out: Buffer[] = [];
     const err: Buffer[] = [];
     let lastOutput = Date.now();
@@ -60,9 +73,15 @@ export function runCli(args: readonly string[], opts: CliOptions = {}): Promise<
     child.stdin.end(opts.input ?? '');
     const started = Date.now();
     let timedOut = false;
+    let diagnosis = '';
     const timer = setTimeout(() => {
       timedOut = true;
-      child.kill('SIGKILL');
+      diagnosis = processTreeState(child.pid);
+      child.kill('SIGUSR2');
+      setTimeout(() => {
+        diagnosis += readReports(reportDir);
+        child.kill('SIGKILL');
+      }, 3000);
     }, opts.timeoutMs ?? 300_000);
     child.on('error', (e) => {
       clearTimeout(timer);
@@ -70,11 +89,61 @@ export function runCli(args: readonly string[], opts: CliOptions = {}): Promise<
     });
     child.on('close', (code, signal) => {
       clearTimeout(timer);
-      // a run killed by the timeout says so, with when its last output arrived (to tell a hang from slowness)
-      const note = timedOut && opts.timeoutMs === undefined ? `\n[runCli: killed by the ${Date.now() - started} ms timeout; last output at ${lastOutput - started} ms]` : '';
+      const note = timedOut ? `\n[runCli: killed by the ${Date.now() - started} ms timeout; last output at ${lastOutput - started} ms]\n${diagnosis}` : '';
+      fs.rmSync(reportDir, { recursive: true, force: true });
       resolve({ code, signal, stdout: Buffer.concat(out).toString('utf8'), stderr: Buffer.concat(err).toString('utf8') + note });
     });
   });
+  return { child, done };
+}
+
+/** Each thread of a process and its descendants: name, state and kernel wait channel (for hangs). */
+function processTreeState(pid: number | undefined): string {
+  if (pid === undefined) return '';
+  const lines: string[] = [];
+  const visit = (p: number, depth: number) => {
+    const read = (f: string) => {
+      try {
+        return fs.readFileSync(`/proc/${p}/${f}`, 'utf8');
+      } catch {
+        return '';
+      }
+    };
+    lines.push(`${'  '.repeat(depth)}pid ${p}: ${read('cmdline').split('\0').join(' ').trim()}`);
+    let tasks: string[] = [];
+    try {
+      tasks = fs.readdirSync(`/proc/${p}/task`);
+    } catch {
+      /* gone */
+    }
+    for (const t of tasks) {
+      const stat = read(`task/${t}/stat`);
+      const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
+      lines.push(`${'  '.repeat(depth)}  thread ${t} ${read(`task/${t}/comm`).trim()} state ${state} wchan ${read(`task/${t}/wchan`) || '-'} syscall ${read(`task/${t}/syscall`).split(' ')[0]?.trim() ?? '-'}`);
+    }
+    for (const c of read(`task/${p}/children`).split(' ').filter((x) => x.trim() !== '')) visit(Number(c), depth + 1);
+  };
+  visit(pid, 0);
+  return `[process tree at the timeout]\n${lines.join('\n')}\n`;
+}
+
+/** The JS stack and the active libuv handles from the diagnostic reports a hung CLI wrote. */
+function readReports(dir: string): string {
+  let out = '';
+  for (const f of fs.readdirSync(dir)) {
+    try {
+      const r = JSON.parse(fs.readFileSync(path.join(dir, f), 'utf8')) as {
+        javascriptStack?: { message?: string; stack?: string[] };
+        libuv?: Array<{ type: string; is_active: boolean; is_referenced?: boolean; [k: string]: unknown }>;
+        workers?: unknown[];
+      };
+      const handles = (r.libuv ?? []).filter((h) => h.is_active).map((h) => JSON.stringify(h));
+      out += `[diagnostic report ${f}]\nJS stack: ${r.javascriptStack?.message ?? ''}\n  ${(r.javascriptStack?.stack ?? []).join('\n  ')}\nactive handles:\n  ${handles.join('\n  ')}\nworkers: ${(r.workers ?? []).length}\n`;
+    } catch (err) {
+      out += `[diagnostic report ${f} unreadable: ${String(err)}]\n`;
+    }
+  }
+  return out === '' ? '[no diagnostic report: the main thread did not reach JavaScript (blocked in native code?)]\n' : out;
 }
 
 /** The --json output of a command: one object per non-empty line. */

@@ -9,15 +9,14 @@
  * /etc/sudoers.d), all removed at the end.
  */
 import assert from 'node:assert/strict';
-import { execFile, execFileSync, spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import * as fsp from 'node:fs/promises';
-import { chmodSync, copyFileSync, existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { btrfsTempDir, btrfsTestDir } from './env.js';
-import { freePort } from './sshd.js';
+import { as, removeAccounts, run, server, startLayoutSshd } from './server-fixture.js';
 import { isSnapshotName } from '../src/drivers/localdir.js';
 
 const CI = process.env['CI'] === 'true';
@@ -26,7 +25,6 @@ const haveBtrfs = btrfsTestDir() !== null; // throws in CI without btrfs
 if (CI && !isRoot) throw new Error('CI must run test/server-admin as root');
 const skip = !isRoot || !haveBtrfs ? 'needs root and SNAPCRYPT_TEST_BTRFS' : false;
 
-const program = fileURLToPath(new URL('../src/programs/snapcrypt-server.js', import.meta.url));
 const areaModule = pathToFileURL(fileURLToPath(new URL('../src/server/area.js', import.meta.url))).href;
 const tag = randomBytes(3).toString('hex');
 const alice = `sct-alice-${tag}`;
@@ -34,47 +32,6 @@ const bob = `sct-bob-${tag}`;
 const group = `sct-g-${tag}`;
 const sudoersName = `snapcrypt-test-${tag}`;
 const sudoersFile = join('/etc/sudoers.d', sudoersName);
-
-interface Result {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-function run(cmd: string, args: string[], env?: NodeJS.ProcessEnv): Promise<Result> {
-  return new Promise((resolve) => {
-    execFile(cmd, args, { encoding: 'utf8', timeout: 30_000, ...(env ? { env } : {}) }, (err, stdout, stderr) => {
-      const code = err === null ? 0 : typeof (err as { code?: unknown }).code === 'number' ? ((err as { code: number }).code) : -1;
-      resolve({ code, stdout, stderr });
-    });
-  });
-}
-
-/**
- * install bakes the node that runs it into the root helper, and refuses a node that anyone but root
- * could replace (a checkout under /tmp, say): the tests run snapcrypt-server with a root-owned copy.
- */
-let rootNode: string | null = null;
-function rootOwnedNode(): string {
-  if (rootNode !== null) return rootNode;
-  const dir = mkdtempSync('/usr/local/lib/snapcrypt-test-node-');
-  chmodSync(dir, 0o755);
-  const copy = join(dir, 'node');
-  copyFileSync(process.execPath, copy);
-  chmodSync(copy, 0o755);
-  process.on('exit', () => rmSync(dir, { recursive: true, force: true }));
-  rootNode = copy;
-  return copy;
-}
-
-function server(...args: string[]): Promise<Result> {
-  return run(process.getuid?.() === 0 ? rootOwnedNode() : process.execPath, [program, ...args]);
-}
-
-/** Run a command as an account (no shell). */
-function as(user: string, cmd: string, ...args: string[]): Promise<Result> {
-  return run('runuser', ['-u', user, '--', cmd, ...args]);
-}
 
 function fakeEd25519Key(comment: string): string {
   const type = Buffer.from('ssh-ed25519');
@@ -87,27 +44,7 @@ function fakeEd25519Key(comment: string): string {
   return `ssh-ed25519 ${blob.toString('base64')} ${comment}\n`;
 }
 
-function cleanupSystem(): void {
-  for (const user of [alice, bob]) {
-    try {
-      execFileSync('getent', ['passwd', user], { stdio: 'ignore' });
-    } catch {
-      continue;
-    }
-    // -r: mail spool and home (the homes are in the temp dir, root-owned, so userdel may leave them)
-    try {
-      execFileSync('userdel', ['-r', user], { stdio: 'ignore' });
-    } catch {
-      /* exit 12: home not removed (not owned by the user); the temp dir's cleanup removes it */
-    }
-  }
-  try {
-    execFileSync('groupdel', [group], { stdio: 'ignore' });
-  } catch {
-    /* not created */
-  }
-  rmSync(sudoersFile, { force: true });
-}
+const cleanupSystem = (): void => removeAccounts([alice, bob], group, sudoersFile);
 
 describe('snapcrypt-server install, adduser and the sealed user area', { skip }, () => {
   let top = '';
@@ -156,7 +93,7 @@ describe('snapcrypt-server install, adduser and the sealed user area', { skip },
     assert.equal(config['root'], root);
     assert.equal(config['group'], group);
     assert.equal(config['seal'], seal);
-    assert.match(String(config['serve']), / serve$/);
+    assert.match(String(config['serve']), new RegExp(` serve --config ${configFile}$`), 'a non-default configuration is named in the forced command');
     for (const [p, mode] of [[root, 0o755], [join(root, 'users'), 0o711], [join(root, 'snapshots'), 0o711], [seal, 0o755]] as const) {
       const st = await fsp.stat(p);
       assert.equal(st.uid, 0, p);
@@ -250,36 +187,26 @@ describe('snapcrypt-server install, adduser and the sealed user area', { skip },
   });
 
   it('over a real sshd, the key logs in and can only run snapcrypt-server serve', async () => {
-    const hostKey = join(top, 'hostkey2');
-    assert.equal((await run('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', hostKey])).code, 0);
-    const port = await freePort();
-    const main = join(top, 'sshd_config_live');
-    await fsp.writeFile(
-      main,
-      [`Include ${sshd}/*.conf`, `Port ${port}`, 'ListenAddress 127.0.0.1', `HostKey ${hostKey}`, 'PidFile none', 'UsePAM no',
-        'PasswordAuthentication no', 'KbdInteractiveAuthentication no', `AllowUsers ${alice}`, 'LogLevel VERBOSE', ''].join('\n'),
-    );
-    await fsp.mkdir('/run/sshd', { recursive: true, mode: 0o755 });
-    const daemon = spawn('/usr/sbin/sshd', ['-D', '-e', '-f', main], { stdio: ['ignore', 'ignore', 'pipe'] });
-    let log = '';
-    daemon.stderr.on('data', (d: Buffer) => (log += d.toString()));
+    const live = join(top, 'live');
+    await fsp.mkdir(live);
+    const daemon = await startLayoutSshd(live, sshd, [alice]);
+    const port = daemon.port;
+    const log = () => daemon.log();
     try {
-      for (let i = 0; i < 100 && !/Server listening/.test(log) && daemon.exitCode === null; i++) await new Promise((r) => setTimeout(r, 50));
-      assert.match(log, /Server listening/);
       const ssh = (...args: string[]) =>
         run('ssh', ['-n', '-F', '/dev/null', '-i', join(top, 'alice'), '-p', String(port), '-o', 'BatchMode=yes', '-o', 'IdentitiesOnly=yes',
           '-o', 'StrictHostKeyChecking=no', '-o', 'UserKnownHostsFile=/dev/null', '-o', 'LogLevel=ERROR', ...args]);
       const r = await ssh(`${alice}@127.0.0.1`, 'echo pwned; id');
       const tty = await ssh('-tt', `${alice}@127.0.0.1`);
-      assert.match(log, new RegExp(`Accepted publickey for ${alice}`), log);
-      assert.doesNotMatch(r.stdout, /pwned|uid=/);
-      // the forced serve ran as alice: it reports the missing /etc configuration (this test's is elsewhere)
-      if (!existsSync('/etc/snapcrypt/server.json')) assert.match(r.stderr, /snapcrypt-server: .*server configuration/, r.stderr);
+      assert.match(log(), new RegExp(`Accepted publickey for ${alice}`), log());
+      assert.doesNotMatch(r.stdout, /^pwned$|uid=\d+\(/m, 'the command did not run'); // the refusal quotes it
+      // the forced serve ran as alice, found this test's configuration and refused the command as data
+      assert.match(r.stderr, /snapcrypt-server: .*only runs "snapcrypt-server serve", not "echo pwned; id"/, r.stderr);
       assert.doesNotMatch(tty.stdout + tty.stderr, /\$ |# /);
       assert.match(tty.stderr, /PTY allocation request failed/);
-      assert.match(log, /Starting session: forced-command/);
+      assert.match(log(), /Starting session: forced-command/);
     } finally {
-      daemon.kill('SIGTERM');
+      await daemon.stop();
     }
   });
 
@@ -394,16 +321,16 @@ console.log(JSON.stringify({ commits: out, snaps, firstObject: (await first.getO
 
   it('the seal helper refuses root, strangers and arguments', async () => {
     const env = (uid?: string): NodeJS.ProcessEnv => ({ PATH: '/usr/bin:/bin', ...(uid === undefined ? {} : { SUDO_UID: uid }) });
-    const noUid = await run(seal, [], env());
+    const noUid = await run(seal, [], { env: env() });
     assert.equal(noUid.code, 2);
     assert.match(noUid.stderr, /^snapcrypt-seal: SUDO_UID/);
-    const asRoot = await run(seal, [], env('0'));
+    const asRoot = await run(seal, [], { env: env('0') });
     assert.notEqual(asRoot.code, 0);
     assert.match(asRoot.stderr, /refusing to seal for root/);
-    const nobody = await run(seal, [], env('65534'));
+    const nobody = await run(seal, [], { env: env('65534') });
     assert.notEqual(nobody.code, 0);
     assert.match(nobody.stderr, /not in group/);
-    const args = await run(seal, ['x'], env(String((await fsp.stat(join(root, 'users', alice, 'current', 'repo'))).uid)));
+    const args = await run(seal, ['x'], { env: env(String((await fsp.stat(join(root, 'users', alice, 'current', 'repo'))).uid)) });
     assert.equal(args.code, 2);
     assert.match(args.stderr, /takes no arguments/);
     assert.equal(args.stderr.trim().split('\n').length, 1);

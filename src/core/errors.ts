@@ -77,3 +77,21 @@ export function exitStatusOf(err: unknown): number {
 export function isSnapError(err: unknown, code?: ErrorCode): err is SnapError {
   return err instanceof SnapError && (code === undefined || err.code === code);
 }
+
+/**
+ * An I/O failure as a SnapError ('io'), with "what" naming the operation and its target. A full disk
+ * or an exhausted quota says so in words, and what to do: nothing half-written is ever committed, so
+ * the command can simply run again once there is room.
+ */
+export function ioFailure(what: string, err: unknown): SnapError {
+  if (err instanceof SnapError) return err;
+  const errno = (err as { code?: unknown } | null)?.code;
+  if (errno === 'ENOSPC' || errno === 'EDQUOT') {
+    const why = errno === 'ENOSPC' ? 'no space left on the disk' : 'the disk quota is used up';
+    return new SnapError('io', `${what}: ${why} (${errno}); nothing was committed, earlier snapshots are intact`, {
+      cause: err,
+      hint: 'free space on that disk, or ask the backup server\'s administrator; then run it again: it resumes where it stopped',
+    });
+  }
+  return new SnapError('io', `${what}: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
+}

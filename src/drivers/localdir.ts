@@ -47,7 +47,7 @@ import { promisify } from 'node:util';
 import * as fsp from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { join, resolve } from 'node:path';
-import { IntegrityError, SnapError } from '../core/errors.js';
+import { IntegrityError, ioFailure, SnapError } from '../core/errors.js';
 import { isValidFileName, isValidObjectId } from '../storage/types.js';
 import type { DirectWriterSpec, Lock, ObjectReader, SnapshotInfo, Storage } from '../storage/types.js';
 
@@ -99,8 +99,7 @@ function messageOf(err: unknown): string {
 }
 
 function ioError(what: string, err: unknown): SnapError {
-  if (err instanceof SnapError) return err;
-  return new SnapError('io', `${what}: ${messageOf(err)}`, { cause: err });
+  return ioFailure(what, err);
 }
 
 /** A user-supplied string, quoted and shortened for an error message. */

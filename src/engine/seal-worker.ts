@@ -39,7 +39,8 @@ port.on('message', async (jobs: SealJob[]) => {
         if (sealed.byteOffset === 0 && sealed.byteLength === sealed.buffer.byteLength) transfer.push(sealed.buffer as ArrayBuffer);
       }
     } catch (err) {
-      replies.push({ seq: job.seq, error: err instanceof Error ? err.message : String(err) });
+      const errno = (err as { code?: unknown }).code;
+      replies.push({ seq: job.seq, error: err instanceof Error ? err.message : String(err), ...(typeof errno === 'string' ? { errno } : {}) });
     }
   }
   port.postMessage(replies, transfer);

@@ -8,6 +8,7 @@ import { Worker } from 'node:worker_threads';
 import { zstdCompressSync, constants as zc } from 'node:zlib';
 import { type Keys, type ObjectTypeCode, Compression, sealObject } from '../core/crypto.js';
 import type { DirectWriterSpec } from '../storage/types.js';
+import { ioFailure } from '../core/errors.js';
 
 /** zstd level 3; objects under 128 bytes, or that shrink by less than 3%, are stored uncompressed. */
 export const ZSTD_LEVEL = 3;
@@ -40,6 +41,8 @@ export interface SealDone {
   /** Bytes written, when it does. */
   readonly written?: number;
   readonly error?: string;
+  /** The errno code of a failed write (ENOSPC...), when the worker wrote the object itself. */
+  readonly errno?: string;
 }
 
 export interface SealWorkerData {
@@ -110,6 +113,7 @@ export class SealPool {
     this.load[worker]!--;
     if (m.sealed) job.resolve(Buffer.from(m.sealed.buffer, m.sealed.byteOffset, m.sealed.byteLength));
     else if (m.written !== undefined) job.resolve(m.written);
+    else if (m.errno !== undefined) job.reject(ioFailure('Cannot store an object in the repository', Object.assign(new Error(m.error ?? m.errno), { code: m.errno })));
     else job.reject(new Error(m.error ?? 'seal worker failed'));
   }
 

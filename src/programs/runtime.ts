@@ -1,12 +1,18 @@
 /**
- * V8 settings for memory-heavy commands. A backup allocates many short-lived objects per file; with
- * V8's defaults on a large machine the heap grew to ~150 MB around ~15-30 MB of live data, and peak RSS
- * for 100,000 small files reached ~290 MB. --optimize-for-size keeps the heap close to its live size
- * (measured: 175 MiB peak for 100,000 files, same speed). V8 flags are process-wide, so the seal
- * worker threads get it too.
+ * Process-level settings shared by the programs: V8 flags for memory-heavy commands, and how a program
+ * ends.
  *
- * Only `backup` sets it, at its start: restores run with it set process-wide hung at exit in 3 of 4
- * CI runs (after all output was written), and never without it; the cause is not known yet.
+ * optimizeForSize: a backup allocates many short-lived objects per file; with V8's defaults on a large
+ * machine the heap grew to ~150 MB around ~15-30 MB of live data, and peak RSS for 100,000 small files
+ * reached ~290 MB. --optimize-for-size keeps the heap close to its live size (measured: 175 MiB peak for
+ * 100,000 files, same speed). V8 flags are process-wide, so the seal worker threads get it too.
+ *
+ * finish: a program ends by letting its event loop drain, not by process.exit(). process.exit() shuts
+ * Node's platform threads down without tearing the V8 heap down first; a background compile job
+ * (concurrent Sparkplug) that is waiting for the main thread to collect garbage then waits forever, and
+ * process.exit() waits for it: the process hangs after it has done all its work (seen in tests, mostly
+ * with --optimize-for-size, whose small heap makes such waits likely; native stacks in DESIGN.md). A
+ * natural exit disposes of the isolate, which releases such waits.
  */
 import v8 from 'node:v8';
 
@@ -15,4 +21,19 @@ export function optimizeForSize(): void {
   if (applied) return;
   applied = true;
   v8.setFlagsFromString('--optimize-for-size');
+}
+
+/** How long finish() waits for the event loop to drain before it gives up and calls process.exit(). */
+const DRAIN_GRACE_MS = 10_000;
+
+/**
+ * Ends the program with `code` once nothing is left to do. Should something still hold the event loop
+ * (a leaked handle: a bug), the program says so on stderr and exits anyway after DRAIN_GRACE_MS.
+ */
+export function finish(code: number, name: string): void {
+  process.exitCode = code;
+  setTimeout(() => {
+    process.stderr.write(`${name}: still running ${DRAIN_GRACE_MS / 1000} s after finishing; exiting\n`);
+    process.exit(code);
+  }, DRAIN_GRACE_MS).unref();
 }

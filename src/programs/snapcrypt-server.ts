@@ -12,6 +12,7 @@ import { openStorage } from '../drivers/open.js';
 import { refuse, serve } from '../server/serve.js';
 import type { Storage } from '../storage/types.js';
 import { addUser, DEFAULTS, install } from '../server/admin.js';
+import { finish } from './runtime.js';
 
 interface Command {
   /** Lines for the help text, e.g. "snapshots --repo DIR [--json]   list ..." */
@@ -45,9 +46,11 @@ const log = (line: string): void => {
 
 const commands: Record<string, Command> = {
   serve: {
-    usage: `  serve [--area DIR]              speak the snapcrypt protocol on stdin/stdout (the command that an
-                                  authorized_keys line forces); the area is DIR, else
-                                  $SNAPCRYPT_SERVER_AREA, else the user's area in the server layout`,
+    usage: `  serve [--area DIR | --config FILE]
+                                  speak the snapcrypt protocol on stdin/stdout (the command that sshd
+                                  forces); the area is DIR, else $SNAPCRYPT_SERVER_AREA, else the
+                                  user's area in the server layout of FILE (default
+                                  ${DEFAULTS.etc}/snapcrypt/server.json)`,
     run: (args) => serveCommand(args),
   },
   snapshots: {
@@ -142,13 +145,13 @@ Exit status: 0 ok, 2 usage, 7 not found, 9 I/O error, 10 protocol error.`;
 }
 
 /** The user's area from src/server/area.ts, when that module provides openUserArea. */
-async function userArea(): Promise<Storage> {
+async function userArea(configFile: string | undefined): Promise<Storage> {
   const mod = (await import('../server/area.js').catch(() => null)) as Record<string, unknown> | null;
   const open = mod?.['openUserArea'];
   if (typeof open !== 'function') {
     throw new SnapError('usage', 'serve: no area given: use --area DIR or set SNAPCRYPT_SERVER_AREA');
   }
-  return (await (open as () => Promise<Storage>)()) satisfies Storage;
+  return (await (open as (o: { configFile?: string }) => Promise<Storage>)(configFile === undefined ? {} : { configFile })) satisfies Storage;
 }
 
 /** serve: stdout carries only protocol frames; diagnostics go to stderr. */
@@ -158,12 +161,13 @@ async function serveCommand(rest: string[]): Promise<number> {
   try {
     let values;
     try {
-      values = parseArgs({ args: rest, options: { area: { type: 'string' } } }).values;
+      values = parseArgs({ args: rest, options: { area: { type: 'string' }, config: { type: 'string' } } }).values;
     } catch (err) {
       throw new SnapError('usage', `serve: ${(err as Error).message}`);
     }
     const area = values.area ?? process.env['SNAPCRYPT_SERVER_AREA'];
-    storage = area ? await openStorage(area) : await userArea();
+    if (area && values.config !== undefined) throw new SnapError('usage', 'serve: give --area or --config, not both');
+    storage = area ? await openStorage(area) : await userArea(values.config);
   } catch (err) {
     const e = err instanceof SnapError ? err : new SnapError('internal', String(err));
     logErr(e.message);
@@ -196,4 +200,4 @@ async function main(argv: string[]): Promise<number> {
   }
 }
 
-process.exit(await main(process.argv.slice(2)));
+finish(await main(process.argv.slice(2)), 'snapcrypt-server');

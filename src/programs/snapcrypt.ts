@@ -11,6 +11,7 @@ import { verifyCommand } from '../cli/verify.js';
 import { keyCommand } from '../cli/key.js';
 import { demoCommand } from '../cli/demo.js';
 import { setupCommand } from '../cli/setup.js';
+import { finish } from './runtime.js';
 
 const VERSION = '0.1.0';
 const commands: Command[] = [initCommand, backupCommand, snapshotsCommand, lsCommand, restoreCommand, verifyCommand, keyCommand, setupCommand, demoCommand];
@@ -81,4 +82,4 @@ for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
   });
 }
 
-exit(await main(process.argv.slice(2)));
+finish(await main(process.argv.slice(2)), 'snapcrypt');

@@ -187,7 +187,8 @@ export async function install(opts: InstallOptions): Promise<ServerConfig> {
   const helperSource = fileURLToPath(new URL('./seal-helper.js', import.meta.url));
   const program = fileURLToPath(new URL('../programs/snapcrypt-server.js', import.meta.url));
   checkPlainPath('node', node);
-  const serve = opts.serve ?? `${node} ${program} serve`;
+  // serve finds the configuration at its default place; anywhere else, the forced command names it.
+  const serve = opts.serve ?? `${node} ${program} serve${configFile === DEFAULT_CONFIG_FILE ? '' : ` --config ${configFile}`}`;
   if (opts.serve === undefined) checkPlainPath('snapcrypt-server', program);
   if (/[\n\r"\\]/.test(serve) || serve.trim() === '') throw new SnapError('usage', `Invalid serve command ${JSON.stringify(serve)}`);
 
