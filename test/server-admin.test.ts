@@ -205,6 +205,31 @@ describe('snapcrypt-server install, adduser and the sealed user area', { skip },
       assert.doesNotMatch(tty.stdout + tty.stderr, /\$ |# /);
       assert.match(tty.stderr, /PTY allocation request failed/);
       assert.match(log(), /Starting session: forced-command/);
+
+      // no other way in: other commands, sftp, scp (both protocols), stdio and remote forwarding
+      const common = ['-F', '/dev/null', '-i', join(top, 'alice'), '-o', 'BatchMode=yes', '-o', 'IdentitiesOnly=yes',
+        '-o', 'StrictHostKeyChecking=no', '-o', 'UserKnownHostsFile=/dev/null', '-o', 'LogLevel=ERROR'];
+      const secret = join(top, 'secret.txt');
+      await fsp.writeFile(secret, 'not for alice\n', { mode: 0o644 });
+      const ls = await ssh(`${alice}@127.0.0.1`, 'ls', '/');
+      assert.doesNotMatch(ls.stdout, /^(etc|usr|bin)$/m, 'ls ran');
+      const shc = await ssh(`${alice}@127.0.0.1`, 'sh', '-c', `'cat ${secret}'`);
+      assert.doesNotMatch(shc.stdout, /not for alice/);
+      const batch = join(top, 'sftp-batch');
+      await fsp.writeFile(batch, `get ${secret} ${join(top, 'got-sftp')}\n`);
+      const sftp = await run('sftp', [...common, '-P', String(port), '-b', batch, `${alice}@127.0.0.1`]);
+      assert.notEqual(sftp.code, 0, 'sftp');
+      for (const legacy of [[], ['-O']]) {
+        const scp = await run('scp', [...common, ...legacy, '-P', String(port), `${alice}@127.0.0.1:${secret}`, join(top, 'got-scp')]);
+        assert.notEqual(scp.code, 0, `scp ${legacy.join(' ')}`);
+      }
+      for (const f of ['got-sftp', 'got-scp']) await assert.rejects(fsp.stat(join(top, f)), `${f} must not exist`);
+      const stdioForward = await run('ssh', [...common, '-p', String(port), '-W', `127.0.0.1:${port}`, `${alice}@127.0.0.1`]);
+      assert.notEqual(stdioForward.code, 0, 'ssh -W');
+      assert.match(stdioForward.stderr, /administratively prohibited|forwarding/i, stdioForward.stderr);
+      const remoteForward = await run('ssh', [...common, '-n', '-p', String(port), '-o', 'ExitOnForwardFailure=yes', '-R', '0:127.0.0.1:22', `${alice}@127.0.0.1`]);
+      assert.notEqual(remoteForward.code, 0, 'ssh -R');
+      assert.match(remoteForward.stderr, /forwarding failed/i, remoteForward.stderr);
     } finally {
       await daemon.stop();
     }
