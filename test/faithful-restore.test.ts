@@ -396,3 +396,44 @@ test('hard links on two file systems that reuse an inode number stay apart', asy
   assertSameTree(await treeSnapshot(path.join(target, x)), await treeSnapshot(x), 'x');
   assertSameTree(await treeSnapshot(path.join(target, y)), await treeSnapshot(y), 'y');
 });
+
+test('a file that grew after lstat is stored whole (short, exactly one chunk, and longer)', async () => {
+  // The race (a file appended to between lstat and read) cannot be timed from outside; a source whose
+  // lstat reports the sizes from before the append stands in for it. The content read is real.
+  const base = await scratch('faithful-grew');
+  const chunk = 1024 * 1024;
+  const sizes: Record<string, [number, number]> = {
+    'small.txt': [10, 25], // short chunk, then more within the chunk
+    'edge.bin': [chunk - 3, chunk + 5], // short chunk, then more past the chunk boundary
+    'exact.bin': [chunk, chunk + 100], // exactly one chunk, then more
+    'two.bin': [2 * chunk, 3 * chunk + 7], // whole chunks, then more than a chunk
+  };
+  const reported = new Map<string, number>();
+  for (const [name, [before, after]] of Object.entries(sizes)) {
+    const p = path.join(base, name);
+    fs.writeFileSync(p, randomBytes(after));
+    reported.set(p, before);
+  }
+  class Grew extends LocalSourceFs {
+    override lstat(p: Buffer): SourceStat {
+      const st = super.lstat(p);
+      const size = reported.get(p.toString());
+      return size === undefined ? st : { ...st, size };
+    }
+  }
+  const r = await makeRepo();
+  const storage = await openStorage(r.repo);
+  const source = new Grew();
+  try {
+    const repo = await Repository.open(storage, Buffer.from(r.env['SNAPCRYPT_PASSWORD']!), null);
+    await backup(repo, { paths: [base], source, host: 'test', user: 'test' });
+  } finally {
+    await source.finish();
+    await storage.close();
+  }
+  const target = await scratch('faithful-grew-out');
+  expectExit(await runCli(['restore', '--repo', r.repo, 'latest', '--target', target], { env: r.env }), 'restore');
+  for (const name of Object.keys(sizes)) {
+    assert.ok(fs.readFileSync(path.join(target, base, name)).equals(fs.readFileSync(path.join(base, name))), name);
+  }
+});

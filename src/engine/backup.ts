@@ -198,12 +198,17 @@ async function readFileChunks(w: Walk, p: Buffer, st: SourceStat): Promise<{ chu
   try {
     for (;;) {
       // buffers sized by what lstat said is left, so small files do not pin a whole chunk each
-      const want = Math.min(cs, Math.max(st.size - pos, 0));
+      let want = Math.min(cs, Math.max(st.size - pos, 0));
+      if (want === 0) {
+        // lstat's size is reached: go on only if the file grew since (a one-byte probe, no chunk buffer)
+        if (readFull(w, fd, PROBE, pos) === 0) break;
+        want = cs;
+      }
       // allocUnsafeSlow: never a slice of the shared pool, so it moves to a worker thread without a copy
-      let data = Buffer.allocUnsafeSlow(want === 0 ? cs : want);
+      let data = Buffer.allocUnsafeSlow(want);
       let n = readFull(w, fd, data, pos);
-      if (n === want && want > 0 && want < cs) {
-        // the file may have grown since lstat: a short chunk is only allowed at the end
+      if (n === want && want < cs && readFull(w, fd, PROBE, pos + n) > 0) {
+        // the file grew since lstat: a short chunk is only allowed at the end
         const more = Buffer.allocUnsafeSlow(cs - want);
         const m = readFull(w, fd, more, pos + n);
         if (m > 0) {
@@ -234,6 +239,8 @@ async function readFileChunks(w: Walk, p: Buffer, st: SourceStat): Promise<{ chu
 }
 
 const ZEROS = Buffer.alloc(64 * 1024);
+/** Reads past lstat's size, to see whether a file grew (read synchronously, so one buffer serves all). */
+const PROBE = Buffer.alloc(1);
 function isZero(b: Buffer): boolean {
   for (let off = 0; off < b.length; off += ZEROS.length) {
     const end = Math.min(b.length, off + ZEROS.length);
