@@ -335,16 +335,17 @@ class DirReader implements ObjectReader {
       throw ioError(`Cannot list the objects in ${this.label}`, err);
     }
     for (const prefix of prefixes) {
-      let dir;
+      // one readdir per prefix directory: several times faster than iterating an opendir handle
+      let names: string[];
       try {
-        dir = await fsp.opendir(join(this.dir, 'objects', prefix));
+        names = await fsp.readdir(join(this.dir, 'objects', prefix));
       } catch (err) {
         const code = errnoOf(err);
         if (code === 'ENOENT' || code === 'ENOTDIR') continue;
         throw ioError(`Cannot list the objects in ${this.label}`, err);
       }
-      for await (const entry of dir) {
-        if (isValidObjectId(entry.name) && entry.name.startsWith(prefix)) yield entry.name;
+      for (const name of names) {
+        if (isValidObjectId(name) && name.startsWith(prefix)) yield name;
       }
     }
   }
