@@ -15,6 +15,7 @@ import {
   FrameDecoder,
   LIST_BATCH,
   MAX_FRAME_LENGTH,
+  MAX_INDEX_BYTES,
   MAX_IN_FLIGHT,
   Msg,
   PROTOCOL_VERSION,
@@ -59,6 +60,11 @@ const OUTPUT_HIGH_WATER = 32 * 1024 * 1024;
 const STDERR_KEEP = 8192;
 /** Request id of BYE; ordinary requests use 1 .. BYE_ID - 1. */
 const BYE_ID = 0xffffffff;
+/** Bytes of the index per INDEX_PART (32 Ki ids): small, so that the server holds little of it. */
+const INDEX_PART_BYTES = 1024 * 1024;
+/** INDEX_PART frames sent before the answer to the oldest one arrives (4 MiB unanswered at most). */
+const INDEX_PARTS_IN_FLIGHT = 4;
+const ID_BYTES = 32;
 
 /** Parses ssh://[user@]host[:port][/]; SnapError('usage') for anything else. */
 export function parseSshUrl(url: string): SshTarget {
@@ -179,7 +185,13 @@ class Connection {
       this.write(encodeFrame(Msg.HELLO, 1, encodeHello({ version: PROTOCOL_VERSION, wish: 'serve' })));
     });
     this.hello = null;
-    if (frame.type === Msg.ERROR) throw this.serverError(decodeError(frame.payload), true);
+    if (frame.type === Msg.ERROR) {
+      const e = decodeError(frame.payload);
+      if (e.code === 'unsupported-version' && e.hint === undefined) {
+        throw this.serverError({ ...e, hint: `snapcrypt here speaks protocol version ${PROTOCOL_VERSION}: update the side that is older` }, true);
+      }
+      throw this.serverError(e, true);
+    }
     if (frame.type !== Msg.HELLO_OK) throw this.protocolFailure(`expected HELLO_OK, got message type 0x${frame.type.toString(16)}`);
     const ok = decodeHelloOk(frame.payload);
     if (ok.version !== PROTOCOL_VERSION) throw this.protocolFailure(`the server answered with protocol version ${ok.version}`);
@@ -309,8 +321,28 @@ class Connection {
     }
   }
 
-  /** Sends one request and resolves with its (single) response. */
-  async call(req: Request, onBatch?: (ids: string[], id: number) => void): Promise<Response> {
+  private sentInOrder: Promise<void> = Promise.resolve();
+
+  /**
+   * Like call, but the request is written only after every earlier callInOrder request was written
+   * (INDEX_PART frames and their COMMIT must arrive in order; the server carries them out in order).
+   */
+  callInOrder(req: Request): Promise<Response> {
+    const previous = this.sentInOrder;
+    let sent!: () => void;
+    this.sentInOrder = new Promise<void>((resolve) => (sent = resolve));
+    return (async () => {
+      try {
+        await previous;
+        return await this.call(req, undefined, sent);
+      } finally {
+        sent();
+      }
+    })();
+  }
+
+  /** Sends one request and resolves with its (single) response; onSent runs once it is written. */
+  async call(req: Request, onBatch?: (ids: string[], id: number) => void, onSent?: () => void): Promise<Response> {
     const { type, payload } = encodeRequest(req); // validates arguments before anything is sent
     if (this.failure) throw this.failure;
     await this.acquire();
@@ -325,6 +357,7 @@ class Connection {
       if (onBatch) p.onBatch = (ids) => onBatch(ids, id);
       this.pending.set(id, p);
       this.write(encodeFrame(type, id, payload));
+      onSent?.();
     });
   }
 
@@ -480,8 +513,38 @@ export class RemoteStorage extends RemoteReader implements Storage {
   async putObject(id: string, data: Buffer): Promise<void> {
     expect(await this.conn.call({ type: 'putObject', id, data }), 'ok');
   }
+  /**
+   * The index travels in INDEX_PART frames of INDEX_PART_BYTES (at most INDEX_PARTS_IN_FLIGHT
+   * unanswered), then COMMIT names its length. After a failed part no more parts are sent; the COMMIT
+   * then names what was sent, and the server answers it with that failure without committing.
+   */
   async commit(head: Buffer, index: Buffer): Promise<SnapshotInfo> {
-    return expect(await this.conn.call({ type: 'commit', head, index }), 'snapshot').info;
+    if (index.length % ID_BYTES !== 0) {
+      throw new SnapError('integrity', `Cannot commit to ${this.location}: index of ${index.length} bytes is not a whole number of 32-byte ids`);
+    }
+    if (index.length > MAX_INDEX_BYTES) {
+      throw new SnapError('usage', `Cannot commit to ${this.location}: ${index.length / ID_BYTES} objects exceed the protocol's limit of ${MAX_INDEX_BYTES / ID_BYTES}`);
+    }
+    let failure: unknown = null;
+    const inFlight: Promise<void>[] = [];
+    let sent = 0;
+    while (sent < index.length && failure === null) {
+      if (inFlight.length >= INDEX_PARTS_IN_FLIGHT) {
+        await inFlight.shift();
+        continue;
+      }
+      const ids = index.subarray(sent, Math.min(index.length, sent + INDEX_PART_BYTES));
+      const part = this.conn.callInOrder({ type: 'indexPart', offset: sent, ids });
+      inFlight.push(part.then((res) => void expect(res, 'ok'), (err: unknown) => void (failure ??= err)));
+      sent += ids.length;
+    }
+    const committed = this.conn.callInOrder({ type: 'commit', head, indexLength: sent });
+    await Promise.all(inFlight);
+    if (failure !== null) {
+      await committed.catch(() => undefined);
+      throw failure;
+    }
+    return expect(await committed, 'snapshot').info;
   }
   async listSnapshots(): Promise<SnapshotInfo[]> {
     return expect(await this.conn.call({ type: 'listSnapshots' }), 'snapshots').infos;
