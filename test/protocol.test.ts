@@ -31,7 +31,8 @@ import {
   encodeResponse,
 } from '../src/core/protocol.js';
 import type { Frame, Request, Response } from '../src/core/protocol.js';
-import { RemoteStorage, parseSshUrl, sshArgs } from '../src/drivers/ssh.js';
+import { RemoteStorage } from '../src/drivers/ssh.js';
+import { parseSshTarget, sshIdentity, sshInvocation } from '../src/drivers/sshkeys.js';
 import { LocalDirStorage } from '../src/drivers/localdir.js';
 import { serve } from '../src/server/serve.js';
 import type { Storage } from '../src/storage/types.js';
@@ -199,15 +200,27 @@ describe('protocol codec', () => {
 });
 
 describe('ssh URLs', () => {
-  it('parses ssh://[user@]host[:port]/ and builds a safe ssh command line', () => {
-    assert.deepEqual(parseSshUrl('ssh://alice@backup.example:2222/'), { user: 'alice', host: 'backup.example', port: 2222 });
-    assert.deepEqual(parseSshUrl('ssh://h'), { user: undefined, host: 'h', port: undefined });
-    for (const bad of ['ssh://-oProxyCommand=x/', 'ssh://a@b/path', 'ssh://a b@c/', 'ssh://h:99999/', 'sftp://h/', 'ssh://@h/']) {
-      assert.throws(() => parseSshUrl(bad), (err: unknown) => isSnapError(err, 'usage'), bad);
+  it('parses ssh://[user@]host[:port]/ and builds a safe plain ssh command line where snapcrypt has no key', async () => {
+    assert.deepEqual(parseSshTarget('ssh://alice@backup.example:2222/'), { user: 'alice', host: 'backup.example', port: 2222 });
+    assert.deepEqual(parseSshTarget('ssh://h'), { user: undefined, host: 'h', port: undefined });
+    assert.deepEqual(parseSshTarget('ssh://[::1]:22/'), { user: undefined, host: '::1', port: 22 });
+    for (const bad of ['ssh://-oProxyCommand=x/', 'ssh://a@b/path', 'ssh://a b@c/', 'ssh://h:99999/', 'sftp://h/', 'ssh://@h/', 'ssh://-l@h/', 'ssh://[-x]/', 'ssh://h:/']) {
+      assert.throws(() => parseSshTarget(bad), (err: unknown) => isSnapError(err, 'usage'), bad);
     }
-    const args = sshArgs(parseSshUrl('ssh://alice@h:22/'), { identityFile: '/k', knownHostsFile: '/kh', extraOptions: ['-v'] });
-    assert.deepEqual(args.slice(-4), ['alice', '--', 'h', 'snapcrypt-server serve']);
-    assert.ok(args.includes('BatchMode=yes') && args.includes('-T') && args.includes('UserKnownHostsFile=/kh'));
+    // no snapcrypt key in this configuration directory: plain ssh, even with a passphrase at hand
+    const id = sshIdentity(await tempDir('no-key'));
+    let asked = false;
+    const passphrase = async () => ((asked = true), Buffer.from('x'));
+    const inv = await sshInvocation(parseSshTarget('ssh://alice@h:22/'), 'snapcrypt-server serve', { identity: id, passphrase, extraOptions: ['-v'] });
+    assert.equal(inv.snapcryptKey, false);
+    assert.equal(inv.env, undefined);
+    assert.equal(asked, false, 'the passphrase is not asked without a key');
+    const args = inv.args;
+    assert.deepEqual(args.slice(-8), ['-v', '-p', '22', '-l', 'alice', '--', 'h', 'snapcrypt-server serve']);
+    assert.ok(args.includes('BatchMode=yes') && args.includes('-T') && args.includes('Ciphers=aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com'));
+    const bare = (await sshInvocation(parseSshTarget('ssh://h'), 'snapcrypt-server serve', { identity: id })).args;
+    assert.deepEqual(bare.slice(-3), ['--', 'h', 'snapcrypt-server serve']);
+    assert.ok(!bare.includes('-p') && !bare.includes('-l'), 'ssh picks port and user from its configuration');
   });
 });
 

@@ -30,6 +30,8 @@ import {
 } from '../core/protocol.js';
 import type { Frame, Request, Response, Scope } from '../core/protocol.js';
 import type { Lock, ObjectReader, SnapshotInfo, Storage } from '../storage/types.js';
+import { parseSshTarget, sshInvocation } from './sshkeys.js';
+import type { SshInvocationOptions } from './sshkeys.js';
 
 export interface Transport {
   readonly readable: Readable;
@@ -38,21 +40,6 @@ export interface Transport {
   close(): Promise<void>;
   /** What to say about the connection in an error message (e.g. the last lines ssh wrote to stderr). */
   describe(): string;
-}
-
-export interface SshOptions {
-  readonly identityFile?: string;
-  readonly knownHostsFile?: string;
-  /** More ssh arguments, placed before the destination (e.g. ['-o', 'StrictHostKeyChecking=no']). */
-  readonly extraOptions?: readonly string[];
-  /** The ssh program (default "ssh"). */
-  readonly sshCommand?: string;
-}
-
-export interface SshTarget {
-  readonly user: string | undefined;
-  readonly host: string;
-  readonly port: number | undefined;
 }
 
 /** Bytes waiting in the output before new requests wait for it to drain. */
@@ -66,40 +53,8 @@ const INDEX_PART_BYTES = 1024 * 1024;
 const INDEX_PARTS_IN_FLIGHT = 4;
 const ID_BYTES = 32;
 
-/** Parses ssh://[user@]host[:port][/]; SnapError('usage') for anything else. */
-export function parseSshUrl(url: string): SshTarget {
-  const m = /^ssh:\/\/(?:([A-Za-z0-9._][A-Za-z0-9._-]{0,63})@)?([A-Za-z0-9][A-Za-z0-9.-]{0,252}|\[[0-9A-Fa-f:.]+\])(?::(\d{1,5}))?\/?$/.exec(url);
-  if (!m) {
-    throw new SnapError('usage', `Invalid repository URL ${JSON.stringify(url)}: expected ssh://[user@]host[:port]/`, {
-      hint: 'The server decides where the repository lives; the URL carries no path.',
-    });
-  }
-  const port = m[3] === undefined ? undefined : Number(m[3]);
-  if (port !== undefined && (port < 1 || port > 65535)) throw new SnapError('usage', `Invalid port in ${url}`);
-  const host = m[2]!.startsWith('[') ? m[2]!.slice(1, -1) : m[2]!;
-  return { user: m[1], host, port };
-}
-
-/** The ssh command line for a target (exported for tests and `snapcrypt setup`). */
-export function sshArgs(target: SshTarget, opts: SshOptions = {}): string[] {
-  const args = [
-    '-o', 'BatchMode=yes',
-    '-o', 'Ciphers=aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com',
-    '-o', 'ServerAliveInterval=15',
-    '-e', 'none',
-    '-T',
-  ];
-  if (target.port !== undefined) args.push('-p', String(target.port));
-  if (opts.identityFile !== undefined) args.push('-i', opts.identityFile, '-o', 'IdentitiesOnly=yes');
-  if (opts.knownHostsFile !== undefined) args.push('-o', `UserKnownHostsFile=${opts.knownHostsFile}`);
-  args.push(...(opts.extraOptions ?? []));
-  if (target.user !== undefined) args.push('-l', target.user);
-  args.push('--', target.host, 'snapcrypt-server serve');
-  return args;
-}
-
-/** SshOptions from the environment: SNAPCRYPT_SSH_OPTIONS holds extra ssh arguments split on white space. */
-export function sshOptionsFromEnv(env: Readonly<Record<string, string | undefined>>): SshOptions {
+/** ssh options from the environment: SNAPCRYPT_SSH_OPTIONS holds extra ssh arguments split on white space. */
+export function sshOptionsFromEnv(env: Readonly<Record<string, string | undefined>>): { extraOptions?: string[] } {
   const extra = env['SNAPCRYPT_SSH_OPTIONS']?.trim();
   return extra ? { extraOptions: extra.split(/\s+/) } : {};
 }
@@ -495,10 +450,13 @@ export class RemoteStorage extends RemoteReader implements Storage {
     return RemoteStorage.open(childTransport(cmd, args, env), location);
   }
 
-  /** Connects with the system ssh to ssh://[user@]host[:port]/, whose forced command runs the server. */
-  static async connectSsh(url: string, opts: SshOptions = {}): Promise<RemoteStorage> {
-    const args = sshArgs(parseSshUrl(url), opts);
-    return RemoteStorage.spawn(opts.sshCommand ?? 'ssh', args, url);
+  /**
+   * Connects with the system ssh to ssh://[user@]host[:port]/, whose forced command runs the server;
+   * the command line comes from sshInvocation (snapcrypt's key where it exists, else plain ssh).
+   */
+  static async connectSsh(url: string, opts: SshInvocationOptions = {}): Promise<RemoteStorage> {
+    const ssh = await sshInvocation(parseSshTarget(url), 'snapcrypt-server serve', opts);
+    return RemoteStorage.spawn('ssh', ssh.args, url, ssh.env);
   }
 
   async exists(): Promise<boolean> {
