@@ -65,9 +65,9 @@ function removeSync(path: string): void {
   rmdirSync(path);
 }
 
-/** A fresh directory under the system temp dir, removed when the process exits. */
-export async function tempDir(prefix: string): Promise<string> {
-  const dir = await fsp.mkdtemp(join(tmpdir(), `snapcrypt-${prefix}-`));
+/** A fresh directory under the system temp dir (or under base), removed when the process exits. */
+export async function tempDir(prefix: string, base: string = tmpdir()): Promise<string> {
+  const dir = await fsp.mkdtemp(join(base, `snapcrypt-${prefix}-`));
   removeOnExit(dir);
   return dir;
 }

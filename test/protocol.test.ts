@@ -8,11 +8,13 @@ import * as fsp from 'node:fs/promises';
 import { join, relative } from 'node:path';
 import { PassThrough } from 'node:stream';
 import { describe, it } from 'node:test';
-import { ExitStatus, isSnapError } from '../src/core/errors.js';
+import { ExitStatus, SnapError, isSnapError } from '../src/core/errors.js';
 import {
   FrameDecoder,
   LIST_BATCH,
   MAX_FRAME_LENGTH,
+  MAX_INDEX_BYTES,
+  MAX_INDEX_PART,
   MAX_PAYLOAD,
   Msg,
   PROTOCOL_VERSION,
@@ -29,9 +31,11 @@ import {
   encodeResponse,
 } from '../src/core/protocol.js';
 import type { Frame, Request, Response } from '../src/core/protocol.js';
-import { parseSshUrl, sshArgs } from '../src/drivers/ssh.js';
+import { RemoteStorage } from '../src/drivers/ssh.js';
+import { parseSshTarget, sshIdentity, sshInvocation } from '../src/drivers/sshkeys.js';
 import { LocalDirStorage } from '../src/drivers/localdir.js';
 import { serve } from '../src/server/serve.js';
+import type { Storage } from '../src/storage/types.js';
 import { tempDir } from './env.js';
 
 function bytesOf(parts: Buffer[]): Buffer {
@@ -63,7 +67,11 @@ const requests: Request[] = [
   { type: 'getObject', scope: SNAP, id: ID },
   { type: 'putObject', id: ID, data: Buffer.alloc(1000, 3) },
   { type: 'putObject', id: ID, data: Buffer.alloc(0) },
-  { type: 'commit', head: Buffer.from(`${ID}\n`), index: Buffer.from(ID, 'hex') },
+  { type: 'indexPart', offset: 0, ids: Buffer.from(ID, 'hex') },
+  { type: 'indexPart', offset: MAX_INDEX_BYTES - 64, ids: Buffer.alloc(64, 1) },
+  { type: 'commit', head: Buffer.from(`${ID}\n`), indexLength: 32 },
+  { type: 'commit', head: Buffer.from(`${ID}\n`), indexLength: MAX_INDEX_BYTES },
+  { type: 'commit', head: Buffer.alloc(0), indexLength: 0 },
   { type: 'listSnapshots' },
   { type: 'openSnapshot', name: SNAP },
   { type: 'lock', owner: 'backup of ~ on laptop ✓' },
@@ -97,6 +105,13 @@ describe('protocol codec', () => {
     }
   });
 
+  it('the largest index part fits one frame', () => {
+    const req: Request = { type: 'indexPart', offset: MAX_INDEX_BYTES - MAX_INDEX_PART, ids: Buffer.alloc(MAX_INDEX_PART, 1) };
+    const { type, payload } = encodeRequest(req);
+    const [f] = frames(bytesOf(encodeFrame(type, 7, payload)));
+    assert.deepEqual(decodeRequest(f!), req);
+  });
+
   it('every response survives encode and decode', () => {
     for (const res of responses) {
       const { type, payload } = encodeResponse(res);
@@ -125,6 +140,13 @@ describe('protocol codec', () => {
       { type: 'writeFile', name: 'keys/a/b', data: Buffer.alloc(1) },
       { type: 'listKeys', scope: '2026-02-30T00:00:00.000Z' },
       { type: 'openSnapshot', name: '..' },
+      { type: 'indexPart', offset: 0, ids: Buffer.alloc(0) },
+      { type: 'indexPart', offset: 0, ids: Buffer.alloc(33) },
+      { type: 'indexPart', offset: 16, ids: Buffer.alloc(32) },
+      { type: 'indexPart', offset: 0, ids: Buffer.alloc(MAX_INDEX_PART + 32) },
+      { type: 'indexPart', offset: MAX_INDEX_BYTES, ids: Buffer.alloc(32) },
+      { type: 'commit', head: Buffer.alloc(65), indexLength: 33 },
+      { type: 'commit', head: Buffer.alloc(65), indexLength: MAX_INDEX_BYTES + 32 },
     ];
     for (const req of bad) assert.throws(() => encodeRequest(req), (err: unknown) => isSnapError(err, 'usage'));
     assert.throws(() => encodeFrame(Msg.PUT_OBJECT, 1, [Buffer.alloc(MAX_PAYLOAD + 1)]), (err: unknown) => isSnapError(err, 'usage'));
@@ -138,7 +160,21 @@ describe('protocol codec', () => {
     assert.throws(() => decodeRequest(f(Msg.GET_OBJECT, Buffer.alloc(32))), proto); // scope length 0, 31 id bytes
     assert.throws(() => decodeRequest(f(Msg.READ_FILE, Buffer.from([0, 9, ...Buffer.from('../config')]))), proto);
     assert.throws(() => decodeRequest(f(Msg.READ_FILE, Buffer.from([0, 6, 0x63, 0x6f, 0x6e, 0x66, 0xff, 0x67]))), proto);
-    assert.throws(() => decodeRequest(f(Msg.COMMIT, Buffer.from([0, 0, 1, 0]))), proto);
+    assert.throws(() => decodeRequest(f(Msg.COMMIT, Buffer.from([0, 0, 1, 0]))), proto); // u64 index length cut short
+    const u64 = (v: number | bigint) => {
+      const b = Buffer.alloc(8);
+      b.writeBigUInt64BE(BigInt(v));
+      return b;
+    };
+    assert.throws(() => decodeRequest(f(Msg.COMMIT, Buffer.concat([u64(33), Buffer.from(`${ID}\n`)]))), proto); // not whole ids
+    assert.throws(() => decodeRequest(f(Msg.COMMIT, Buffer.concat([u64(MAX_INDEX_BYTES + 32), Buffer.from(`${ID}\n`)]))), proto);
+    assert.throws(() => decodeRequest(f(Msg.COMMIT, Buffer.concat([u64(2n ** 64n - 1n)]))), proto);
+    assert.throws(() => decodeRequest(f(Msg.INDEX_PART, u64(0))), proto); // no ids
+    assert.throws(() => decodeRequest(f(Msg.INDEX_PART, Buffer.concat([u64(0), Buffer.alloc(31)]))), proto);
+    assert.throws(() => decodeRequest(f(Msg.INDEX_PART, Buffer.concat([u64(8), Buffer.alloc(32)]))), proto);
+    assert.throws(() => decodeRequest(f(Msg.INDEX_PART, Buffer.concat([u64(MAX_INDEX_BYTES), Buffer.alloc(32)]))), proto);
+    assert.throws(() => decodeRequest(f(Msg.INDEX_PART, Buffer.concat([u64(0), Buffer.alloc(MAX_INDEX_PART + 32)]))), proto);
+    assert.deepEqual(decodeRequest(f(Msg.COMMIT, u64(64))), { type: 'commit', head: Buffer.alloc(0), indexLength: 64 });
     assert.throws(() => decodeResponse(f(Msg.BOOL, Buffer.from([2]))), proto);
     assert.throws(() => decodeResponse(f(Msg.ID_BATCH, Buffer.alloc(33))), proto);
     assert.throws(() => decodeResponse(f(Msg.NAMES, Buffer.from([0xff, 0xff, 0xff, 0xff]))), proto);
@@ -164,15 +200,27 @@ describe('protocol codec', () => {
 });
 
 describe('ssh URLs', () => {
-  it('parses ssh://[user@]host[:port]/ and builds a safe ssh command line', () => {
-    assert.deepEqual(parseSshUrl('ssh://alice@backup.example:2222/'), { user: 'alice', host: 'backup.example', port: 2222 });
-    assert.deepEqual(parseSshUrl('ssh://h'), { user: undefined, host: 'h', port: undefined });
-    for (const bad of ['ssh://-oProxyCommand=x/', 'ssh://a@b/path', 'ssh://a b@c/', 'ssh://h:99999/', 'sftp://h/', 'ssh://@h/']) {
-      assert.throws(() => parseSshUrl(bad), (err: unknown) => isSnapError(err, 'usage'), bad);
+  it('parses ssh://[user@]host[:port]/ and builds a safe plain ssh command line where snapcrypt has no key', async () => {
+    assert.deepEqual(parseSshTarget('ssh://alice@backup.example:2222/'), { user: 'alice', host: 'backup.example', port: 2222 });
+    assert.deepEqual(parseSshTarget('ssh://h'), { user: undefined, host: 'h', port: undefined });
+    assert.deepEqual(parseSshTarget('ssh://[::1]:22/'), { user: undefined, host: '::1', port: 22 });
+    for (const bad of ['ssh://-oProxyCommand=x/', 'ssh://a@b/path', 'ssh://a b@c/', 'ssh://h:99999/', 'sftp://h/', 'ssh://@h/', 'ssh://-l@h/', 'ssh://[-x]/', 'ssh://h:/']) {
+      assert.throws(() => parseSshTarget(bad), (err: unknown) => isSnapError(err, 'usage'), bad);
     }
-    const args = sshArgs(parseSshUrl('ssh://alice@h:22/'), { identityFile: '/k', knownHostsFile: '/kh', extraOptions: ['-v'] });
-    assert.deepEqual(args.slice(-4), ['alice', '--', 'h', 'snapcrypt-server serve']);
-    assert.ok(args.includes('BatchMode=yes') && args.includes('-T') && args.includes('UserKnownHostsFile=/kh'));
+    // no snapcrypt key in this configuration directory: plain ssh, even with a passphrase at hand
+    const id = sshIdentity(await tempDir('no-key'));
+    let asked = false;
+    const passphrase = async () => ((asked = true), Buffer.from('x'));
+    const inv = await sshInvocation(parseSshTarget('ssh://alice@h:22/'), 'snapcrypt-server serve', { identity: id, passphrase, extraOptions: ['-v'] });
+    assert.equal(inv.snapcryptKey, false);
+    assert.equal(inv.env, undefined);
+    assert.equal(asked, false, 'the passphrase is not asked without a key');
+    const args = inv.args;
+    assert.deepEqual(args.slice(-8), ['-v', '-p', '22', '-l', 'alice', '--', 'h', 'snapcrypt-server serve']);
+    assert.ok(args.includes('BatchMode=yes') && args.includes('-T') && args.includes('Ciphers=aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com'));
+    const bare = (await sshInvocation(parseSshTarget('ssh://h'), 'snapcrypt-server serve', { identity: id })).args;
+    assert.deepEqual(bare.slice(-3), ['--', 'h', 'snapcrypt-server serve']);
+    assert.ok(!bare.includes('-p') && !bare.includes('-l'), 'ssh picks port and user from its configuration');
   });
 });
 
@@ -216,6 +264,23 @@ async function session(storage: LocalDirStorage, input: Buffer[], opts: { end?: 
   const out = d.push(Buffer.concat(chunks));
   assert.ok(d.atBoundary, 'the server wrote whole frames');
   return { status, out };
+}
+
+/** A RemoteStorage talking to serve() over in-process streams (as the remote conformance suite does). */
+async function inProcessRemote(storage: Storage, location: string): Promise<{ remote: RemoteStorage; served: Promise<number> }> {
+  const up = new PassThrough();
+  const down = new PassThrough();
+  const served = serve(up, down, storage);
+  const transport = {
+    readable: down,
+    writable: up,
+    describe: () => 'in-process server',
+    close: async () => {
+      up.end();
+      await served;
+    },
+  };
+  return { remote: await RemoteStorage.open(transport, location), served };
 }
 
 const HELLO = bytesOf(encodeFrame(Msg.HELLO, 1, encodeHello({ version: PROTOCOL_VERSION, wish: 'serve' })));
@@ -274,6 +339,32 @@ describe('server loop', () => {
     }
   });
 
+  it('version 1 (the index inside COMMIT) is refused clearly, by the server and by the client', async () => {
+    const root = await tempDir('serve-v1');
+    const storage = new LocalDirStorage(join(root, 'area'));
+    const v1 = bytesOf(encodeFrame(Msg.HELLO, 1, encodeHello({ version: 1, wish: 'serve' })));
+    const { status, out } = await session(storage, [v1]);
+    assert.equal(status, ExitStatus.protocol);
+    const e = decodeError(out.at(-1)!.payload);
+    assert.equal(e.code, 'unsupported-version');
+    assert.match(e.message, /version 1 is not supported .* speaks version 2/);
+    assert.match(e.hint ?? '', /update the older one/);
+    // A version 1 server answers a version 2 HELLO with ERROR unsupported-version (and no hint).
+    const up = new PassThrough();
+    const down = new PassThrough();
+    up.once('data', () => {
+      for (const p of encodeFrame(Msg.ERROR, 0, encodeError({ code: 'unsupported-version', message: 'Protocol version 2 is not supported by this server (it speaks version 1)', hint: undefined }))) down.write(p);
+      down.end();
+    });
+    const transport = { readable: down, writable: up, describe: () => 'old server', close: async () => void up.end() };
+    await assert.rejects(RemoteStorage.open(transport, 'ssh://old/'), (err: unknown) => {
+      assert.ok(isSnapError(err, 'unsupported-version'), String(err));
+      assert.match(err.message, /ssh:\/\/old\/: the server ended the session: Protocol version 2 is not supported/);
+      assert.match(err.hint ?? '', /speaks protocol version 2: update the side that is older/);
+      return true;
+    });
+  });
+
   it('a listing waiting for LIST_CONTINUE ends with the input, and streams batches on CONTINUE', async () => {
     const root = await tempDir('serve-list');
     const area = join(root, 'area');
@@ -317,6 +408,122 @@ describe('server loop', () => {
     assert.equal(c.status, ExitStatus.protocol);
   });
 
+  it('the index travels in INDEX_PARTs before its COMMIT; a broken index stream is a protocol error that leaves nothing behind', async () => {
+    const root = await tempDir('serve-index');
+    const area = join(root, 'area');
+    const storage = new LocalDirStorage(area);
+    await storage.init(Buffer.from('c'));
+    const blobs = ['a', 'b', 'c'].map((x) => Buffer.from(x));
+    const ids = blobs.map((b, i) => (i + 1).toString(16).padStart(2, '0').repeat(32));
+    for (const [i, id] of ids.entries()) await storage.putObject(id, blobs[i]!);
+    const index = Buffer.concat(ids.map((id) => Buffer.from(id, 'hex')));
+    const head = Buffer.from(`${ids[0]}\n`);
+    const req = (r: Request, id: number) => {
+      const { type, payload } = encodeRequest(r);
+      return bytesOf(encodeFrame(type, id, payload));
+    };
+    const part = (offset: number, end: number, id: number) => req({ type: 'indexPart', offset, ids: index.subarray(offset, end) }, id);
+    const commit = (indexLength: number, id: number) => req({ type: 'commit', head, indexLength }, id);
+    const bye = bytesOf(encodeFrame(Msg.BYE, 99, []));
+    /** No staged index left: no temp file in the area, no open file of a deleted one in this process. */
+    const nothingLeft = async () => {
+      assert.deepEqual((await fsp.readdir(area)).filter((n) => n.startsWith('.tmp-')), []);
+      const fds = await fsp.readdir('/proc/self/fd');
+      const targets = await Promise.all(fds.map((fd) => fsp.readlink(`/proc/self/fd/${fd}`).catch(() => '')));
+      assert.deepEqual(targets.filter((t) => t.includes('.tmp-index-')), []);
+    };
+
+    // In order: two parts, the COMMIT naming their total, BYE.
+    const ok = await session(storage, [HELLO, part(0, 64, 2), part(64, 96, 3), commit(96, 4), bye]);
+    assert.equal(ok.status, ExitStatus.ok);
+    const byId = new Map(ok.out.map((f) => [f.id, f]));
+    assert.equal(byId.get(2)?.type, Msg.OK);
+    assert.equal(byId.get(3)?.type, Msg.OK);
+    const snap = decodeResponse(byId.get(4)!);
+    assert.equal(snap.type, 'snapshot');
+    assert.deepEqual(await storage.readFile('index'), index);
+    assert.equal(ok.out.at(-1)?.type, Msg.BYE_OK);
+    await nothingLeft();
+
+    const broken: Array<{ what: string; input: Buffer[]; end?: boolean }> = [
+      { what: 'a part out of order', input: [HELLO, part(32, 96, 2), commit(64, 3)] },
+      { what: 'a part sent twice', input: [HELLO, part(0, 64, 2), part(0, 64, 3), commit(64, 4)] },
+      { what: 'a COMMIT naming more than was sent', input: [HELLO, part(0, 64, 2), commit(96, 3)] },
+      { what: 'a COMMIT naming less than was sent', input: [HELLO, part(0, 96, 2), commit(64, 3)] },
+      { what: 'a COMMIT without parts', input: [HELLO, commit(96, 2)] },
+      { what: 'parts, then BYE', input: [HELLO, part(0, 96, 2), bye] },
+      { what: 'parts, then the end of input', input: [HELLO, part(0, 64, 2), part(64, 96, 3)] },
+      { what: 'the end of input inside a part', input: [HELLO, part(0, 64, 2), part(64, 96, 3).subarray(0, 20)] },
+    ];
+    for (const c of broken) {
+      const { status, out } = await session(storage, c.input);
+      assert.equal(status, ExitStatus.protocol, c.what);
+      const last = out.at(-1)!;
+      assert.equal(last.type, Msg.ERROR, c.what);
+      assert.equal(last.id, 0, c.what);
+      assert.equal(decodeError(last.payload).code, 'protocol', c.what);
+      assert.ok(!out.some((f) => f.type === Msg.SNAPSHOT || f.type === Msg.BYE_OK), c.what);
+      assert.deepEqual(await storage.listSnapshots(), [(snap as { info: { name: string; time: number } }).info], c.what);
+      await nothingLeft();
+    }
+  });
+
+  it('a part that cannot be staged fails the parts after it and its COMMIT; the session goes on', async () => {
+    const root = await tempDir('serve-stage-fail');
+    const dir = join(root, 'repo');
+    const local = new LocalDirStorage(dir);
+    let appends = 0;
+    let failing = true;
+    const storage = Object.assign(Object.create(local) as LocalDirStorage, {
+      async stageIndex() {
+        const staged = await local.stageIndex();
+        return {
+          get length() {
+            return staged.length;
+          },
+          append: async (ids: Buffer) => {
+            if (failing && ++appends === 2) throw new SnapError('io', 'disk full (test)');
+            await staged.append(ids);
+          },
+          commit: (head: Buffer) => staged.commit(head),
+          discard: () => staged.discard(),
+        };
+      },
+    });
+    const { remote, served } = await inProcessRemote(storage, dir);
+    await remote.init(Buffer.from('c'));
+    const blob = Buffer.from('x');
+    const small = 'ab'.repeat(32);
+    await remote.putObject(small, blob);
+    // 150,000 ids (4.6 MB): more than one part; the second part fails before anything is committed
+    const big = Buffer.alloc(150_000 * 32);
+    for (let i = 0; i < 150_000; i++) big.writeUInt32BE(i, i * 32);
+    await assert.rejects(remote.commit(Buffer.from(`${'00'.repeat(32)}\n`), big), (err: unknown) => isSnapError(err, 'io') && /disk full/.test(err.message));
+    assert.deepEqual(await remote.listSnapshots(), []);
+    failing = false;
+    const info = await remote.commit(Buffer.from(`${small}\n`), Buffer.from(small, 'hex'));
+    assert.deepEqual(await remote.listSnapshots(), [info]);
+    await remote.close();
+    assert.equal(await served, ExitStatus.ok);
+    assert.deepEqual((await fsp.readdir(dir)).filter((n) => n.startsWith('.tmp-')), []);
+  });
+
+  it('a Storage without stageIndex receives the index in memory', async () => {
+    const root = await tempDir('serve-memory-stage');
+    const dir = join(root, 'repo');
+    const local = new LocalDirStorage(dir);
+    const storage: Storage = Object.assign(Object.create(local) as LocalDirStorage, { stageIndex: undefined });
+    assert.equal(storage.stageIndex, undefined);
+    const { remote, served } = await inProcessRemote(storage, dir);
+    await remote.init(Buffer.from('c'));
+    const id = 'cd'.repeat(32);
+    await remote.putObject(id, Buffer.from('y'));
+    const info = await remote.commit(Buffer.from(`${id}\n`), Buffer.from(id, 'hex'));
+    assert.deepEqual(await remote.listSnapshots(), [info]);
+    await remote.close();
+    assert.equal(await served, ExitStatus.ok);
+  });
+
   it('fuzz: 10,000 random and mutated frames always end in answers or one ERROR frame, inside the area', async () => {
     const root = await tempDir('fuzz');
     const area = join(root, 'area');
@@ -332,9 +539,15 @@ describe('server loop', () => {
     const ids = [ID, 'cd'.repeat(32), '00'.repeat(32)];
     const pick = <T>(xs: readonly T[]): T => xs[int(xs.length)]!;
 
+    const u64 = (v: number) => {
+      const b = Buffer.alloc(8);
+      b.writeBigUInt64BE(BigInt(v));
+      return b;
+    };
+
     /** A request frame, valid or with invalid fields encoded by hand. */
     function request(id: number): Buffer {
-      const kind = int(17);
+      const kind = int(18);
       const text = (s: string) => Buffer.concat([Buffer.from([Buffer.byteLength(s)]), Buffer.from(s)]);
       const scope = () => text(pick(snaps) ?? '');
       switch (kind) {
@@ -347,10 +560,14 @@ describe('server loop', () => {
         case 6: return bytesOf(encodeFrame(Msg.GET_OBJECT, id, [scope(), Buffer.from(pick(ids), 'hex')]));
         case 7: return bytesOf(encodeFrame(Msg.PUT_OBJECT, id, [rnd() < 0.5 ? Buffer.from(pick(ids), 'hex') : bytes(32), bytes(int(300))]));
         case 8: {
+          // the index in one or two INDEX_PARTs, then its COMMIT (sometimes naming another length)
           const head = Buffer.from(`${pick(ids)}\n`);
-          const lenb = Buffer.alloc(4);
-          lenb.writeUInt32BE(head.length);
-          return bytesOf(encodeFrame(Msg.COMMIT, id, [lenb, head, Buffer.concat([...new Set([pick(ids), pick(ids)])].sort().map((x) => Buffer.from(x, 'hex')))]));
+          const index = Buffer.concat([...new Set([pick(ids), pick(ids)])].sort().map((x) => Buffer.from(x, 'hex')));
+          const split = index.length > 32 && rnd() < 0.5 ? 32 : index.length;
+          const out = [bytesOf(encodeFrame(Msg.INDEX_PART, id, [u64(0), index.subarray(0, split)]))];
+          if (split < index.length) out.push(bytesOf(encodeFrame(Msg.INDEX_PART, id + 50, [u64(split), index.subarray(split)])));
+          out.push(bytesOf(encodeFrame(Msg.COMMIT, id + 100, [u64(rnd() < 0.9 ? index.length : 32 * int(3)), head])));
+          return Buffer.concat(out);
         }
         case 9: return bytesOf(encodeFrame(Msg.LIST_SNAPSHOTS, id, []));
         case 10: return bytesOf(encodeFrame(Msg.OPEN_SNAPSHOT, id, [scope()]));
@@ -359,6 +576,7 @@ describe('server loop', () => {
         case 13: return bytesOf(encodeFrame(Msg.LIST_CONTINUE, id, [Buffer.from([int(2)])]));
         case 14: return bytesOf(encodeFrame(int(256), id, [bytes(int(40))]));
         case 15: return bytes(int(64)); // junk
+        case 16: return bytesOf(encodeFrame(Msg.INDEX_PART, id, [u64(pick([0, 0, 32, 64, 5, MAX_INDEX_BYTES])), rnd() < 0.8 ? Buffer.from(pick(ids), 'hex') : bytes(int(70))]));
         default: return bytesOf(encodeFrame(Msg.BYE, id, []));
       }
     }

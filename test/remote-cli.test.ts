@@ -1,7 +1,9 @@
 /**
  * End to end over real SSH: a throwaway sshd on 127.0.0.1 whose authorized_keys forces
  * `snapcrypt-server serve --area DIR`, and the CLI's init, backup, snapshots, restore and verify with
- * --repo ssh://user@127.0.0.1:PORT/. Skipped where sshd is missing, except in CI (CI=true).
+ * --repo ssh://user@127.0.0.1:PORT/: once with the user's own ssh options (no snapcrypt key: plain ssh),
+ * once with the snapcrypt key and known_hosts of `snapcrypt setup` (askpass). Skipped where sshd is
+ * missing, except in CI (CI=true).
  */
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
@@ -9,6 +11,7 @@ import * as fsp from 'node:fs/promises';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { fileURLToPath } from 'node:url';
+import { ensureKeyPair, sshIdentity } from '../src/drivers/sshkeys.js';
 import { expectExit, jsonLines, runCli } from './cli-helpers.js';
 import { tempDir } from './env.js';
 import { sshdAvailable, startSshd } from './sshd.js';
@@ -69,6 +72,43 @@ test('init, backup, snapshots, restore and verify through ssh:// and snapcrypt-s
     });
     assert.equal(refused.code, 9, refused.stderr);
     assert.ok(refused.stderr.includes(repo) && /Permission denied/.test(refused.stderr), refused.stderr);
+  } finally {
+    await sshd.stop();
+  }
+});
+
+test('with the snapcrypt key that setup made: init, backup and snapshots through askpass, no other key or option', { skip: !available, timeout: 60_000 }, async () => {
+  const base = await tempDir('remote-cli-key');
+  const area = join(base, 'area');
+  const config = join(base, 'config');
+  const env = {
+    SNAPCRYPT_PASSWORD: 'pässphrase of both keys',
+    SNAPCRYPT_TEST_WEAK_KDF: '1',
+    SNAPCRYPT_CACHE_DIR: join(base, 'cache'),
+    SNAPCRYPT_CONFIG_DIR: config,
+  };
+  const id = sshIdentity(config);
+  const pair = await ensureKeyPair(Buffer.from(env.SNAPCRYPT_PASSWORD), id, { rounds: 4 });
+  const sshd = await startSshd({ authorizedKeys: [pair.publicKey], forcedCommand: `${process.execPath} ${SERVER_PATH} serve --area ${area}` });
+  try {
+    // setup records the host key; the repository URL it prints is the one to use
+    const setup = await runCli(['setup', `${sshd.user}@127.0.0.1:${sshd.port}`, '--json'], { env });
+    expectExit(setup, 'setup');
+    const repo = jsonLines(setup.stdout).find((o) => o['type'] === 'setup')?.['repo'] as string;
+    assert.equal(repo, `ssh://${sshd.user}@127.0.0.1:${sshd.port}/`);
+    const src = join(base, 'src');
+    await fsp.mkdir(src);
+    await fsp.writeFile(join(src, 'f'), 'through the snapcrypt key\n');
+    expectExit(await runCli(['init', '--repo', repo], { env }), 'init');
+    expectExit(await runCli(['backup', '--repo', repo, src], { env }), 'backup');
+    const snaps = await runCli(['snapshots', '--repo', repo, '--json'], { env });
+    expectExit(snaps, 'snapshots');
+    assert.equal(jsonLines(snaps.stdout).filter((l) => l['type'] === 'snapshot').length, 1, snaps.stdout);
+    assert.match(sshd.log(), /Accepted publickey for \S+ from 127\.0\.0\.1 .* ED25519/);
+    // a wrong passphrase does not unlock the key: ssh is refused, exit status 9 with ssh's words
+    const wrong = await runCli(['snapshots', '--repo', repo], { env: { ...env, SNAPCRYPT_PASSWORD: 'wrong' } });
+    assert.equal(wrong.code, 9, wrong.stderr);
+    assert.match(wrong.stderr, /Permission denied/);
   } finally {
     await sshd.stop();
   }

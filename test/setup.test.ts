@@ -9,7 +9,7 @@ import { execFile, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { isSnapError } from '../src/core/errors.js';
-import { KEY_KDF_ROUNDS, askpassEnv, checkPassphrase, ensureKeyPair, parseSshTarget, recordHostKeys, sshClientSetup, sshIdentity, sshUrl, type SshIdentity } from '../src/drivers/sshkeys.js';
+import { KEY_KDF_ROUNDS, askpassEnv, checkPassphrase, ensureKeyPair, parseSshTarget, recordHostKeys, sshIdentity, sshInvocation, sshUrl, type SshIdentity } from '../src/drivers/sshkeys.js';
 import { expectExit, jsonLines, runCli } from './cli-helpers.js';
 import { tempDir } from './env.js';
 import { startSshd } from './sshd.js';
@@ -25,11 +25,13 @@ function sh(cmd: string, args: readonly string[], env?: NodeJS.ProcessEnv): Prom
   });
 }
 
-/** ssh with snapcrypt's options and askpass; stdin closed, as the driver runs it. */
+/** ssh with snapcrypt's options and askpass (sshInvocation, as the driver runs it); stdin closed. */
 async function sshRun(url: string, pass: Buffer, id: SshIdentity, remote: string, extra: readonly string[] = []): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  const { args, env } = await sshClientSetup(url, pass, id, extra);
+  const inv = await sshInvocation(parseSshTarget(url), remote, { identity: id, passphrase: async () => pass, extraOptions: extra });
+  assert.equal(inv.snapcryptKey, true);
+  const { args, env } = inv;
   return new Promise((resolve, reject) => {
-    const child = spawn('ssh', [...args, remote], { env, stdio: ['pipe', 'pipe', 'pipe'] });
+    const child = spawn('ssh', args, { ...(env ? { env } : {}), stdio: ['pipe', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
@@ -45,11 +47,14 @@ async function sshRun(url: string, pass: Buffer, id: SshIdentity, remote: string
 }
 
 test('parseSshTarget reads user@host[:port] and ssh:// URLs, and refuses option-like hosts', () => {
-  assert.deepEqual(parseSshTarget('alice@backup.example.org'), { user: 'alice', host: 'backup.example.org', port: 22, path: '/' });
-  assert.deepEqual(parseSshTarget('alice@10.0.0.1:2222'), { user: 'alice', host: '10.0.0.1', port: 2222, path: '/' });
-  assert.deepEqual(parseSshTarget('ssh://bob@[::1]:2200/'), { user: 'bob', host: '::1', port: 2200, path: '/' });
+  assert.deepEqual(parseSshTarget('alice@backup.example.org'), { user: 'alice', host: 'backup.example.org', port: undefined });
+  assert.deepEqual(parseSshTarget('alice@10.0.0.1:2222'), { user: 'alice', host: '10.0.0.1', port: 2222 });
+  assert.deepEqual(parseSshTarget('ssh://bob@[::1]:2200/'), { user: 'bob', host: '::1', port: 2200 });
+  assert.deepEqual(parseSshTarget('ssh://bob@[fe80::1%eth0]'), { user: 'bob', host: 'fe80::1%eth0', port: undefined });
+  assert.deepEqual(parseSshTarget('ssh://backup_1.example/'), { user: undefined, host: 'backup_1.example', port: undefined });
   assert.equal(sshUrl(parseSshTarget('bob@[::1]:2200')), 'ssh://bob@[::1]:2200/');
-  for (const bad of ['host', 'alice@-oProxyCommand=x', '-l@host', 'alice@host:0', 'alice@host:99999', 'alice@']) {
+  assert.equal(sshUrl(parseSshTarget('ssh://h')), 'ssh://h/');
+  for (const bad of ['host', 'alice@-oProxyCommand=x', '-l@host', 'alice@host:0', 'alice@host:99999', 'alice@', 'ssh://alice@host/path', 'alice@[1.2.3.4]', 'alice@[::1', 'alice@host:22/']) {
     assert.throws(() => parseSshTarget(bad), (e: unknown) => isSnapError(e, 'usage'), bad);
   }
 });
@@ -187,7 +192,7 @@ test('ssh logs in non-interactively through askpass; setup records the host key;
     assert.equal(w.stdout, '');
 
     // a configuration that would send the secret to the server is refused before connecting
-    await assert.rejects(sshClientSetup(url, PASS, id, ['-o', 'SendEnv=SNAPCRYPT_*']), (e: unknown) => isSnapError(e, 'usage') && /SendEnv/.test(e.message));
+    await assert.rejects(sshRun(url, PASS, id, 'whatever', ['-o', 'SendEnv=SNAPCRYPT_*']), (e: unknown) => isSnapError(e, 'usage') && /SendEnv/.test(e.message));
     // a user's "BatchMode yes" would make ssh skip the encrypted key: the options override it
     const batch = await sshRun(url, PASS, id, 'whatever', ['-o', 'BatchMode=yes']);
     assert.equal(batch.stdout, 'ok\n', batch.stderr);

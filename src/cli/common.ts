@@ -5,8 +5,7 @@ import { SnapError } from '../core/errors.js';
 import { Repository } from '../engine/repository.js';
 import { DirKeyStore, defaultCacheRoot, defaultConfigRoot, openTreeCache } from '../drivers/cachedir.js';
 import { openStorage } from '../drivers/open.js';
-import { RemoteStorage, sshOptionsFromEnv } from '../drivers/ssh.js';
-import { keyExists, sshClientSetup, sshIdentity } from '../drivers/sshkeys.js';
+import { sshOptionsFromEnv } from '../drivers/ssh.js';
 import type { Storage } from '../storage/types.js';
 
 export interface Io {
@@ -99,16 +98,12 @@ export class Ctx {
   }
   async openStorage(): Promise<Storage> {
     if (this.storage) return this.storage;
-    const location = this.repoLocation();
-    if (location.startsWith('ssh://') && keyExists()) {
-      // the workstation's own SSH key (snapcrypt setup) is protected by the repository passphrase
-      const pass = await this.passphrase();
-      const extra = sshOptionsFromEnv(this.io.env).extraOptions ?? [];
-      const { args, env } = await sshClientSetup(location, pass, sshIdentity(), extra);
-      this.storage = await RemoteStorage.spawn('ssh', [...args, 'snapcrypt-server serve'], location, env);
-    } else {
-      this.storage = await openStorage(location);
-    }
+    // ssh://: the workstation's own SSH key (snapcrypt setup), where it exists, is protected by the
+    // repository passphrase (asked only then); without it ssh uses the user's own configuration.
+    this.storage = await openStorage(this.repoLocation(), undefined, {
+      ...sshOptionsFromEnv(this.io.env),
+      passphrase: () => this.passphrase(),
+    });
     return this.storage;
   }
   async close(): Promise<void> {

@@ -27,7 +27,12 @@ ${commonHelp}`,
   allowPositionals: true,
   async run(ctx) {
     if (ctx.positionals.length !== 1) throw new SnapError('usage', 'setup needs exactly one argument: USER@HOST[:PORT]', { hint: 'see "snapcrypt setup --help"' });
-    const target = parseSshTarget(ctx.positionals[0]!);
+    const parsed = parseSshTarget(ctx.positionals[0]!);
+    if (parsed.user === undefined) {
+      throw new SnapError('usage', `setup needs the user name on the server: USER@HOST[:PORT], not ${JSON.stringify(ctx.positionals[0])}`);
+    }
+    // the port is written out (22 when none is given): known_hosts and the --repo URL name it
+    const target = { user: parsed.user, host: parsed.host, port: parsed.port ?? 22 };
     const id = sshIdentity(defaultConfigRoot());
     const hadKey = keyExists(id);
     const given = ctx.str('password-file') !== undefined || ctx.io.env['SNAPCRYPT_PASSWORD'] !== undefined;

@@ -12,8 +12,12 @@ import type { SnapshotInfo } from '../storage/types.js';
 import { isValidFileName } from '../storage/types.js';
 
 export const PROTOCOL_MAGIC = 'snapcrypt';
-export const PROTOCOL_VERSION = 1;
-/** Largest payload of one frame: a padded 16 MiB chunk (about 16.5 MiB) with room to spare, or an index of 1 Mi ids. */
+/**
+ * Version 2: COMMIT carries the index length, the index itself travels before it in INDEX_PART frames
+ * (version 1 sent the index inside COMMIT, which limited it to one frame: about 1 Mi ids).
+ */
+export const PROTOCOL_VERSION = 2;
+/** Largest payload of one frame: a padded 16 MiB chunk (about 16.5 MiB) with room to spare. */
 export const MAX_PAYLOAD = 32 * 1024 * 1024 + 64 * 1024;
 /** Bytes of type + request id, counted in the length field. */
 export const FRAME_HEAD = 5;
@@ -30,6 +34,10 @@ export const MAX_OWNER = 1024;
 /** Longest client wish in HELLO. */
 export const MAX_WISH = 255;
 const ID_BYTES = 32;
+/** Largest index a COMMIT may name: 64 Mi object ids (2 GiB). */
+export const MAX_INDEX_BYTES = 64 * 1024 * 1024 * ID_BYTES;
+/** Largest slice of the index in one INDEX_PART: 1 Mi ids (32 MiB). */
+export const MAX_INDEX_PART = 1024 * 1024 * ID_BYTES;
 
 export const Msg = {
   // handshake and control
@@ -53,6 +61,7 @@ export const Msg = {
   OPEN_SNAPSHOT: 0x1a,
   LOCK: 0x1b,
   UNLOCK: 0x1c,
+  INDEX_PART: 0x1d,
   // responses
   OK: 0x40,
   BOOL: 0x41,
@@ -100,7 +109,10 @@ export type Request =
   | { readonly type: 'listObjects'; readonly scope: Scope }
   | { readonly type: 'getObject'; readonly scope: Scope; readonly id: string }
   | { readonly type: 'putObject'; readonly id: string; readonly data: Buffer }
-  | { readonly type: 'commit'; readonly head: Buffer; readonly index: Buffer }
+  /** The next slice of the index of the coming COMMIT; offset is the number of index bytes sent before it. */
+  | { readonly type: 'indexPart'; readonly offset: number; readonly ids: Buffer }
+  /** Commits with the index sent in INDEX_PARTs since the last COMMIT, which must total indexLength bytes. */
+  | { readonly type: 'commit'; readonly head: Buffer; readonly indexLength: number }
   | { readonly type: 'listSnapshots' }
   | { readonly type: 'openSnapshot'; readonly name: string }
   | { readonly type: 'lock'; readonly owner: string }
@@ -282,6 +294,12 @@ class PayloadReader {
   u32(): number {
     return this.raw(4).readUInt32BE(0);
   }
+  /** A u64 that must be at most max (checked before it becomes a number). */
+  u64(max: number): number {
+    const v = this.raw(8).readBigUInt64BE(0);
+    if (v > BigInt(max)) this.fail(`value ${v} exceeds ${max}`);
+    return Number(v);
+  }
   bool(): boolean {
     const b = this.u8();
     if (b > 1) this.fail(`flag byte ${b}`);
@@ -318,6 +336,11 @@ function u16(v: number): Buffer {
 function u32(v: number): Buffer {
   const b = Buffer.allocUnsafe(4);
   b.writeUInt32BE(v, 0);
+  return b;
+}
+function u64(v: number): Buffer {
+  const b = Buffer.allocUnsafe(8);
+  b.writeBigUInt64BE(BigInt(v), 0);
   return b;
 }
 function text(lenBytes: 1 | 2, s: string, limit: number): Buffer[] {
@@ -453,8 +476,23 @@ export function encodeRequest(req: Request): { type: number; payload: Buffer[] }
       return { type: Msg.GET_OBJECT, payload: [...scopeParts(req.scope), idBytes(req.id)] };
     case 'putObject':
       return { type: Msg.PUT_OBJECT, payload: [idBytes(req.id), req.data] };
-    case 'commit':
-      return { type: Msg.COMMIT, payload: [u32(req.head.length), req.head, req.index] };
+    case 'indexPart': {
+      const { offset, ids } = req;
+      if (ids.length === 0 || ids.length > MAX_INDEX_PART || ids.length % ID_BYTES !== 0) {
+        throw new SnapError('usage', `An index part must hold 1 to ${MAX_INDEX_PART / ID_BYTES} whole 32-byte ids, not ${ids.length} bytes`);
+      }
+      if (!Number.isSafeInteger(offset) || offset < 0 || offset % ID_BYTES !== 0 || offset + ids.length > MAX_INDEX_BYTES) {
+        throw new SnapError('usage', `An index part at offset ${offset} does not fit the protocol's index limit of ${MAX_INDEX_BYTES} bytes`);
+      }
+      return { type: Msg.INDEX_PART, payload: [u64(offset), ids] };
+    }
+    case 'commit': {
+      const n = req.indexLength;
+      if (!Number.isSafeInteger(n) || n < 0 || n % ID_BYTES !== 0 || n > MAX_INDEX_BYTES) {
+        throw new SnapError('usage', `An index of ${n} bytes cannot be committed: at most ${MAX_INDEX_BYTES / ID_BYTES} whole 32-byte ids`);
+      }
+      return { type: Msg.COMMIT, payload: [u64(n), req.head] };
+    }
     case 'listSnapshots':
       return { type: Msg.LIST_SNAPSHOTS, payload: [] };
     case 'openSnapshot':
@@ -503,11 +541,19 @@ export function decodeRequest(frame: Frame): Request {
       req = { type: 'putObject', id, data: r.rest() };
       break;
     }
+    case Msg.INDEX_PART: {
+      const offset = r.u64(MAX_INDEX_BYTES);
+      const ids = r.rest();
+      if (offset % ID_BYTES !== 0) r.fail(`offset ${offset} is not a multiple of ${ID_BYTES}`);
+      if (ids.length === 0 || ids.length > MAX_INDEX_PART || ids.length % ID_BYTES !== 0) r.fail(`part of ${ids.length} bytes`);
+      if (offset + ids.length > MAX_INDEX_BYTES) r.fail(`index beyond the limit of ${MAX_INDEX_BYTES} bytes`);
+      req = { type: 'indexPart', offset, ids };
+      break;
+    }
     case Msg.COMMIT: {
-      const n = r.u32();
-      if (n > r.remaining) r.fail(`head of ${n} bytes exceeds the ${r.remaining} left`);
-      const head = r.raw(n);
-      req = { type: 'commit', head, index: r.rest() };
+      const indexLength = r.u64(MAX_INDEX_BYTES);
+      if (indexLength % ID_BYTES !== 0) r.fail(`index length ${indexLength} is not a multiple of ${ID_BYTES}`);
+      req = { type: 'commit', head: r.rest(), indexLength };
       break;
     }
     case Msg.LIST_SNAPSHOTS:

@@ -49,7 +49,7 @@ import { hostname } from 'node:os';
 import { join, resolve } from 'node:path';
 import { IntegrityError, ioFailure, SnapError } from '../core/errors.js';
 import { isValidFileName, isValidObjectId } from '../storage/types.js';
-import type { DirectWriterSpec, Lock, ObjectReader, SnapshotInfo, Storage } from '../storage/types.js';
+import type { DirectWriterSpec, Lock, ObjectReader, SnapshotInfo, StagedIndex, Storage } from '../storage/types.js';
 
 export interface DirStorageOptions {
   /** Source of snapshot names and times (ms since the epoch); Date.now by default. */
@@ -204,12 +204,19 @@ function bootId(): string {
  * Write data to a fresh temp file in dir, fsync it and give it its final name: by rename (replacing)
  * or by link (never replacing; returns false if the name already existed).
  */
-async function writeDurable(dir: string, name: string, data: Buffer, replace: boolean): Promise<boolean> {
+async function writeDurable(dir: string, name: string, data: Buffer | IndexSource, replace: boolean): Promise<boolean> {
   const tmp = join(dir, tmpName());
   try {
     const fh = await fsp.open(tmp, 'wx', FILE_MODE);
     try {
-      await fh.writeFile(data);
+      if (Buffer.isBuffer(data)) await fh.writeFile(data);
+      else {
+        let pos = 0;
+        for await (const chunk of indexChunks(data)) {
+          await writeAll(fh, chunk, pos);
+          pos += chunk.length;
+        }
+      }
       await fh.sync();
     } finally {
       await fh.close();
@@ -249,31 +256,104 @@ async function makeWritable(path: string): Promise<void> {
   for (const name of await fsp.readdir(path)) await makeWritable(join(path, name));
 }
 
-/** Binary search of a sorted index for one id. */
-function indexHas(index: Buffer, id: Buffer): boolean {
-  let lo = 0;
-  let hi = index.length / ID_BYTES;
-  while (lo < hi) {
-    const mid = (lo + hi) >>> 1;
-    const c = id.compare(index, mid * ID_BYTES, (mid + 1) * ID_BYTES);
-    if (c === 0) return true;
-    if (c > 0) lo = mid + 1;
-    else hi = mid;
-  }
-  return false;
+/** Writes all of buf at position pos of the file. */
+async function writeAll(fh: fsp.FileHandle, buf: Buffer, pos: number): Promise<void> {
+  let off = 0;
+  while (off < buf.length) off += (await fh.write(buf, off, buf.length - off, pos + off)).bytesWritten;
 }
 
-/** Walks a sorted index prefix by prefix (00..ff), giving the hex ids under each. */
-class IndexCursor {
-  private pos = 0;
-  private readonly index: Buffer;
-  constructor(index: Buffer) {
-    this.index = index;
+/**
+ * The bytes of an index (sorted 32-byte ids), read a chunk at a time: from memory (commit's Buffer) or
+ * from a file (a staged index, the index of current), so that a commit never needs the whole index in
+ * memory when it comes from a file.
+ */
+interface IndexSource {
+  /** Total bytes. */
+  readonly length: number;
+  /**
+   * Exactly n bytes from pos (0 < n <= scratch.length, pos + n <= length), possibly read into scratch:
+   * valid until the next read with the same scratch buffer.
+   */
+  read(pos: number, n: number, scratch: Buffer): Promise<Buffer>;
+}
+
+/** Bytes of an index read at once: 32 Ki ids (a whole number of ids). */
+const INDEX_CHUNK = 1024 * 1024;
+
+function bufferSource(buf: Buffer): IndexSource {
+  return { length: buf.length, read: async (pos, n) => buf.subarray(pos, pos + n) };
+}
+
+function fileSource(fh: fsp.FileHandle, length: number, label: string): IndexSource {
+  return {
+    length,
+    async read(pos, n, scratch) {
+      const buf = scratch.subarray(0, n);
+      let off = 0;
+      try {
+        while (off < n) {
+          const { bytesRead } = await fh.read(buf, off, n - off, pos + off);
+          if (bytesRead === 0) throw new SnapError('io', `${label} ended after ${pos + off} bytes, ${length} expected`);
+          off += bytesRead;
+        }
+      } catch (err) {
+        throw ioError(`Cannot read ${label}`, err);
+      }
+      return buf;
+    },
+  };
+}
+
+/** A read buffer for one pass over an index: so a pass allocates one chunk, not one per read. */
+function scratchFor(src: IndexSource): Buffer {
+  return Buffer.allocUnsafe(Math.min(INDEX_CHUNK, src.length));
+}
+
+/** The index in chunks of INDEX_CHUNK bytes (the last one shorter), in order; each valid until the next. */
+async function* indexChunks(src: IndexSource): AsyncGenerator<Buffer> {
+  const scratch = scratchFor(src);
+  for (let pos = 0; pos < src.length; pos += INDEX_CHUNK) yield await src.read(pos, Math.min(INDEX_CHUNK, src.length - pos), scratch);
+}
+
+/** Runs fn on the index file at path, read in chunks (an empty index when there is no file). */
+async function withIndexFile<T>(path: string, fn: (index: IndexSource) => Promise<T>): Promise<T> {
+  let fh: fsp.FileHandle;
+  try {
+    fh = await fsp.open(path, 'r');
+  } catch (err) {
+    if (errnoOf(err) === 'ENOENT') return fn(bufferSource(Buffer.alloc(0)));
+    throw err;
   }
-  take(prefix: number): Set<string> {
+  try {
+    const size = (await fh.stat()).size;
+    return await fn(fileSource(fh, size - (size % ID_BYTES), path));
+  } finally {
+    await fh.close();
+  }
+}
+
+/** Walks a sorted index prefix by prefix (00..ff), giving the hex ids under each; holds one chunk. */
+class IndexCursor {
+  private chunk: Buffer = Buffer.alloc(0);
+  private pos = 0;
+  private next = 0;
+  private readonly index: IndexSource;
+  private readonly scratch: Buffer;
+  constructor(index: IndexSource) {
+    this.index = index;
+    this.scratch = scratchFor(index);
+  }
+  async take(prefix: number): Promise<Set<string>> {
     const ids = new Set<string>();
-    while (this.pos < this.index.length && this.index[this.pos] === prefix) {
-      ids.add(this.index.toString('hex', this.pos, this.pos + ID_BYTES));
+    for (;;) {
+      if (this.pos >= this.chunk.length) {
+        if (this.next >= this.index.length) break;
+        this.chunk = await this.index.read(this.next, Math.min(INDEX_CHUNK, this.index.length - this.next), this.scratch);
+        this.next += this.chunk.length;
+        this.pos = 0;
+      }
+      if (this.chunk[this.pos] !== prefix) break;
+      ids.add(this.chunk.toString('hex', this.pos, this.pos + ID_BYTES));
       this.pos += ID_BYTES;
     }
     return ids;
@@ -551,8 +631,7 @@ export abstract class DirStorage extends DirReader implements Storage {
     this.recovering ??= (async () => {
       const marker = await readText(join(this.current, 'unsynced'));
       if (marker === null || marker.trim() === bootId()) return;
-      const index = (await fsp.readFile(join(this.current, 'index')).catch(() => null)) ?? Buffer.alloc(0);
-      await this.prune(index);
+      await withIndexFile(join(this.current, 'index'), (index) => this.prune(index));
       await syncFileSystem(this.current);
       await fsp.rm(join(this.current, 'unsynced'), { force: true });
     })();
@@ -560,7 +639,64 @@ export abstract class DirStorage extends DirReader implements Storage {
   }
 
   async commit(head: Buffer, index: Buffer): Promise<SnapshotInfo> {
-    const headId = this.checkCommitInput(head, index);
+    return this.commitIndex(head, bufferSource(index));
+  }
+
+  /**
+   * A commit whose index arrives in parts (the SSH server's INDEX_PART frames): the parts go to a temp
+   * file in lockDir (outside current, so never part of a snapshot) that is unlinked as soon as it is
+   * open, so nothing is left behind however the stage or the process ends; commit reads it back in
+   * INDEX_CHUNK pieces. Appends and the commit must not overlap (the server runs them one at a time).
+   */
+  async stageIndex(): Promise<StagedIndex> {
+    const path = join(this.lockDir, `${TMP_PREFIX}index-${randomBytes(8).toString('hex')}`);
+    let fh: fsp.FileHandle | null;
+    try {
+      fh = await fsp.open(path, 'wx+', 0o600);
+    } catch (err) {
+      throw await this.failure(`Cannot stage an index in ${this.lockDir}`, err);
+    }
+    try {
+      await fsp.unlink(path);
+    } catch (err) {
+      await fh.close();
+      throw ioError(`Cannot stage an index in ${this.lockDir}`, err);
+    }
+    let length = 0;
+    const closed = (): SnapError => new SnapError('usage', 'This staged index was committed or discarded already');
+    const discard = async (): Promise<void> => {
+      const f = fh;
+      fh = null;
+      await f?.close();
+    };
+    return {
+      get length() {
+        return length;
+      },
+      append: async (ids: Buffer): Promise<void> => {
+        if (fh === null) throw closed();
+        if (ids.length % ID_BYTES !== 0) throw new SnapError('usage', `An index part of ${ids.length} bytes is not a whole number of 32-byte ids`);
+        try {
+          await writeAll(fh, ids, length);
+        } catch (err) {
+          throw await this.failure(`Cannot stage an index in ${this.lockDir}`, err);
+        }
+        length += ids.length;
+      },
+      commit: async (head: Buffer): Promise<SnapshotInfo> => {
+        if (fh === null) throw closed();
+        try {
+          return await this.commitIndex(head, fileSource(fh, length, 'the staged index'));
+        } finally {
+          await discard();
+        }
+      },
+      discard,
+    };
+  }
+
+  private async commitIndex(head: Buffer, index: IndexSource): Promise<SnapshotInfo> {
+    await this.checkCommitInput(head, index);
     if (!(await this.exists())) throw this.notARepository();
     try {
       await this.recover();
@@ -581,8 +717,8 @@ export abstract class DirStorage extends DirReader implements Storage {
     }
   }
 
-  /** Validates head (64 hex + "\n") and index (sorted unique 32-byte ids listing head); returns head's id. */
-  private checkCommitInput(head: Buffer, index: Buffer): string {
+  /** Validates head (64 hex + "\n") and index (sorted unique 32-byte ids listing head), reading it once. */
+  private async checkCommitInput(head: Buffer, index: IndexSource): Promise<void> {
     const text = head.toString('latin1');
     if (!/^[0-9a-f]{64}\n$/.test(text)) {
       throw new SnapError('integrity', `Cannot commit to ${this.location}: head must be 64 lower-case hex digits and a newline`);
@@ -591,24 +727,33 @@ export abstract class DirStorage extends DirReader implements Storage {
     if (index.length % ID_BYTES !== 0) {
       throw new SnapError('integrity', `Cannot commit to ${this.location}: index of ${index.length} bytes is not a whole number of 32-byte ids`);
     }
-    for (let pos = ID_BYTES; pos < index.length; pos += ID_BYTES) {
-      if (index.compare(index, pos, pos + ID_BYTES, pos - ID_BYTES, pos) >= 0) {
-        throw new SnapError('integrity', `Cannot commit to ${this.location}: index is not sorted strictly ascending at entry ${pos / ID_BYTES}`);
+    const headBytes = Buffer.from(headId, 'hex');
+    let listed = false;
+    let prev: Buffer | null = null;
+    let entry = 0;
+    for await (const chunk of indexChunks(index)) {
+      for (let pos = 0; pos < chunk.length; pos += ID_BYTES, entry++) {
+        // compare(target, targetStart, targetEnd, sourceStart, sourceEnd): previous id against this one
+        const order = pos === 0 ? (prev === null ? -1 : prev.compare(chunk, 0, ID_BYTES)) : chunk.compare(chunk, pos, pos + ID_BYTES, pos - ID_BYTES, pos);
+        if (order >= 0) {
+          throw new SnapError('integrity', `Cannot commit to ${this.location}: index is not sorted strictly ascending at entry ${entry}`);
+        }
+        if (!listed && headBytes.compare(chunk, pos, pos + ID_BYTES) === 0) listed = true;
       }
+      prev = Buffer.from(chunk.subarray(chunk.length - ID_BYTES));
     }
-    if (!indexHas(index, Buffer.from(headId, 'hex'))) {
+    if (!listed) {
       throw new IntegrityError(headId, `Cannot commit to ${this.location}: the head object ${headId} is not listed in the index`);
     }
-    return headId;
   }
 
   /** Every indexed id must be in current. */
-  private async checkPresent(index: Buffer): Promise<void> {
+  private async checkPresent(index: IndexSource): Promise<void> {
     const cursor = new IndexCursor(index);
     let missing = 0;
     let first: string | undefined;
     for (let p = 0; p < 256; p++) {
-      const wanted = cursor.take(p);
+      const wanted = await cursor.take(p);
       const dir = join(this.current, 'objects', prefixName(p));
       const present = new Set(await readdirOrEmpty(dir));
       for (const id of wanted) {
@@ -626,11 +771,11 @@ export abstract class DirStorage extends DirReader implements Storage {
   }
 
   /** Deletes unlisted objects and stale temp files from current; fsyncs what changed. */
-  private async prune(index: Buffer): Promise<void> {
+  private async prune(index: IndexSource): Promise<void> {
     const cursor = new IndexCursor(index);
     for (let p = 0; p < 256; p++) {
       const prefix = prefixName(p);
-      const wanted = cursor.take(p);
+      const wanted = await cursor.take(p);
       const dir = join(this.current, 'objects', prefix);
       for (const name of await readdirOrEmpty(dir)) {
         const unlisted = isValidObjectId(name) && name.startsWith(prefix) && !wanted.has(name);

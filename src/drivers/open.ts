@@ -5,13 +5,16 @@ import type { Storage } from '../storage/types.js';
 import { BtrfsStorage } from './btrfs.js';
 import { LocalDirStorage, type DirStorageOptions } from './localdir.js';
 import { RemoteStorage, sshOptionsFromEnv } from './ssh.js';
+import type { SshInvocationOptions } from './sshkeys.js';
 
 /**
- * BtrfsStorage when the repository's current is a btrfs subvolume, or when there is no repository yet
- * and the path (or its nearest existing parent) is on btrfs; LocalDirStorage otherwise.
+ * RemoteStorage over ssh for ssh://[user@]host[:port]/ (options: ssh, default SNAPCRYPT_SSH_OPTIONS
+ * of this process, no passphrase, so plain ssh); BtrfsStorage when the repository's current is a btrfs
+ * subvolume, or when there is no repository yet and the path (or its nearest existing parent) is on
+ * btrfs; LocalDirStorage otherwise.
  */
-export async function openStorage(path: string, opts?: DirStorageOptions): Promise<Storage> {
-  if (path.startsWith('ssh://')) return RemoteStorage.connectSsh(path, sshOptionsFromEnv(process.env));
+export async function openStorage(path: string, opts?: DirStorageOptions, ssh?: SshInvocationOptions): Promise<Storage> {
+  if (path.startsWith('ssh://')) return RemoteStorage.connectSsh(path, ssh ?? sshOptionsFromEnv(process.env));
   const root = resolve(path);
   const current = join(root, 'current');
   const hasCurrent = (await fsp.lstat(current).catch(() => null)) !== null;

@@ -15,6 +15,7 @@ import {
   FrameDecoder,
   LIST_BATCH,
   MAX_FRAME_LENGTH,
+  MAX_INDEX_BYTES,
   MAX_IN_FLIGHT,
   Msg,
   PROTOCOL_VERSION,
@@ -29,6 +30,8 @@ import {
 } from '../core/protocol.js';
 import type { Frame, Request, Response, Scope } from '../core/protocol.js';
 import type { Lock, ObjectReader, SnapshotInfo, Storage } from '../storage/types.js';
+import { parseSshTarget, sshInvocation } from './sshkeys.js';
+import type { SshInvocationOptions } from './sshkeys.js';
 
 export interface Transport {
   readonly readable: Readable;
@@ -39,61 +42,19 @@ export interface Transport {
   describe(): string;
 }
 
-export interface SshOptions {
-  readonly identityFile?: string;
-  readonly knownHostsFile?: string;
-  /** More ssh arguments, placed before the destination (e.g. ['-o', 'StrictHostKeyChecking=no']). */
-  readonly extraOptions?: readonly string[];
-  /** The ssh program (default "ssh"). */
-  readonly sshCommand?: string;
-}
-
-export interface SshTarget {
-  readonly user: string | undefined;
-  readonly host: string;
-  readonly port: number | undefined;
-}
-
 /** Bytes waiting in the output before new requests wait for it to drain. */
 const OUTPUT_HIGH_WATER = 32 * 1024 * 1024;
 const STDERR_KEEP = 8192;
 /** Request id of BYE; ordinary requests use 1 .. BYE_ID - 1. */
 const BYE_ID = 0xffffffff;
+/** Bytes of the index per INDEX_PART (32 Ki ids): small, so that the server holds little of it. */
+const INDEX_PART_BYTES = 1024 * 1024;
+/** INDEX_PART frames sent before the answer to the oldest one arrives (4 MiB unanswered at most). */
+const INDEX_PARTS_IN_FLIGHT = 4;
+const ID_BYTES = 32;
 
-/** Parses ssh://[user@]host[:port][/]; SnapError('usage') for anything else. */
-export function parseSshUrl(url: string): SshTarget {
-  const m = /^ssh:\/\/(?:([A-Za-z0-9._][A-Za-z0-9._-]{0,63})@)?([A-Za-z0-9][A-Za-z0-9.-]{0,252}|\[[0-9A-Fa-f:.]+\])(?::(\d{1,5}))?\/?$/.exec(url);
-  if (!m) {
-    throw new SnapError('usage', `Invalid repository URL ${JSON.stringify(url)}: expected ssh://[user@]host[:port]/`, {
-      hint: 'The server decides where the repository lives; the URL carries no path.',
-    });
-  }
-  const port = m[3] === undefined ? undefined : Number(m[3]);
-  if (port !== undefined && (port < 1 || port > 65535)) throw new SnapError('usage', `Invalid port in ${url}`);
-  const host = m[2]!.startsWith('[') ? m[2]!.slice(1, -1) : m[2]!;
-  return { user: m[1], host, port };
-}
-
-/** The ssh command line for a target (exported for tests and `snapcrypt setup`). */
-export function sshArgs(target: SshTarget, opts: SshOptions = {}): string[] {
-  const args = [
-    '-o', 'BatchMode=yes',
-    '-o', 'Ciphers=aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com',
-    '-o', 'ServerAliveInterval=15',
-    '-e', 'none',
-    '-T',
-  ];
-  if (target.port !== undefined) args.push('-p', String(target.port));
-  if (opts.identityFile !== undefined) args.push('-i', opts.identityFile, '-o', 'IdentitiesOnly=yes');
-  if (opts.knownHostsFile !== undefined) args.push('-o', `UserKnownHostsFile=${opts.knownHostsFile}`);
-  args.push(...(opts.extraOptions ?? []));
-  if (target.user !== undefined) args.push('-l', target.user);
-  args.push('--', target.host, 'snapcrypt-server serve');
-  return args;
-}
-
-/** SshOptions from the environment: SNAPCRYPT_SSH_OPTIONS holds extra ssh arguments split on white space. */
-export function sshOptionsFromEnv(env: Readonly<Record<string, string | undefined>>): SshOptions {
+/** ssh options from the environment: SNAPCRYPT_SSH_OPTIONS holds extra ssh arguments split on white space. */
+export function sshOptionsFromEnv(env: Readonly<Record<string, string | undefined>>): { extraOptions?: string[] } {
   const extra = env['SNAPCRYPT_SSH_OPTIONS']?.trim();
   return extra ? { extraOptions: extra.split(/\s+/) } : {};
 }
@@ -179,7 +140,13 @@ class Connection {
       this.write(encodeFrame(Msg.HELLO, 1, encodeHello({ version: PROTOCOL_VERSION, wish: 'serve' })));
     });
     this.hello = null;
-    if (frame.type === Msg.ERROR) throw this.serverError(decodeError(frame.payload), true);
+    if (frame.type === Msg.ERROR) {
+      const e = decodeError(frame.payload);
+      if (e.code === 'unsupported-version' && e.hint === undefined) {
+        throw this.serverError({ ...e, hint: `snapcrypt here speaks protocol version ${PROTOCOL_VERSION}: update the side that is older` }, true);
+      }
+      throw this.serverError(e, true);
+    }
     if (frame.type !== Msg.HELLO_OK) throw this.protocolFailure(`expected HELLO_OK, got message type 0x${frame.type.toString(16)}`);
     const ok = decodeHelloOk(frame.payload);
     if (ok.version !== PROTOCOL_VERSION) throw this.protocolFailure(`the server answered with protocol version ${ok.version}`);
@@ -309,8 +276,28 @@ class Connection {
     }
   }
 
-  /** Sends one request and resolves with its (single) response. */
-  async call(req: Request, onBatch?: (ids: string[], id: number) => void): Promise<Response> {
+  private sentInOrder: Promise<void> = Promise.resolve();
+
+  /**
+   * Like call, but the request is written only after every earlier callInOrder request was written
+   * (INDEX_PART frames and their COMMIT must arrive in order; the server carries them out in order).
+   */
+  callInOrder(req: Request): Promise<Response> {
+    const previous = this.sentInOrder;
+    let sent!: () => void;
+    this.sentInOrder = new Promise<void>((resolve) => (sent = resolve));
+    return (async () => {
+      try {
+        await previous;
+        return await this.call(req, undefined, sent);
+      } finally {
+        sent();
+      }
+    })();
+  }
+
+  /** Sends one request and resolves with its (single) response; onSent runs once it is written. */
+  async call(req: Request, onBatch?: (ids: string[], id: number) => void, onSent?: () => void): Promise<Response> {
     const { type, payload } = encodeRequest(req); // validates arguments before anything is sent
     if (this.failure) throw this.failure;
     await this.acquire();
@@ -325,6 +312,7 @@ class Connection {
       if (onBatch) p.onBatch = (ids) => onBatch(ids, id);
       this.pending.set(id, p);
       this.write(encodeFrame(type, id, payload));
+      onSent?.();
     });
   }
 
@@ -462,10 +450,13 @@ export class RemoteStorage extends RemoteReader implements Storage {
     return RemoteStorage.open(childTransport(cmd, args, env), location);
   }
 
-  /** Connects with the system ssh to ssh://[user@]host[:port]/, whose forced command runs the server. */
-  static async connectSsh(url: string, opts: SshOptions = {}): Promise<RemoteStorage> {
-    const args = sshArgs(parseSshUrl(url), opts);
-    return RemoteStorage.spawn(opts.sshCommand ?? 'ssh', args, url);
+  /**
+   * Connects with the system ssh to ssh://[user@]host[:port]/, whose forced command runs the server;
+   * the command line comes from sshInvocation (snapcrypt's key where it exists, else plain ssh).
+   */
+  static async connectSsh(url: string, opts: SshInvocationOptions = {}): Promise<RemoteStorage> {
+    const ssh = await sshInvocation(parseSshTarget(url), 'snapcrypt-server serve', opts);
+    return RemoteStorage.spawn('ssh', ssh.args, url, ssh.env);
   }
 
   async exists(): Promise<boolean> {
@@ -480,8 +471,38 @@ export class RemoteStorage extends RemoteReader implements Storage {
   async putObject(id: string, data: Buffer): Promise<void> {
     expect(await this.conn.call({ type: 'putObject', id, data }), 'ok');
   }
+  /**
+   * The index travels in INDEX_PART frames of INDEX_PART_BYTES (at most INDEX_PARTS_IN_FLIGHT
+   * unanswered), then COMMIT names its length. After a failed part no more parts are sent; the COMMIT
+   * then names what was sent, and the server answers it with that failure without committing.
+   */
   async commit(head: Buffer, index: Buffer): Promise<SnapshotInfo> {
-    return expect(await this.conn.call({ type: 'commit', head, index }), 'snapshot').info;
+    if (index.length % ID_BYTES !== 0) {
+      throw new SnapError('integrity', `Cannot commit to ${this.location}: index of ${index.length} bytes is not a whole number of 32-byte ids`);
+    }
+    if (index.length > MAX_INDEX_BYTES) {
+      throw new SnapError('usage', `Cannot commit to ${this.location}: ${index.length / ID_BYTES} objects exceed the protocol's limit of ${MAX_INDEX_BYTES / ID_BYTES}`);
+    }
+    let failure: unknown = null;
+    const inFlight: Promise<void>[] = [];
+    let sent = 0;
+    while (sent < index.length && failure === null) {
+      if (inFlight.length >= INDEX_PARTS_IN_FLIGHT) {
+        await inFlight.shift();
+        continue;
+      }
+      const ids = index.subarray(sent, Math.min(index.length, sent + INDEX_PART_BYTES));
+      const part = this.conn.callInOrder({ type: 'indexPart', offset: sent, ids });
+      inFlight.push(part.then((res) => void expect(res, 'ok'), (err: unknown) => void (failure ??= err)));
+      sent += ids.length;
+    }
+    const committed = this.conn.callInOrder({ type: 'commit', head, indexLength: sent });
+    await Promise.all(inFlight);
+    if (failure !== null) {
+      await committed.catch(() => undefined);
+      throw failure;
+    }
+    return expect(await committed, 'snapshot').info;
   }
   async listSnapshots(): Promise<SnapshotInfo[]> {
     return expect(await this.conn.call({ type: 'listSnapshots' }), 'snapshots').infos;

@@ -9,6 +9,10 @@
  * One passphrase protects both this key and the repository's master key; decrypting the SSH key is how
  * the passphrase is checked before any connection.
  *
+ * This module also holds the one parser of SSH destinations (parseSshTarget, for --repo ssh://... and
+ * `snapcrypt setup user@host`) and the one builder of ssh command lines (sshInvocation): with this key
+ * and askpass where the key exists, else plain ssh with the user's own configuration and agent.
+ *
  * How the passphrase reaches OpenSSH (ssh-keygen and ssh) without ever being on a command line:
  * `ssh-keygen -N/-P` would put it in argv, which every user on the machine can read
  * (/proc/PID/cmdline, ps). Instead every ssh/ssh-keygen child runs with
@@ -26,7 +30,7 @@
  * snapcrypt's own process.env) and of the askpass it starts. /proc/PID/environ is readable only by the
  * same user (and root), who can read the passphrase from snapcrypt's memory anyway. Other programs that
  * ssh starts (a user's ProxyCommand) inherit it; they are the user's own. ssh sends environment
- * variables to the server only for SendEnv patterns: sshClientSetup() runs `ssh -G` and refuses to go
+ * variables to the server only for SendEnv patterns: sshInvocation() runs `ssh -G` and refuses to go
  * on if the effective configuration would send SNAPCRYPT_ASKPASS_SECRET. Password and
  * keyboard-interactive authentication are switched off on the command line (which beats any config
  * file), so the server can never make ssh ask the askpass program a question of its choosing.
@@ -78,39 +82,42 @@ export function sshIdentity(configRoot: string = defaultConfigRoot()): SshIdenti
 
 /** A server as `snapcrypt setup` and the ssh driver see it. */
 export interface SshTarget {
-  readonly user: string;
+  /** The account on the server; undefined leaves it to ssh (its configuration, else the local user). */
+  readonly user: string | undefined;
+  /** A host name or an IP address (an IPv6 address without its brackets). */
   readonly host: string;
-  readonly port: number;
-  /** The path in an ssh:// URL ("/" when none). */
-  readonly path: string;
+  /** undefined leaves it to ssh (its configuration, else 22). */
+  readonly port: number | undefined;
 }
 
-const USER_RE = /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$/;
+const USER_RE = /^[A-Za-z0-9._][A-Za-z0-9._-]{0,63}$/;
 const HOST_RE = /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,252}$/;
-const IPV6_RE = /^[0-9A-Fa-f:.]+(?:%[A-Za-z0-9_.-]+)?$/;
+const IPV6_RE = /^(?=[^%]*:)[0-9A-Fa-f:.]+(?:%[A-Za-z0-9_.-]+)?$/;
 
 /**
- * Parse `user@host[:port]`, `user@[v6addr][:port]` or `ssh://user@host[:port][/path]`. The user is
- * required (it names the account on the server); the port defaults to 22.
+ * The one parser of SSH destinations: `ssh://[user@]host[:port][/]` (a --repo value) and
+ * `user@host[:port]` (what setup takes; the user is required in this form). A host may be an IPv6
+ * address in brackets (`[::1]`, `[fe80::1%eth0]`). Neither user nor host may start with "-", so no part
+ * can turn into an ssh option; the URL carries no path (the server's forced command picks the area).
+ * Anything else: SnapError('usage').
  */
 export function parseSshTarget(spec: string): SshTarget {
   const bad = (why: string): SnapError =>
-    new SnapError('usage', `Bad server "${spec}": ${why}`, { hint: 'write user@host, user@host:port or ssh://user@host:port/' });
+    new SnapError('usage', `Invalid SSH destination ${JSON.stringify(spec.slice(0, 300))}: ${why}`, {
+      hint: 'write ssh://[user@]host[:port]/ or user@host[:port]; there is no path: the server decides where the repository lives',
+    });
   let rest = spec;
-  let p = '/';
-  if (rest.startsWith('ssh://')) {
+  const isUrl = rest.startsWith('ssh://');
+  if (isUrl) {
     rest = rest.slice('ssh://'.length);
-    const slash = rest.indexOf('/');
-    if (slash >= 0) {
-      p = rest.slice(slash);
-      rest = rest.slice(0, slash);
-    }
+    if (rest.endsWith('/')) rest = rest.slice(0, -1);
+    if (rest.includes('/')) throw bad('an ssh:// URL has no path');
   }
   const at = rest.lastIndexOf('@');
-  if (at < 0) throw bad('the user name is missing');
-  const user = rest.slice(0, at);
+  if (at < 0 && !isUrl) throw bad('the user name is missing');
+  const user = at < 0 ? undefined : rest.slice(0, at);
+  if (user !== undefined && !USER_RE.test(user)) throw bad(`${JSON.stringify(user)} is not a valid user name`);
   let hostPort = rest.slice(at + 1);
-  if (!USER_RE.test(user)) throw bad(`"${user}" is not a valid user name`);
   let host: string;
   let portStr: string | undefined;
   if (hostPort.startsWith('[')) {
@@ -122,21 +129,21 @@ export function parseSshTarget(spec: string): SshTarget {
       if (!hostPort.startsWith(':')) throw bad('junk after "]"');
       portStr = hostPort.slice(1);
     }
-    if (!IPV6_RE.test(host)) throw bad(`"${host}" is not an IPv6 address`);
+    if (!IPV6_RE.test(host)) throw bad(`${JSON.stringify(host)} is not an IPv6 address`);
   } else {
     const colon = hostPort.indexOf(':');
     if (colon >= 0) {
       host = hostPort.slice(0, colon);
       portStr = hostPort.slice(colon + 1);
     } else host = hostPort;
-    if (!HOST_RE.test(host)) throw bad(`"${host}" is not a valid host name`);
+    if (!HOST_RE.test(host)) throw bad(`${JSON.stringify(host)} is not a valid host name`);
   }
-  let port = 22;
+  let port: number | undefined;
   if (portStr !== undefined) {
-    if (!/^\d{1,5}$/.test(portStr) || Number(portStr) < 1 || Number(portStr) > 65535) throw bad(`"${portStr}" is not a port number`);
+    if (!/^\d{1,5}$/.test(portStr) || Number(portStr) < 1 || Number(portStr) > 65535) throw bad(`${JSON.stringify(portStr)} is not a port number`);
     port = Number(portStr);
   }
-  return { user, host, port, path: p };
+  return { user, host, port };
 }
 
 /** `host` for port 22, `[host]:port` otherwise: how known_hosts names a server. */
@@ -144,10 +151,10 @@ export function knownHostsName(t: { host: string; port: number }): string {
   return t.port === 22 ? t.host : `[${t.host}]:${t.port}`;
 }
 
-/** ssh://user@host:port/ (the port always written out). */
-export function sshUrl(t: { user: string; host: string; port: number }, p = '/'): string {
+/** ssh://[user@]host[:port]/ (IPv6 addresses in brackets). */
+export function sshUrl(t: SshTarget): string {
   const host = t.host.includes(':') ? `[${t.host}]` : t.host;
-  return `ssh://${t.user}@${host}:${t.port}${p.startsWith('/') ? p : `/${p}`}`;
+  return `ssh://${t.user === undefined ? '' : `${t.user}@`}${host}${t.port === undefined ? '' : `:${t.port}`}/`;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -334,21 +341,22 @@ function writeFileAtomic(file: string, data: string, mode: number): void {
 }
 
 // ---------------------------------------------------------------------------------------------
-// ssh options
+// the ssh command line
+
+/** Ciphers in order of preference: AES-GCM first (hardware AES makes it the cheapest per byte). */
+const CIPHERS = 'aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com';
 
 /**
- * The ssh options snapcrypt uses for a server: only the snapcrypt key, only the snapcrypt known_hosts
- * (strict: an unknown or changed host key is refused by ssh itself), public-key authentication only
- * (so askpass is never asked for a password), no forwarding, no multiplexing, AES-GCM first.
- * The destination (-p PORT, user@host) is not included; see sshDestinationArgs(). The same options
- * serve every server (`url` is accepted for per-server options later).
+ * The options for snapcrypt's own key: only that key, only the snapcrypt known_hosts (strict: an
+ * unknown or changed host key is refused by ssh itself), public-key authentication only (so askpass is
+ * never asked for a password), no agent, no forwarding, no multiplexing.
  *
- * Do NOT combine with `-o BatchMode=yes`: in batch mode ssh never asks for a key's passphrase, so the
- * encrypted key is skipped and the login fails ("Permission denied (publickey)"). The options here
- * already keep ssh from asking anything else (no passwords, strict host key checking).
+ * Never with `-o BatchMode=yes`: in batch mode ssh never asks for a key's passphrase, so the encrypted
+ * key is skipped and the login fails ("Permission denied (publickey)"). These options already keep ssh
+ * from asking anything else (no passwords, strict host key checking); BatchMode=no comes before any
+ * extra option, and ssh keeps the first value it gets, so a user's "BatchMode yes" cannot undo it.
  */
-export function sshOptionsFor(url: string, id: SshIdentity = sshIdentity()): string[] {
-  void url;
+function snapcryptKeyOptions(id: SshIdentity): string[] {
   const o = (s: string): string[] => ['-o', s];
   return [
     '-i', id.keyFile,
@@ -368,16 +376,7 @@ export function sshOptionsFor(url: string, id: SshIdentity = sshIdentity()): str
     ...o('ForwardX11=no'),
     ...o('ClearAllForwardings=yes'),
     ...o('PermitLocalCommand=no'),
-    ...o('Ciphers=aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com'),
-    ...o('ServerAliveInterval=15'),
-    ...o('ServerAliveCountMax=4'),
   ];
-}
-
-/** `-p PORT -l USER -- HOST`: append the remote command after these. */
-export function sshDestinationArgs(url: string): string[] {
-  const t = parseSshTarget(url);
-  return ['-p', String(t.port), '-l', t.user, '--', t.host];
 }
 
 /** A shell-style glob (ssh's match_pattern: * and ?) against a name. */
@@ -386,21 +385,10 @@ function globMatch(pattern: string, name: string): boolean {
   return re.test(name);
 }
 
-/**
- * Everything needed to spawn ssh for a server: the options (snapcrypt's, then extraOptions, e.g. from
- * SNAPCRYPT_SSH_OPTIONS) and destination (append the remote command), and the child's environment with
- * the askpass plumbing. Refuses (usage) when the effective
- * ssh configuration would send the passphrase variable to the server (a SendEnv pattern matching it).
- */
-export async function sshClientSetup(
-  url: string,
-  passphrase: Buffer,
-  id: SshIdentity = sshIdentity(),
-  extraOptions: readonly string[] = [],
-): Promise<{ args: string[]; env: NodeJS.ProcessEnv }> {
-  const args = [...sshOptionsFor(url, id), ...extraOptions, ...sshDestinationArgs(url)];
+/** Refuses (usage) when the effective ssh configuration would send the askpass secret (SendEnv). */
+async function checkSendEnv(args: readonly string[], what: string): Promise<void> {
   const g = await run('ssh', ['-G', ...args], { timeoutMs: 10_000 });
-  if (g.code !== 0) throw new SnapError('usage', `ssh -G failed for ${url}: ${g.stderr.trim()}`);
+  if (g.code !== 0) throw new SnapError('usage', `ssh -G failed for ${what}: ${g.stderr.trim()}`);
   for (const line of g.stdout.split('\n')) {
     const m = /^sendenv\s+(.+)$/i.exec(line.trim());
     if (m && !m[1]!.startsWith('-') && globMatch(m[1]!, ASKPASS_SECRET_ENV)) {
@@ -409,7 +397,55 @@ export async function sshClientSetup(
       });
     }
   }
-  return { args, env: askpassEnv(passphrase, id) };
+}
+
+export interface SshInvocationOptions {
+  /** snapcrypt's SSH identity (default: the one in the configuration directory). */
+  readonly identity?: SshIdentity;
+  /** The passphrase of snapcrypt's key; asked only when that key exists. Without it, plain ssh is used. */
+  readonly passphrase?: () => Promise<Buffer>;
+  /** More ssh arguments (SNAPCRYPT_SSH_OPTIONS), placed after snapcrypt's and before the destination. */
+  readonly extraOptions?: readonly string[];
+}
+
+export interface SshInvocation {
+  /** Arguments for the `ssh` program, ending with the remote command. */
+  readonly args: string[];
+  /** The child's environment; undefined: inherit snapcrypt's (never assign it to process.env). */
+  readonly env: NodeJS.ProcessEnv | undefined;
+  /** Whether snapcrypt's own key (and known_hosts, askpass) is used. */
+  readonly snapcryptKey: boolean;
+}
+
+/**
+ * The one place where snapcrypt's ssh command lines are made (RemoteStorage.connectSsh, so every
+ * ssh:// repository, runs what this returns). Common to both cases:
+ *   -o Ciphers=<AES-GCM first> -o ServerAliveInterval=15 -o ServerAliveCountMax=4 -e none -T
+ *   ... [extraOptions] [-p PORT] [-l USER] -- HOST REMOTE-COMMAND
+ * - snapcrypt's key exists (`snapcrypt setup` made it) and a passphrase source is given: the options of
+ *   snapcryptKeyOptions(), the port 22 when the target names none (setup recorded the host key for
+ *   that port), and an environment that feeds the passphrase to ssh through askpass. The effective
+ *   configuration is checked first (`ssh -G`): if it would send the secret (SendEnv), SnapError('usage').
+ * - otherwise: the user's own ssh configuration, keys and agent, with BatchMode=yes (ssh never prompts:
+ *   a key that needs a passphrase must be in the agent).
+ */
+export async function sshInvocation(target: SshTarget, remoteCommand: string, opts: SshInvocationOptions = {}): Promise<SshInvocation> {
+  const common = ['-o', `Ciphers=${CIPHERS}`, '-o', 'ServerAliveInterval=15', '-o', 'ServerAliveCountMax=4', '-e', 'none', '-T'];
+  const extra = opts.extraOptions ?? [];
+  const destination = (port: number | undefined): string[] => [
+    ...(port === undefined ? [] : ['-p', String(port)]),
+    ...(target.user === undefined ? [] : ['-l', target.user]),
+    '--',
+    target.host,
+  ];
+  const id = opts.identity ?? sshIdentity();
+  if (opts.passphrase !== undefined && keyExists(id)) {
+    const args = [...common, ...snapcryptKeyOptions(id), ...extra, ...destination(target.port ?? 22)];
+    await checkSendEnv(args, sshUrl(target));
+    const env = askpassEnv(await opts.passphrase(), id);
+    return { args: [...args, remoteCommand], env, snapcryptKey: true };
+  }
+  return { args: [...common, '-o', 'BatchMode=yes', ...extra, ...destination(target.port), remoteCommand], env: undefined, snapcryptKey: false };
 }
 
 // ---------------------------------------------------------------------------------------------

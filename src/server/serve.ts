@@ -5,7 +5,9 @@
  *
  * Bounded memory (I8): at most maxInFlight requests run at once; input is paused while that many run
  * or while the payloads held exceed a byte budget; at most HEAVY requests that move whole objects or
- * indexes run at once; a response is only counted done when the output has taken it.
+ * indexes run at once; a response is only counted done when the output has taken it. The index of a
+ * commit arrives in INDEX_PART frames that the Storage stages on disk (Storage.stageIndex), so even a
+ * 2 GiB index is never held in memory.
  * Any protocol violation ends the session with one ERROR frame (request id 0, code 'protocol').
  */
 import type { Readable, Writable } from 'node:stream';
@@ -14,6 +16,7 @@ import {
   FrameDecoder,
   LIST_BATCH,
   MAX_FRAME_LENGTH,
+  MAX_INDEX_BYTES,
   MAX_IN_FLIGHT,
   MAX_PAYLOAD,
   Msg,
@@ -29,7 +32,7 @@ import {
   protocolError,
 } from '../core/protocol.js';
 import type { Frame, Request, Response, Scope } from '../core/protocol.js';
-import type { Lock, ObjectReader, Storage } from '../storage/types.js';
+import type { Lock, ObjectReader, SnapshotInfo, StagedIndex, Storage } from '../storage/types.js';
 
 /** Requests moving whole objects or indexes that may run at once. */
 const HEAVY = 8;
@@ -37,6 +40,44 @@ const HEAVY = 8;
 const PAYLOAD_BUDGET = 2 * MAX_PAYLOAD;
 /** Locks one session may hold. */
 const MAX_LOCKS = 16;
+/**
+ * Largest index staged in memory for a Storage without stageIndex (every directory storage has it):
+ * as much as one frame could carry in protocol version 1.
+ */
+const MEMORY_STAGE_LIMIT = MAX_PAYLOAD;
+
+/** Stages an index in memory, for a Storage that cannot stage it on disk. */
+function memoryStage(storage: Storage): StagedIndex {
+  let parts: Buffer[] = [];
+  let length = 0;
+  return {
+    get length() {
+      return length;
+    },
+    async append(ids: Buffer): Promise<void> {
+      if (length + ids.length > MEMORY_STAGE_LIMIT) {
+        throw new SnapError('usage', `This server's storage takes indexes of at most ${MEMORY_STAGE_LIMIT / 32} objects`);
+      }
+      parts.push(ids);
+      length += ids.length;
+    },
+    async commit(head: Buffer): Promise<SnapshotInfo> {
+      const index = Buffer.concat(parts, length);
+      parts = [];
+      return storage.commit(head, index);
+    },
+    async discard(): Promise<void> {
+      parts = [];
+    },
+  };
+}
+
+/** The index parts received since the last COMMIT, as the requests carrying them are carried out. */
+interface Stage {
+  staged: StagedIndex | null;
+  /** The first failure of a part: later parts and the COMMIT answer with it; nothing is committed. */
+  failure: SnapError | null;
+}
 
 export interface ServeOptions {
   /** The client's wish from SSH_ORIGINAL_COMMAND (data only, never run); undefined when not over SSH. */
@@ -114,6 +155,11 @@ class Session {
   private readonly done: Promise<void>;
   private outputBroken = false;
   private byeId: number | null = null;
+  /** INDEX_PART bytes that arrived since the last COMMIT (counted on arrival, in order). */
+  private indexSent = 0;
+  private stage: Stage = { staged: null, failure: null };
+  /** INDEX_PART and COMMIT run one after the other, in the order they arrived. */
+  private indexChain: Promise<unknown> = Promise.resolve();
 
   private readonly input: Readable;
   private readonly output: Writable;
@@ -149,6 +195,14 @@ class Session {
       this.output.on('drain', () => this.pump());
     }
     await this.done;
+    await this.indexChain;
+    // Index parts without their COMMIT: dropped, and the session is a protocol violation.
+    const staged = this.stage.staged;
+    this.stage = { staged: null, failure: null };
+    await staged?.discard().catch((err: unknown) => this.opts.log?.(`discarding a staged index: ${String(err)}`));
+    if (this.indexSent > 0) {
+      this.fatal(protocolError(`the session ended after ${this.indexSent} bytes of INDEX_PART without their COMMIT; they were discarded`));
+    }
     this.input.removeAllListeners('data');
     this.input.pause();
     for (const listing of this.listings.values()) listing.waiting?.(false);
@@ -252,6 +306,21 @@ class Session {
     } catch (err) {
       return this.fatal(err);
     }
+    // The index stream is checked as it arrives: parts in order, COMMIT naming exactly what was sent.
+    if (req.type === 'indexPart') {
+      if (req.offset !== this.indexSent) {
+        return this.fatal(protocolError(`INDEX_PART at offset ${req.offset}, but ${this.indexSent} index bytes were sent since the last COMMIT`));
+      }
+      if (this.indexSent + req.ids.length > MAX_INDEX_BYTES) {
+        return this.fatal(protocolError(`the index exceeds the limit of ${MAX_INDEX_BYTES} bytes`));
+      }
+      this.indexSent += req.ids.length;
+    } else if (req.type === 'commit') {
+      if (req.indexLength !== this.indexSent) {
+        return this.fatal(protocolError(`COMMIT names an index of ${req.indexLength} bytes, but ${this.indexSent} were sent in INDEX_PART frames`));
+      }
+      this.indexSent = 0;
+    }
     this.running.add(f.id);
     void this.handle(f.id, req).finally(() => {
       this.running.delete(f.id);
@@ -271,7 +340,9 @@ class Session {
     }
     if (hello.version !== PROTOCOL_VERSION) {
       return this.fatal(
-        new SnapError('unsupported-version', `Protocol version ${hello.version} is not supported by this server (it speaks version ${PROTOCOL_VERSION})`),
+        new SnapError('unsupported-version', `Protocol version ${hello.version} is not supported by this server (it speaks version ${PROTOCOL_VERSION})`, {
+          hint: 'snapcrypt (on the workstation) and snapcrypt-server (on the server) must speak the same protocol version: update the older one',
+        }),
       );
     }
     if (!isAcceptedWish(hello.wish)) return this.fatal(protocolError(`unknown wish ${JSON.stringify(hello.wish)}`));
@@ -387,8 +458,11 @@ class Session {
       case 'putObject':
         await this.heavily(() => s.putObject(req.id, req.data));
         return this.respond(id, { type: 'ok' });
+      case 'indexPart':
+        await this.inIndexOrder(() => this.appendPart(req.ids));
+        return this.respond(id, { type: 'ok' });
       case 'commit': {
-        const info = await this.heavily(() => s.commit(req.head, req.index));
+        const info = await this.inIndexOrder(() => this.heavily(() => this.commitStaged(req.head)));
         return this.respond(id, { type: 'snapshot', info });
       }
       case 'listSnapshots':
@@ -412,6 +486,37 @@ class Session {
         return this.respond(id, { type: 'ok' });
       }
     }
+  }
+
+  /** Runs fn after every INDEX_PART and COMMIT that arrived before (called synchronously on arrival). */
+  private inIndexOrder<T>(fn: () => Promise<T>): Promise<T> {
+    const p = this.indexChain.then(fn);
+    this.indexChain = p.catch(() => undefined);
+    return p;
+  }
+
+  private async appendPart(ids: Buffer): Promise<void> {
+    const stage = this.stage;
+    if (stage.failure) throw stage.failure;
+    try {
+      stage.staged ??= this.storage.stageIndex ? await this.storage.stageIndex() : memoryStage(this.storage);
+      await stage.staged.append(ids);
+    } catch (err) {
+      stage.failure = err instanceof SnapError ? err : new SnapError('io', `Cannot stage the index: ${err instanceof Error ? err.message : String(err)}`);
+      const staged = stage.staged;
+      stage.staged = null;
+      await staged?.discard().catch(() => undefined);
+      throw stage.failure;
+    }
+  }
+
+  /** Commits the staged parts (an empty index when none were sent); the stage is gone afterwards. */
+  private async commitStaged(head: Buffer): Promise<SnapshotInfo> {
+    const stage = this.stage;
+    this.stage = { staged: null, failure: null };
+    if (stage.failure) throw stage.failure;
+    if (stage.staged === null) return this.storage.commit(head, Buffer.alloc(0));
+    return stage.staged.commit(head);
   }
 
   /** Streams ids in batches; after each batch waits for the client's LIST_CONTINUE. */

@@ -22,6 +22,10 @@
  *   'integrity', nothing sealed), writes head and index, removes objects of current that index does
  *   not list, makes everything durable, then seals current as a new snapshot whose name comes from the
  *   storage's own clock. A snapshot exists completely or not at all.
+ * - stageIndex (optional) is commit with the index handed over in parts: they are kept on disk outside
+ *   current (never in memory, never visible to readers) until the stage's commit(head), which has
+ *   exactly the contract of commit(head, <the parts concatenated>); a stage that is discarded, or whose
+ *   process ends, leaves nothing behind.
  * - Sealed snapshots are never changed by any method of this interface.
  * - lock() takes the area's exclusive writer lock or throws SnapError('locked'); a lock whose holder
  *   is gone (a dead process on this host) is taken over. The lock file lives beside current/, so no
@@ -58,6 +62,18 @@ export interface Lock {
   release(): Promise<void>;
 }
 
+/** An index received in parts for one commit (Storage.stageIndex). */
+export interface StagedIndex {
+  /** Bytes appended so far. */
+  readonly length: number;
+  /** Appends the next ids (a whole number of 32-byte ids). */
+  append(ids: Buffer): Promise<void>;
+  /** Storage.commit(head, <everything appended>); the stage is discarded afterwards, whatever the outcome. */
+  commit(head: Buffer): Promise<SnapshotInfo>;
+  /** Drops what was appended; idempotent. */
+  discard(): Promise<void>;
+}
+
 export interface Storage extends ObjectReader {
   /** Human-readable location for messages (a path or an ssh:// URL). */
   readonly location: string;
@@ -81,6 +97,11 @@ export interface Storage extends ObjectReader {
    * The module exports createWriter(arg) returning a synchronous (id, data) => void.
    */
   directWriter?(): Promise<DirectWriterSpec | null>;
+  /**
+   * Optional: a commit whose index arrives in parts and is kept on disk, not in memory (the server
+   * receives large indexes this way). Without it, the index must be passed whole to commit().
+   */
+  stageIndex?(): Promise<StagedIndex>;
   /** Exclusive writer lock on current. */
   lock(owner: string): Promise<Lock>;
   close(): Promise<void>;
