@@ -124,12 +124,14 @@ class Connection {
     this.location = location;
     transport.readable.on('data', (b: Buffer) => this.onData(b));
     // Wait for the peer (e.g. ssh) to exit first, so that the message can quote its last words.
-    transport.readable.on('end', () => {
+    const lost = () => {
       if (this.failure) return;
-      void transport.close().finally(() => this.fail(null, 'the connection closed'));
-    });
+      void transport.close().finally(() => this.fail(null, 'the connection was lost'));
+    };
+    transport.readable.on('end', lost);
     transport.readable.on('error', (err) => this.fail(null, `reading failed: ${err.message}`));
-    transport.writable.on('error', (err) => this.fail(null, `writing failed: ${err.message}`));
+    // EPIPE: the peer is gone (ssh killed, network down); say so, with how it ended
+    transport.writable.on('error', (err) => ((err as NodeJS.ErrnoException).code === 'EPIPE' ? lost() : this.fail(null, `writing failed: ${err.message}`)));
   }
 
   /** HELLO → HELLO_OK. */
