@@ -21,8 +21,10 @@ export interface CliOptions {
   /** Written to the CLI's stdin (stdin is closed either way). */
   readonly input?: string | Buffer;
   readonly cwd?: string;
-  /** Kill the CLI after this many ms (default 120 000). */
+  /** A run that takes longer is taken for hung: diagnosed (threads, Node report) and killed (default 300 000). */
   readonly timeoutMs?: number;
+  /** Kill the CLI with SIGKILL after this many ms, as a crash would (crash tests; no diagnosis). */
+  readonly killAfterMs?: number;
 }
 
 export interface CliResult {
@@ -73,21 +75,26 @@ export function startCli(args: readonly string[], opts: CliOptions = {}): { chil
     child.stdin.end(opts.input ?? '');
     const started = Date.now();
     let timedOut = false;
+    let closed = false;
     let diagnosis = '';
-    const timer = setTimeout(() => {
-      timedOut = true;
-      diagnosis = processTreeState(child.pid);
-      child.kill('SIGUSR2');
-      setTimeout(() => {
-        diagnosis += readReports(reportDir);
-        child.kill('SIGKILL');
-      }, 3000);
-    }, opts.timeoutMs ?? 300_000);
+    const timer =
+      opts.killAfterMs !== undefined
+        ? setTimeout(() => child.kill('SIGKILL'), opts.killAfterMs)
+        : setTimeout(() => {
+            timedOut = true;
+            diagnosis = processTreeState(child.pid);
+            child.kill('SIGUSR2');
+            setTimeout(() => {
+              if (!closed) diagnosis += readReports(reportDir);
+              child.kill('SIGKILL');
+            }, 3000);
+          }, opts.timeoutMs ?? 300_000);
     child.on('error', (e) => {
       clearTimeout(timer);
       reject(e);
     });
     child.on('close', (code, signal) => {
+      closed = true;
       clearTimeout(timer);
       const note = timedOut ? `\n[runCli: killed by the ${Date.now() - started} ms timeout; last output at ${lastOutput - started} ms]\n${diagnosis}` : '';
       fs.rmSync(reportDir, { recursive: true, force: true });

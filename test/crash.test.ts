@@ -105,10 +105,10 @@ class Scenario {
   /** Wall time spent per CLI command, for the closing diagnostic. */
   readonly cliMs = new Map<string, number>();
 
-  async cli(args: readonly string[], extraEnv: Record<string, string> = {}, timeoutMs?: number): Promise<CliResult> {
+  async cli(args: readonly string[], extraEnv: Record<string, string> = {}, killAfterMs?: number): Promise<CliResult> {
     const t0 = Date.now();
     try {
-      return await runCli(args, { env: { ...this.env, ...extraEnv }, ...(timeoutMs !== undefined ? { timeoutMs } : {}) });
+      return await runCli(args, { env: { ...this.env, ...extraEnv }, ...(killAfterMs !== undefined ? { killAfterMs } : {}) });
     } finally {
       this.cliMs.set(args[0]!, (this.cliMs.get(args[0]!) ?? 0) + Date.now() - t0);
     }
