@@ -50,6 +50,12 @@ describe('layers', () => {
     assert.deepEqual(forbidden, [], `the server's import graph reaches ${forbidden.join(', ')}`);
   });
 
+  it('the server program does not load node:crypto (OpenSSL adds about 1.5 MB to its RSS)', () => {
+    const files = reachable(join(SRC, 'programs', 'snapcrypt-server.js'));
+    const bad = [...files].filter((f) => specifiers(readFileSync(join(SRC, f), 'utf8')).some((spec) => /^(node:)?crypto$/.test(spec)));
+    assert.deepEqual(bad, []);
+  });
+
   it('the pure core imports no fs, child_process or net', () => {
     const core = join(SRC, 'core');
     const bad: string[] = [];

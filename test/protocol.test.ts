@@ -11,6 +11,7 @@ import { describe, it } from 'node:test';
 import { ExitStatus, SnapError, isSnapError } from '../src/core/errors.js';
 import {
   FrameDecoder,
+  FrameReader,
   LIST_BATCH,
   MAX_FRAME_LENGTH,
   MAX_INDEX_BYTES,
@@ -34,7 +35,7 @@ import type { Frame, Request, Response } from '../src/core/protocol.js';
 import { RemoteStorage } from '../src/drivers/ssh.js';
 import { parseSshTarget, sshIdentity, sshInvocation } from '../src/drivers/sshkeys.js';
 import { LocalDirStorage } from '../src/drivers/localdir.js';
-import { serve } from '../src/server/serve.js';
+import { serve, type ReusedBufferInput } from '../src/server/serve.js';
 import type { Storage } from '../src/storage/types.js';
 import { tempDir } from './env.js';
 
@@ -197,6 +198,50 @@ describe('protocol codec', () => {
     assert.deepEqual(d.push(head), []); // the largest frame is accepted, and nothing is allocated for it yet
     assert.equal(d.buffered, 4);
   });
+
+  it('the copying reader gives the same frames whatever the pieces, keeps none of their bytes, and waits for memory', () => {
+    const all = Buffer.concat([
+      ...requests.map((r, i) => {
+        const { type, payload } = encodeRequest(r);
+        return bytesOf(encodeFrame(type, i + 1, payload));
+      }),
+      bytesOf(encodeFrame(Msg.PUT_OBJECT, 99, [Buffer.from(ID, 'hex'), Buffer.alloc(200_000, 7)])),
+    ]);
+    const expected = frames(all);
+    for (const step of [1, 2, 5, 9, 64, 4096, all.length]) {
+      const r = new FrameReader((_type, n) => Buffer.alloc(n));
+      const out: Frame[] = [];
+      const lent = Buffer.alloc(step);
+      for (let pos = 0; pos < all.length; pos += step) {
+        const n = all.copy(lent, 0, pos, pos + step);
+        assert.equal(r.read(lent.subarray(0, n), out), n);
+        lent.fill(0xee); // the bytes were only lent for the call
+      }
+      assert.ok(r.atBoundary);
+      assert.deepEqual(out, expected, `pieces of ${step} bytes`);
+    }
+    // alloc refuses: read() stops right after the header and goes on once memory is given
+    let allow = false;
+    const r = new FrameReader((_type, n) => (allow || n === 0 ? Buffer.alloc(n) : null));
+    const out: Frame[] = [];
+    const two = Buffer.concat([bytesOf(encodeFrame(Msg.EXISTS, 1, [])), bytesOf(encodeFrame(Msg.PUT_OBJECT, 2, [Buffer.alloc(40, 1)]))]);
+    // a frame without payload needs no memory; the second waits after its 9 header bytes
+    assert.equal(r.read(two, out), 9 + 9);
+    assert.ok(r.waiting && !r.atBoundary);
+    assert.equal(out.length, 1);
+    assert.equal(r.read(two.subarray(18), out), 0);
+    allow = true;
+    assert.equal(r.read(two.subarray(18), out), 40);
+    assert.ok(r.atBoundary && !r.waiting);
+    assert.deepEqual(out, frames(two));
+    // the length limits hold as for FrameDecoder
+    const bad = new FrameReader((_type, n) => Buffer.alloc(n));
+    const head = Buffer.alloc(4);
+    head.writeUInt32BE(MAX_FRAME_LENGTH + 1);
+    assert.equal(bad.read(head.subarray(0, 3), []), 3);
+    assert.throws(() => bad.read(head.subarray(3), []), (err: unknown) => isSnapError(err, 'protocol'));
+    assert.throws(() => bad.read(Buffer.alloc(1), []), (err: unknown) => isSnapError(err, 'protocol'));
+  });
 });
 
 describe('ssh URLs', () => {
@@ -315,6 +360,54 @@ describe('server loop', () => {
     assert.equal(byId.get(8)?.type, Msg.BYE_OK);
     assert.equal(byId.has(9), false);
     assert.equal(out.at(-1)?.type, Msg.BYE_OK);
+  });
+
+  it('stores objects byte for byte from a reused read buffer, with payloads larger than the arena and requests in between', async () => {
+    const root = await tempDir('serve-arena');
+    const storage = new LocalDirStorage(join(root, 'area'));
+    await storage.init(Buffer.from('c'));
+    const rnd = prng(7);
+    const objects = new Map<string, Buffer>();
+    const input: Buffer[] = [HELLO];
+    for (let i = 0; i < 40; i++) {
+      // mostly about 1 MiB (a default chunk), some small ones, and two larger than the arena (2 MiB)
+      const size = i === 13 || i === 31 ? 3 * 1024 * 1024 + i : i % 5 === 0 ? 1 + Math.floor(rnd() * 5000) : 900_000 + Math.floor(rnd() * 250_000);
+      const data = Buffer.alloc(size);
+      for (let k = 0; k < size; k += 4096) data[k] = Math.floor(rnd() * 256);
+      data.writeUInt32BE(i, 0);
+      const id = (i + 1).toString(16).padStart(64, '0');
+      objects.set(id, data);
+      input.push(bytesOf(encodeFrame(Msg.PUT_OBJECT, 10 + i, [Buffer.from(id, 'hex'), data])));
+      if (i % 7 === 0) input.push(bytesOf(encodeFrame(Msg.EXISTS, 100 + i, [])));
+    }
+    input.push(bytesOf(encodeFrame(Msg.BYE, 1000, [])));
+    const bytes = Buffer.concat(input);
+
+    // A fake of reusedBufferInput(): every read is lent in one buffer, overwritten after the call, and
+    // only while the session has not paused the stream.
+    const stream = new PassThrough();
+    const lent: ReusedBufferInput = { stream, onBytes: null };
+    const down = new PassThrough();
+    const chunks: Buffer[] = [];
+    down.on('data', (b: Buffer) => chunks.push(b));
+    let finished = false;
+    const served = serve(lent, down, storage).finally(() => (finished = true));
+    const shared = Buffer.alloc(65_536);
+    for (let pos = 0; pos < bytes.length && !finished; ) {
+      if (lent.onBytes === null || stream.isPaused()) {
+        await new Promise((resolve) => setImmediate(resolve));
+        continue;
+      }
+      const n = bytes.copy(shared, 0, pos, pos + 1 + Math.floor(rnd() * shared.length));
+      lent.onBytes(shared.subarray(0, n));
+      shared.fill(0xee);
+      pos += n;
+    }
+    assert.equal(await served, ExitStatus.ok);
+    const out = new FrameDecoder().push(Buffer.concat(chunks));
+    assert.deepEqual(out.filter((f) => f.type !== Msg.OK && f.type !== Msg.BOOL).map((f) => f.type), [Msg.HELLO_OK, Msg.BYE_OK]);
+    assert.equal(out.filter((f) => f.type === Msg.OK).length, objects.size);
+    for (const [id, data] of objects) assert.ok((await storage.getObject(id)).equals(data), `object ${id}`);
   });
 
   it('refuses a wish other than serve, a frame before HELLO, an oversized frame and a wrong version', async () => {

@@ -262,6 +262,109 @@ export class FrameDecoder {
   }
 }
 
+/**
+ * Frame decoder for a receiver that bounds its memory (the server). It copies every byte out of the
+ * chunks it is given, so the caller may reuse a chunk's memory as soon as read() returns, into one
+ * payload buffer per frame that `alloc(type, length)` provides once the frame's header is in. The
+ * length is checked as soon as its 4 bytes are in, as by FrameDecoder. alloc may refuse (null) while
+ * memory is short: read() then stops right after that header and reports how far it got; the caller
+ * keeps the rest of its bytes and calls read() again (with them, or with an empty buffer) later.
+ */
+export class FrameReader {
+  private readonly head = Buffer.alloc(4 + FRAME_HEAD);
+  private headHave = 0;
+  private payload: Buffer | null = null;
+  private payloadHave = 0;
+  private failed = false;
+  private readonly alloc: (type: number, length: number) => Buffer | null;
+  private readonly maxLength: number;
+  constructor(alloc: (type: number, length: number) => Buffer | null, maxLength = MAX_FRAME_LENGTH) {
+    this.alloc = alloc;
+    this.maxLength = maxLength;
+  }
+
+  /**
+   * Takes bytes from chunk, appending the frames it completes to `frames`; returns the number of bytes
+   * taken: all of them, unless alloc refused memory for a frame (then waiting is true).
+   */
+  read(chunk: Buffer, frames: Frame[]): number {
+    if (this.failed) throw protocolError('input after a framing error');
+    let off = 0;
+    for (;;) {
+      if (this.payload === null) {
+        if (this.headHave < this.head.length) {
+          const k = Math.min(this.head.length - this.headHave, chunk.length - off);
+          chunk.copy(this.head, this.headHave, off, off + k);
+          const had = this.headHave;
+          this.headHave += k;
+          off += k;
+          if (had < 4 && this.headHave >= 4) {
+            const len = this.head.readUInt32BE(0);
+            if (len < FRAME_HEAD || len > this.maxLength) {
+              this.failed = true;
+              throw protocolError(
+                len < FRAME_HEAD ? `frame length ${len} is too small` : `frame length ${len} exceeds the limit of ${this.maxLength}`,
+              );
+            }
+          }
+          if (this.headHave < this.head.length) return off;
+        }
+        const payload = this.alloc(this.head[4]!, this.head.readUInt32BE(0) - FRAME_HEAD);
+        if (payload === null) return off;
+        this.payload = payload;
+        this.payloadHave = 0;
+      }
+      const k = Math.min(this.payload.length - this.payloadHave, chunk.length - off);
+      chunk.copy(this.payload, this.payloadHave, off, off + k);
+      this.payloadHave += k;
+      off += k;
+      if (this.payloadHave < this.payload.length) return off;
+      frames.push({ type: this.head[4]!, id: this.head.readUInt32BE(5), payload: this.payload });
+      this.payload = null;
+      this.headHave = 0;
+      if (off === chunk.length) return off;
+    }
+  }
+
+  /** A frame's header is in and waits for alloc to give it memory. */
+  get waiting(): boolean {
+    return this.payload === null && this.headHave === this.head.length;
+  }
+
+  /** Whether the input so far ended on a frame boundary. */
+  get atBoundary(): boolean {
+    return this.payload === null && this.headHave === 0;
+  }
+}
+
+/**
+ * ID_BATCH payloads built one id at a time in a 128 KiB scratch buffer reused from batch to batch.
+ * Thousands of id strings, or a fresh buffer, held while a batch fills up would outlive young-generation
+ * collections and pile up in the old generation until a full one; a payload taken is a fresh copy that
+ * is dead as soon as it is written.
+ */
+export class IdBatchBuilder {
+  private buf: Buffer | null = null;
+  private n = 0;
+  /** Adds one id (64 lower-case hex digits; SnapError('usage') otherwise). */
+  add(id: string): void {
+    this.buf ??= Buffer.allocUnsafe(LIST_BATCH * ID_BYTES);
+    if (this.n === LIST_BATCH) throw new RangeError('the batch is full');
+    this.buf.write(checkedId(id), this.n * ID_BYTES, ID_BYTES, 'hex');
+    this.n++;
+  }
+  get count(): number {
+    return this.n;
+  }
+  /** The payload of the ids added since the last take() (a copy). */
+  take(): Buffer {
+    const out = Buffer.allocUnsafe(this.n * ID_BYTES);
+    if (this.buf !== null) this.buf.copy(out, 0, 0, out.length);
+    this.n = 0;
+    return out;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Field helpers
 
@@ -348,9 +451,18 @@ function text(lenBytes: 1 | 2, s: string, limit: number): Buffer[] {
   if (b.length > limit) b = Buffer.from(b.subarray(0, limit).toString('utf8').replace(/\uFFFD+$/, ''), 'utf8');
   return [lenBytes === 1 ? u8(b.length) : u16(b.length), b];
 }
-function idBytes(id: string): Buffer {
+function checkedId(id: string): string {
   if (!/^[0-9a-f]{64}$/.test(id)) throw new SnapError('usage', `Invalid object id ${JSON.stringify(id.slice(0, 80))}: expected 64 lower-case hex digits`);
-  return Buffer.from(id, 'hex');
+  return id;
+}
+function idBytes(id: string): Buffer {
+  return Buffer.from(checkedId(id), 'hex');
+}
+/** Ids as one buffer of 32 bytes each (one allocation for a whole ID_BATCH). */
+function idsBytes(ids: readonly string[]): Buffer {
+  const out = Buffer.allocUnsafe(ids.length * ID_BYTES);
+  for (const [i, id] of ids.entries()) out.write(checkedId(id), i * ID_BYTES, ID_BYTES, 'hex');
+  return out;
 }
 function checkedName(name: string): string {
   if (!isValidFileName(name)) throw new SnapError('usage', `Invalid file name ${JSON.stringify(name.slice(0, 80))}: expected config, head, index or keys/NAME`);
@@ -596,7 +708,7 @@ export function encodeResponse(res: Response): { type: number; payload: Buffer[]
     }
     case 'ids':
       if (res.ids.length > LIST_BATCH) throw new RangeError(`batch of ${res.ids.length} ids`);
-      return { type: Msg.ID_BATCH, payload: res.ids.map(idBytes) };
+      return { type: Msg.ID_BATCH, payload: [idsBytes(res.ids)] };
     case 'listEnd':
       return { type: Msg.LIST_END, payload: [] };
     case 'snapshot':

@@ -40,7 +40,6 @@
  * protected from this interface only, not from the file system's owner. A file system's link limit
  * (65000 on ext4) bounds how many snapshots can share one object.
  */
-import { randomBytes } from 'node:crypto';
 import fs, { constants } from 'node:fs';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
@@ -138,8 +137,15 @@ function writeNewFile(path: string, data: Buffer): void {
   }
 }
 
+/**
+ * A fresh temp name: 16 random hex digits. Math.random (seeded per isolate by V8 from the system's
+ * entropy) is enough, as the names only have to differ between concurrent writers of one private
+ * directory. node:crypto is not loaded for this: it would add about 1.5 MB to the RSS of the server
+ * (snapcrypt-server serve), which needs it for nothing else.
+ */
 function tmpName(): string {
-  return TMP_PREFIX + randomBytes(8).toString('hex');
+  const hex8 = () => Math.floor(Math.random() * 0x100000000).toString(16).padStart(8, '0');
+  return TMP_PREFIX + hex8() + hex8();
 }
 
 /** Directory entries, or [] if the directory does not exist. */
@@ -649,7 +655,7 @@ export abstract class DirStorage extends DirReader implements Storage {
    * INDEX_CHUNK pieces. Appends and the commit must not overlap (the server runs them one at a time).
    */
   async stageIndex(): Promise<StagedIndex> {
-    const path = join(this.lockDir, `${TMP_PREFIX}index-${randomBytes(8).toString('hex')}`);
+    const path = join(this.lockDir, `${tmpName()}.index`);
     let fh: fsp.FileHandle | null;
     try {
       fh = await fsp.open(path, 'wx+', 0o600);

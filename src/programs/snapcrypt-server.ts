@@ -9,10 +9,10 @@
 import { parseArgs } from 'node:util';
 import { SnapError, ExitStatus, exitStatusOf } from '../core/errors.js';
 import { openStorage } from '../drivers/open.js';
-import { refuse, serve } from '../server/serve.js';
+import { refuse, reusedBufferInput, serve } from '../server/serve.js';
 import type { Storage } from '../storage/types.js';
-import { addUser, DEFAULTS, install } from '../server/admin.js';
-import { finish } from './runtime.js';
+import { DEFAULTS } from '../server/defaults.js';
+import { finish, lowMemoryServer } from './runtime.js';
 
 interface Command {
   /** Lines for the help text, e.g. "snapshots --repo DIR [--json]   list ..." */
@@ -97,6 +97,7 @@ const commands: Record<string, Command> = {
       const root = str(values['root']);
       if (!root) throw new SnapError('usage', 'install: --root DIR is required');
       const opt = <K extends string>(k: K, v: string | boolean | undefined) => (typeof v === 'string' ? { [k]: v } : {}) as Partial<Record<K, string>>;
+      const { install } = await import('../server/admin.js');
       await install({
         root,
         log,
@@ -124,6 +125,7 @@ const commands: Record<string, Command> = {
       if (!name) throw new SnapError('usage', 'adduser: the account NAME is required');
       if (!key) throw new SnapError('usage', 'adduser: --key FILE (an OpenSSH public key) is required');
       const etc = str(values['etc']);
+      const { addUser } = await import('../server/admin.js');
       await addUser({ name, keyFile: key, log, ...(etc === undefined ? {} : { etc }) });
       return 0;
     },
@@ -156,6 +158,7 @@ async function userArea(configFile: string | undefined): Promise<Storage> {
 
 /** serve: stdout carries only protocol frames; diagnostics go to stderr. */
 async function serveCommand(rest: string[]): Promise<number> {
+  lowMemoryServer();
   const logErr = (line: string) => process.stderr.write(`snapcrypt-server: ${line}\n`);
   let storage: Storage;
   try {
@@ -174,7 +177,8 @@ async function serveCommand(rest: string[]): Promise<number> {
     await refuse(process.stdout, e.code, e.message);
     return e.exitStatus;
   }
-  const status = await serve(process.stdin, process.stdout, storage, {
+  // stdin is read into one reused buffer when it is a pipe or socket (as under sshd), else as a stream
+  const status = await serve(reusedBufferInput(0) ?? process.stdin, process.stdout, storage, {
     sshOriginalCommand: process.env['SSH_ORIGINAL_COMMAND'],
     log: logErr,
   });

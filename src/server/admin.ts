@@ -24,6 +24,7 @@ import {
   type ServerConfig,
 } from './seal-helper.js';
 import { userAreaPaths } from './area.js';
+import { DEFAULTS } from './defaults.js';
 
 const execFileAsync = promisify(execFile);
 
@@ -34,15 +35,7 @@ const PLAIN_NAME = /^[A-Za-z0-9_-]+$/;
 /** The lowest uid adduser accepts for an existing account (Debian's UID_MIN). */
 const UID_MIN = 1000;
 
-export const DEFAULTS = {
-  etc: '/etc',
-  sudoersDir: '/etc/sudoers.d',
-  sudoersName: 'snapcrypt',
-  sshdConfigDir: '/etc/ssh/sshd_config.d',
-  libDir: '/usr/local/lib/snapcrypt',
-  group: 'snapcrypt',
-  homeBase: '/var/lib/snapcrypt/home',
-} as const;
+export { DEFAULTS };
 
 export type Log = (line: string) => void;
 

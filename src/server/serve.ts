@@ -3,17 +3,25 @@
  * each request carried out on a Storage (docs/PROTOCOL.md). It sees object ids, clear-text config,
  * key files (wrapped keys), head and index, never a key: it imports no crypto or engine code (I1, I6).
  *
- * Bounded memory (I8): at most maxInFlight requests run at once; input is paused while that many run
- * or while the payloads held exceed a byte budget; at most HEAVY requests that move whole objects or
- * indexes run at once; a response is only counted done when the output has taken it. The index of a
- * commit arrives in INDEX_PART frames that the Storage stages on disk (Storage.stageIndex), so even a
- * 2 GiB index is never held in memory.
+ * Bounded memory (I8): at most maxInFlight requests run at once; input is paused while that many run;
+ * a frame is only read once memory for its payload is admitted: the payloads of requests that carry
+ * data to the Storage (PUT_OBJECT, INDEX_PART, COMMIT, WRITE_FILE, INIT) go into one reused arena of ARENA_SIZE
+ * bytes (grown, when empty, to fit a larger one), other payloads count against PAYLOAD_BUDGET (a single
+ * larger frame is admitted when no other is held); at most HEAVY requests that move whole objects or
+ * indexes run at once; a response is only counted done when the output has taken it. The program
+ * reads its stdin into one reused buffer (reusedBufferInput), so receiving a backup allocates next to
+ * nothing per object: dead Buffers would otherwise pile up until V8 collects them (it waits for
+ * tens of MB of them), and the C heap would keep their high-water mark.
+ * The index of a commit arrives in INDEX_PART frames that the Storage stages on disk
+ * (Storage.stageIndex), so even a 2 GiB index is never held in memory.
  * Any protocol violation ends the session with one ERROR frame (request id 0, code 'protocol').
  */
+import net from 'node:net';
 import type { Readable, Writable } from 'node:stream';
 import { ExitStatus, SnapError } from '../core/errors.js';
 import {
-  FrameDecoder,
+  FrameReader,
+  IdBatchBuilder,
   LIST_BATCH,
   MAX_FRAME_LENGTH,
   MAX_INDEX_BYTES,
@@ -36,8 +44,17 @@ import type { Lock, ObjectReader, SnapshotInfo, StagedIndex, Storage } from '../
 
 /** Requests moving whole objects or indexes that may run at once. */
 const HEAVY = 8;
-/** Payload bytes of queued and running requests above which input is paused. */
-const PAYLOAD_BUDGET = 2 * MAX_PAYLOAD;
+/**
+ * Bytes of the memory reused for the payloads of requests that carry data to the Storage (PUT_OBJECT,
+ * COMMIT, WRITE_FILE, INIT): two objects of the default 1 MiB chunk size, or the index of about 65,000
+ * objects. Grown, when empty, to fit a larger payload.
+ */
+const ARENA_SIZE = 2 * 1024 * 1024;
+/** Payload bytes (arriving, queued or running) beyond which no new frame other than DATA_REQUESTS is read. */
+const PAYLOAD_BUDGET = 1024 * 1024;
+/** Bytes of one read of a reusedBufferInput. */
+const READ_SIZE = 64 * 1024;
+const EMPTY = Buffer.alloc(0);
 /** Locks one session may hold. */
 const MAX_LOCKS = 16;
 /**
@@ -58,7 +75,7 @@ function memoryStage(storage: Storage): StagedIndex {
       if (length + ids.length > MEMORY_STAGE_LIMIT) {
         throw new SnapError('usage', `This server's storage takes indexes of at most ${MEMORY_STAGE_LIMIT / 32} objects`);
       }
-      parts.push(ids);
+      parts.push(Buffer.from(ids)); // a copy: the payload's memory is reused once the request is done
       length += ids.length;
     },
     async commit(head: Buffer): Promise<SnapshotInfo> {
@@ -86,6 +103,96 @@ export interface ServeOptions {
   /** Diagnostics (stderr in the program). */
   readonly log?: (line: string) => void;
 }
+
+/**
+ * A pipe or socket (the program's stdin) read into one reused buffer: onBytes gets each read's bytes,
+ * valid only during the call. Created paused; serve() attaches and resumes it.
+ */
+export interface ReusedBufferInput {
+  readonly stream: Readable;
+  onBytes: ((bytes: Buffer) => void) | null;
+}
+
+/** A ReusedBufferInput on fd, or null when fd is not a pipe or socket (a file, a terminal). */
+export function reusedBufferInput(fd: number): ReusedBufferInput | null {
+  const buffer = Buffer.allocUnsafeSlow(READ_SIZE);
+  let input: ReusedBufferInput;
+  try {
+    const onread = {
+      buffer,
+      callback: (n: number) => {
+        input.onBytes?.(buffer.subarray(0, n));
+        return true; // (serve() pauses the stream itself)
+      },
+    };
+    input = { stream: new net.Socket({ fd, readable: true, writable: false, onread }), onBytes: null };
+  } catch {
+    return null; // ERR_INVALID_FD_TYPE
+  }
+  input.stream.pause();
+  return input;
+}
+
+function isReusedBufferInput(input: Readable | ReusedBufferInput): input is ReusedBufferInput {
+  return 'onBytes' in input;
+}
+
+/**
+ * Memory reused for the payloads of DATA_REQUESTS (mostly PUT_OBJECT): they are placed one after the
+ * other, wrapping around, and given back in any order; the space of the oldest is reused once it and
+ * all before it are given back.
+ */
+class Arena {
+  private buf: Buffer;
+  /** Payloads in the order they were placed (given-back ones stay until all before them are given back). */
+  private readonly live: Array<{ start: number; free: boolean }> = [];
+  private head = 0;
+  constructor(size: number) {
+    this.buf = Buffer.allocUnsafeSlow(size);
+  }
+
+  /** n > 0 bytes, or null while they do not fit; an empty arena grows to fit a larger payload. */
+  take(n: number): Buffer | null {
+    if (this.live.length === 0) {
+      this.head = 0;
+      if (n > this.buf.length) this.buf = Buffer.allocUnsafeSlow(n);
+    }
+    const tail = this.live[0]?.start;
+    let start: number;
+    if (tail === undefined || this.head > tail) {
+      // in use: [tail, head); free: [head, end), then [0, tail)
+      if (n <= this.buf.length - this.head) start = this.head;
+      else if (tail !== undefined && n <= tail) start = 0;
+      else return null;
+    } else if (n <= tail - this.head) {
+      // wrapped: in use [tail, end) and [0, head); free: [head, tail)
+      start = this.head;
+    } else {
+      return null;
+    }
+    this.live.push({ start, free: false });
+    this.head = start + n;
+    return this.buf.subarray(start, start + n);
+  }
+
+  /** Gives back what take() returned; false for other buffers. */
+  give(b: Buffer): boolean {
+    if (b.buffer !== this.buf.buffer) return false;
+    const start = b.byteOffset - this.buf.byteOffset;
+    const rec = this.live.find((r) => r.start === start && !r.free);
+    if (!rec) return false;
+    rec.free = true;
+    while (this.live[0]?.free) this.live.shift();
+    if (this.live.length === 0) this.head = 0;
+    return true;
+  }
+}
+
+/**
+ * Requests that hand data to the Storage (their decoded request refers to the frame's payload, which is
+ * given back when the request is done): their payloads go into the arena.
+ */
+const DATA_REQUESTS: ReadonlySet<number> = new Set([Msg.PUT_OBJECT, Msg.INDEX_PART, Msg.COMMIT, Msg.WRITE_FILE, Msg.INIT]);
 
 /** Commands an SSH client may ask for: the forced command runs us whatever it asked, we only check. */
 export function isAcceptedWish(wish: string | undefined): boolean {
@@ -132,12 +239,19 @@ class Semaphore {
  * Serves one session; resolves with the exit status (0 after BYE or end of input, ExitStatus.protocol
  * after a protocol violation). Never rejects. Locks taken in the session are released at its end.
  */
-export function serve(input: Readable, output: Writable, storage: Storage, opts: ServeOptions = {}): Promise<number> {
+export function serve(input: Readable | ReusedBufferInput, output: Writable, storage: Storage, opts: ServeOptions = {}): Promise<number> {
   return new Session(input, output, storage, opts).run();
 }
 
 class Session {
-  private readonly decoder = new FrameDecoder(MAX_FRAME_LENGTH);
+  private readonly frameReader = new FrameReader((type, length) => this.admit(type, length), MAX_FRAME_LENGTH);
+  private readonly arena = new Arena(ARENA_SIZE);
+  /** Input bytes the reader has not taken yet (it waits for memory); the input is paused meanwhile. */
+  private carry: Buffer | null = null;
+  /** Where carried bytes of a borrowed chunk are copied. */
+  private carryBuf: Buffer | null = null;
+  /** The input ended while bytes were still carried: handled once they are read. */
+  private endPending = false;
   private readonly queue: Frame[] = [];
   private readonly running = new Set<number>();
   private readonly listings = new Map<number, Listing>();
@@ -146,6 +260,7 @@ class Session {
   private readonly heavy = new Semaphore(HEAVY);
   private readonly maxInFlight: number;
   private nextToken = 1;
+  /** Payload bytes of frames other than DATA_REQUESTS (arriving, queued or running). */
   private heldBytes = 0;
   private greeted = false;
   private ending = false; // BYE or end of input: finish what runs, then stop
@@ -162,12 +277,14 @@ class Session {
   private indexChain: Promise<unknown> = Promise.resolve();
 
   private readonly input: Readable;
+  private readonly reused: ReusedBufferInput | null;
   private readonly output: Writable;
   private readonly storage: Storage;
   private readonly opts: ServeOptions;
 
-  constructor(input: Readable, output: Writable, storage: Storage, opts: ServeOptions) {
-    this.input = input;
+  constructor(input: Readable | ReusedBufferInput, output: Writable, storage: Storage, opts: ServeOptions) {
+    this.reused = isReusedBufferInput(input) ? input : null;
+    this.input = isReusedBufferInput(input) ? input.stream : input;
     this.output = output;
     this.storage = storage;
     this.opts = opts;
@@ -179,7 +296,8 @@ class Session {
     if (!isAcceptedWish(this.opts.sshOriginalCommand)) {
       this.fatal(protocolError(`the server only runs "snapcrypt-server serve", not ${JSON.stringify(this.opts.sshOriginalCommand?.slice(0, 80))}`));
     } else {
-      this.input.on('data', (chunk: Buffer) => this.onData(chunk));
+      if (this.reused) this.reused.onBytes = (bytes) => this.onData(bytes, true);
+      else this.input.on('data', (chunk: Buffer) => this.onData(chunk, false));
       this.input.on('end', () => this.onEnd());
       this.input.on('error', (err) => {
         this.opts.log?.(`input error: ${err.message}`);
@@ -193,6 +311,7 @@ class Session {
         this.maybeFinish();
       });
       this.output.on('drain', () => this.pump());
+      if (this.reused) this.input.resume();
     }
     await this.done;
     await this.indexChain;
@@ -203,6 +322,7 @@ class Session {
     if (this.indexSent > 0) {
       this.fatal(protocolError(`the session ended after ${this.indexSent} bytes of INDEX_PART without their COMMIT; they were discarded`));
     }
+    if (this.reused) this.reused.onBytes = null;
     this.input.removeAllListeners('data');
     this.input.pause();
     for (const listing of this.listings.values()) listing.waiting?.(false);
@@ -213,31 +333,76 @@ class Session {
     return this.status;
   }
 
-  private onData(chunk: Buffer): void {
+  /** Input bytes; `borrowed` ones are only valid during the call. */
+  private onData(chunk: Buffer, borrowed: boolean): void {
     if (this.ending) return;
-    let frames: Frame[];
+    if (this.carry !== null) {
+      // (the input is paused while bytes are carried: only a stream that ignored the pause gets here)
+      this.carry = Buffer.concat([this.carry, chunk]);
+      return;
+    }
+    this.feed(chunk, borrowed);
+    this.pump();
+  }
+
+  /** Memory for a frame's payload, or null (the reader waits) while too much is held. */
+  private admit(type: number, length: number): Buffer | null {
+    if (length === 0) return EMPTY;
+    if (DATA_REQUESTS.has(type)) return this.arena.take(length);
+    if (this.heldBytes > 0 && this.heldBytes + length > PAYLOAD_BUDGET) return null;
+    this.heldBytes += length;
+    return Buffer.allocUnsafe(length);
+  }
+
+  /** Gives back a payload's memory once nothing refers to it any more. */
+  private release(payload: Buffer): void {
+    if (payload.length > 0 && !this.arena.give(payload)) this.heldBytes -= payload.length;
+  }
+
+  /** Runs bytes through the reader; what it cannot take yet is carried. */
+  private feed(bytes: Buffer, borrowed: boolean): void {
+    const frames: Frame[] = [];
+    let used: number;
     try {
-      frames = this.decoder.push(chunk);
+      used = this.frameReader.read(bytes, frames);
     } catch (err) {
       this.fatal(err);
       return;
+    }
+    this.carry = null;
+    if (used < bytes.length) {
+      const rest = bytes.subarray(used);
+      if (borrowed) {
+        if (this.carryBuf === null || this.carryBuf.length < rest.length) this.carryBuf = Buffer.allocUnsafeSlow(Math.max(READ_SIZE, rest.length));
+        this.carry = this.carryBuf.subarray(0, rest.copy(this.carryBuf));
+      } else {
+        this.carry = rest;
+      }
     }
     for (const f of frames) {
       if (this.ending) break;
       if (f.type === Msg.LIST_CONTINUE) {
         // Answers to a listing are handled at once: they never wait behind requests.
         this.onContinue(f);
+        this.release(f.payload);
         continue;
       }
       this.queue.push(f);
-      this.heldBytes += f.payload.length;
     }
-    this.pump();
+  }
+
+  /** Whether input read earlier still waits for memory. */
+  private get blocked(): boolean {
+    return this.carry !== null || this.frameReader.waiting;
   }
 
   private onEnd(): void {
     if (this.ending) return;
-    if (!this.decoder.atBoundary) {
+    if (this.blocked) {
+      this.endPending = true;
+      return;
+    }
+    if (!this.frameReader.atBoundary) {
       this.fatal(protocolError('input ended inside a frame'));
       return;
     }
@@ -264,15 +429,23 @@ class Session {
     waiting(more);
   }
 
-  /** Starts queued requests while there is room; pauses or resumes the input. */
+  /** Reads carried input once memory allows, starts queued requests while there is room; pauses or resumes the input. */
   private pump(): void {
-    while (!this.ending && this.queue.length > 0 && this.running.size < this.maxInFlight) {
-      const f = this.queue.shift()!;
-      this.start(f);
+    for (let progress = true; progress && !this.ending; ) {
+      progress = false;
+      if (this.blocked) this.feed(this.carry ?? EMPTY, false);
+      while (!this.ending && this.queue.length > 0 && this.running.size < this.maxInFlight) {
+        this.start(this.queue.shift()!);
+        progress = this.blocked; // a started request may have given memory back at once
+      }
     }
     if (this.ending) return;
-    const full =
-      this.queue.length > 0 || this.running.size >= this.maxInFlight || this.heldBytes > PAYLOAD_BUDGET || this.output.writableNeedDrain;
+    if (this.endPending && !this.blocked) {
+      this.endPending = false;
+      this.onEnd();
+      return;
+    }
+    const full = this.queue.length > 0 || this.running.size >= this.maxInFlight || this.blocked || this.output.writableNeedDrain;
     if (full) this.input.pause();
     else this.input.resume();
   }
@@ -280,7 +453,7 @@ class Session {
   private start(f: Frame): void {
     if (!this.greeted) {
       this.hello(f);
-      this.heldBytes -= f.payload.length;
+      this.release(f.payload);
       return;
     }
     if (f.type === Msg.BYE) {
@@ -293,7 +466,6 @@ class Session {
       this.ending = true;
       this.byeId = f.id;
       this.queue.length = 0;
-      this.heldBytes = 0;
       this.maybeFinish();
       return;
     }
@@ -321,10 +493,12 @@ class Session {
       }
       this.indexSent = 0;
     }
+    const keep = DATA_REQUESTS.has(f.type);
+    if (!keep) this.release(f.payload);
     this.running.add(f.id);
     void this.handle(f.id, req).finally(() => {
       this.running.delete(f.id);
-      this.heldBytes -= f.payload.length;
+      if (keep) this.release(f.payload);
       this.maybeFinish();
       this.pump();
     });
@@ -524,20 +698,19 @@ class Session {
     const listing: Listing = { waiting: null };
     this.listings.set(id, listing);
     const it = reader.listObjects()[Symbol.asyncIterator]();
+    const batch = new IdBatchBuilder();
     try {
-      let batch: string[] = [];
       for (;;) {
         const next = await it.next();
         if (!next.done) {
-          batch.push(next.value);
-          if (batch.length < LIST_BATCH) continue;
+          batch.add(next.value);
+          if (batch.count < LIST_BATCH) continue;
         }
         if (!next.done) {
           // A full batch: the client answers it with LIST_CONTINUE before the next one is sent.
           // After the end of input or BYE no LIST_CONTINUE can come: stop after this batch.
           const answer = this.ending ? Promise.resolve(false) : new Promise<boolean>((resolve) => (listing.waiting = resolve));
-          await this.respond(id, { type: 'ids', ids: batch });
-          batch = [];
+          await this.send(Msg.ID_BATCH, id, [batch.take()]);
           if (this.closed || !(await answer)) {
             await it.return?.();
             break;
@@ -545,7 +718,7 @@ class Session {
           continue;
         }
         // A short (possibly empty) final batch needs no answer: LIST_END follows at once.
-        if (batch.length > 0) await this.respond(id, { type: 'ids', ids: batch });
+        if (batch.count > 0) await this.send(Msg.ID_BATCH, id, [batch.take()]);
         break;
       }
       await this.respond(id, { type: 'listEnd' });

@@ -27,6 +27,9 @@
  *   exactly the contract of commit(head, <the parts concatenated>); a stage that is discarded, or whose
  *   process ends, leaves nothing behind.
  * - Sealed snapshots are never changed by any method of this interface.
+ * - The Buffers passed to init, writeFile, putObject and commit are the caller's again once the returned
+ *   promise settles: a driver that keeps their bytes copies them (the SSH server reuses that memory for
+ *   the next request).
  * - lock() takes the area's exclusive writer lock or throws SnapError('locked'); a lock whose holder
  *   is gone (a dead process on this host) is taken over. The lock file lives beside current/, so no
  *   sealed snapshot carries it.
