@@ -6,6 +6,7 @@
  * Each command is one entry of `commands` (usage line for the help, and a run function given the
  * arguments after the command name); add a command by adding an entry.
  */
+import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { SnapError, ExitStatus, exitStatusOf } from '../core/errors.js';
 import { openStorage } from '../drivers/open.js';
@@ -110,6 +111,46 @@ const commands: Record<string, Command> = {
         ...opt('homeBase', values['home-base']),
         ...opt('serve', values['serve-command']),
       });
+      return 0;
+    },
+  },
+  expire: {
+    usage: `  expire [--dry-run] [--user NAME] [--json]
+                                  (as root) apply the retention policies of policy.json (beside
+                                  server.json, see docs/SERVER.md) to the sealed snapshots: show what
+                                  is kept and why, delete the rest; the newest is always kept.
+                                  Override: --etc DIR`,
+    async run(args) {
+      const { values } = parse('expire', args, {
+        'dry-run': { type: 'boolean' },
+        user: { type: 'string' },
+        json: { type: 'boolean' },
+        etc: { type: 'string' },
+      });
+      if (values['help']) return printHelp(0);
+      const etc = str(values['etc']);
+      const configFile = etc === undefined ? join(DEFAULTS.etc, 'snapcrypt', 'server.json') : join(resolve(etc), 'snapcrypt', 'server.json');
+      const dryRun = values['dry-run'] === true;
+      const json = values['json'] === true;
+      const user = str(values['user']);
+      const { expire } = await import('../server/expire.js');
+      const n = await expire({
+        configFile,
+        dryRun,
+        ...(user === undefined ? {} : { user }),
+        report(name, decisions) {
+          if (json) {
+            for (const d of decisions) {
+              process.stdout.write(`${JSON.stringify({ type: 'snapshot', user: name, name: d.name, keep: d.keep, reasons: d.reasons, deleted: d.deleted })}\n`);
+            }
+            return;
+          }
+          const gone = decisions.filter((d) => !d.keep).length;
+          log(`${name}: ${decisions.length - gone} kept, ${gone} ${dryRun ? 'to delete (dry run)' : 'deleted'}`);
+          for (const d of decisions) log(`  ${d.keep ? 'keep  ' : dryRun ? 'would delete' : 'deleted'}  ${d.name}${d.keep ? `  ${d.reasons.join(', ')}` : ''}`);
+        },
+      });
+      if (json) process.stdout.write(`${JSON.stringify({ type: 'summary', dryRun, [dryRun ? 'wouldDelete' : 'deleted']: n })}\n`);
       return 0;
     },
   },

@@ -1,0 +1,151 @@
+/**
+ * `snapcrypt-server expire` on real btrfs: read-only snapshots named by (synthetic) server times, a
+ * policy.json with a default and per-user policies; --dry-run deletes nothing; a real run deletes
+ * exactly what the policy does not keep, as root, leaves the kept snapshots intact, and gives the space
+ * back. Needs root and btrfs: in CI it never skips.
+ */
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import * as fsp from 'node:fs/promises';
+import { join } from 'node:path';
+import { before, describe, it } from 'node:test';
+import { btrfsTempDir, btrfsTestDir } from './env.js';
+import { server } from './server-fixture.js';
+
+const CI = process.env['CI'] === 'true';
+const isRoot = process.getuid?.() === 0;
+const haveBtrfs = btrfsTestDir() !== null; // throws in CI without btrfs
+if (CI && !isRoot) throw new Error('CI must run test/expire as root');
+const skip = !isRoot || !haveBtrfs ? 'needs root and SNAPCRYPT_TEST_BTRFS' : false;
+const MiB = 1024 * 1024;
+const D = 86_400_000;
+
+describe('snapcrypt-server expire on btrfs', { skip }, () => {
+  let top = '';
+  let etc = '';
+  let root = '';
+  /** The content each snapshot was taken with, by user and name. */
+  const content = new Map<string, Buffer>();
+  const names: Record<string, string[]> = {};
+
+  /** Ten daily snapshots of a subvolume whose one file (4 MiB, new each day) is then only in its snapshot. */
+  async function snapshots(user: string): Promise<void> {
+    const current = join(root, 'users', user, 'current');
+    await fsp.mkdir(join(root, 'users', user), { recursive: true });
+    execFileSync('btrfs', ['subvolume', 'create', current], { stdio: 'ignore' });
+    const dir = join(root, 'snapshots', user);
+    await fsp.mkdir(dir, { recursive: true });
+    names[user] = [];
+    for (let i = 0; i < 10; i++) {
+      const name = new Date(Date.parse('2026-03-01T09:15:00.000Z') + i * D).toISOString();
+      const data = randomBytes(4 * MiB);
+      await fsp.writeFile(join(current, 'data'), data);
+      execFileSync('btrfs', ['subvolume', 'snapshot', '-r', current, join(dir, name)], { stdio: 'ignore' });
+      content.set(`${user}/${name}`, data);
+      names[user].push(name);
+    }
+    await fsp.rm(join(current, 'data'));
+  }
+
+  const listed = async (user: string) => (await fsp.readdir(join(root, 'snapshots', user))).sort();
+  /** Free bytes once deleted subvolumes are cleaned up and the freed space is committed. */
+  const free = async () => {
+    execFileSync('btrfs', ['filesystem', 'sync', root]);
+    execFileSync('btrfs', ['subvolume', 'sync', root], { stdio: 'ignore', timeout: 120_000 });
+    execFileSync('btrfs', ['filesystem', 'sync', root]);
+    const st = await fsp.statfs(root);
+    return st.bavail * st.bsize;
+  };
+
+  before(async () => {
+    const dir = await btrfsTempDir('expire');
+    assert.ok(dir);
+    top = dir;
+    etc = join(top, 'etc');
+    root = join(top, 'srv');
+    await fsp.mkdir(join(etc, 'snapcrypt'), { recursive: true, mode: 0o755 });
+    await fsp.writeFile(
+      join(etc, 'snapcrypt', 'server.json'),
+      JSON.stringify({ version: 1, root, group: 'snapcrypt', seal: '/usr/local/lib/snapcrypt/seal', serve: 'snapcrypt-server serve', homeBase: join(top, 'home') }),
+      { mode: 0o644 },
+    );
+    for (const user of ['alice', 'bob', 'carol', 'dave']) await snapshots(user);
+    await fsp.writeFile(
+      join(etc, 'snapcrypt', 'policy.json'),
+      JSON.stringify({ retention: { default: { last: 2 }, users: { alice: { daily: 3, within: '1d' }, carol: { last: 0 }, dave: {} } } }),
+    );
+  });
+
+  it('--dry-run shows what it would delete and why it keeps the rest, and deletes nothing', async () => {
+    const r = await server('expire', '--dry-run', '--etc', etc, '--json');
+    assert.equal(r.code, 0, r.stderr);
+    const lines = r.stdout.trim().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>);
+    const alice = lines.filter((l) => l['type'] === 'snapshot' && l['user'] === 'alice');
+    assert.deepEqual(alice.filter((l) => l['keep']).map((l) => [l['name'], (l['reasons'] as string[]).join(', ')]), [
+      [names['alice']![9], 'newest, daily 1/3, within 1d'],
+      [names['alice']![8], 'daily 2/3'],
+      [names['alice']![7], 'daily 3/3'],
+    ]);
+    assert.deepEqual(lines.at(-1), { type: 'summary', dryRun: true, wouldDelete: 7 + 8 + 9 });
+    for (const user of ['alice', 'bob', 'carol', 'dave']) assert.equal((await listed(user)).length, 10, user);
+    const human = await server('expire', '--dry-run', '--etc', etc, '--user', 'bob');
+    assert.equal(human.code, 0, human.stderr);
+    assert.match(human.stdout, /^bob: 2 kept, 8 to delete \(dry run\)$/m);
+    assert.match(human.stdout, new RegExp(`^  would delete  ${names['bob']![0]!.replace(/\./g, '\\.')}$`, 'm'));
+  });
+
+  it('deletes what the policies do not keep, keeps the newest always, and gives the space back', async () => {
+    const before = await free();
+    const r = await server('expire', '--etc', etc);
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stdout, /^alice: 3 kept, 7 deleted$/m);
+    assert.deepEqual(await listed('alice'), names['alice']!.slice(7));
+    assert.deepEqual(await listed('bob'), names['bob']!.slice(8), 'the default policy: last 2');
+    assert.deepEqual(await listed('carol'), names['carol']!.slice(9), 'a policy of zeros keeps the newest');
+    assert.deepEqual(await listed('dave'), names['dave'], 'an empty policy keeps everything');
+    for (const user of ['alice', 'bob', 'carol', 'dave']) {
+      for (const name of await listed(user)) {
+        const snap = join(root, 'snapshots', user, name);
+        assert.ok((await fsp.readFile(join(snap, 'data'))).equals(content.get(`${user}/${name}`)!), `${user}/${name} intact`);
+        assert.match(execFileSync('btrfs', ['property', 'get', '-ts', snap, 'ro'], { encoding: 'utf8' }), /ro=true/);
+      }
+    }
+    let gained = (await free()) - before;
+    // the cleaner frees extents in the background after the subvolumes are gone: give it a little time
+    for (let i = 0; i < 50 && gained < 0.8 * 24 * 4 * MiB; i++) {
+      await new Promise((r) => setTimeout(r, 200));
+      gained = (await free()) - before;
+    }
+    assert.ok(gained >= 0.8 * 24 * 4 * MiB, `space given back: ${(gained / MiB).toFixed(1)} MiB for 24 snapshots of 4 MiB each`);
+    // a second run finds nothing to do
+    const again = await server('expire', '--etc', etc, '--json');
+    assert.equal(again.code, 0, again.stderr);
+    assert.deepEqual(JSON.parse(again.stdout.trim().split('\n').at(-1)!), { type: 'summary', dryRun: false, deleted: 0 });
+  });
+
+  it('a bad policy file or user is refused with one line and changes nothing', async () => {
+    const policy = join(etc, 'snapcrypt', 'policy.json');
+    const good = await fsp.readFile(policy, 'utf8');
+    try {
+      for (const [text, message] of [
+        ['{"retention": {"users": {"alice": {"dayly": 3}}}}', /retention\.users\.alice: unknown setting "dayly"/],
+        ['{"retention": {"default": {"last": -1}}}', /"last" must be a whole number/],
+        ['{"retention": {"default": {"within": "3 days"}}}', /Invalid duration "3 days"/],
+        ['{not json', /is not valid JSON/],
+      ] as const) {
+        await fsp.writeFile(policy, text);
+        const r = await server('expire', '--etc', etc);
+        assert.equal(r.code, 2, `${text}: ${r.stderr}`);
+        assert.match(r.stderr, message);
+        assert.equal(r.stderr.trim().split('\n').length, 1, r.stderr);
+      }
+    } finally {
+      await fsp.writeFile(policy, good);
+    }
+    const unknown = await server('expire', '--etc', etc, '--user', 'nobody-here');
+    assert.equal(unknown.code, 7, unknown.stderr);
+    assert.match(unknown.stderr, /No snapshots directory for user nobody-here/);
+    assert.deepEqual(await listed('dave'), names['dave']);
+  });
+});
