@@ -139,7 +139,7 @@ describe('the office: workstations back up over SSH into their accounts on a btr
     etc = join(top, 'etc');
     sshdDir = join(top, 'sshd');
     const inst = await server('install', '--root', root, '--etc', etc, '--lib-dir', join(top, 'lib'), '--sshd-config-dir', sshdDir,
-      '--home-base', join(top, 'home'), '--group', group, '--sudoers-name', `snapcrypt-office-${tag}`);
+      '--home-base', join(top, 'home'), '--group', group, '--sudoers-name', `snapcrypt-office-${tag}`, '--scheduler', 'none');
     assert.equal(inst.code, 0, inst.stderr);
     const live = join(top, 'sshd-live');
     await fsp.mkdir(live);

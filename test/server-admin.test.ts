@@ -82,10 +82,10 @@ describe('snapcrypt-server install, adduser and the sealed user area', { skip },
 
   const installArgs = () => [
     'install', '--root', root, '--etc', etc, '--lib-dir', lib, '--sshd-config-dir', sshd, '--home-base', homeBase,
-    '--group', group, '--sudoers-name', sudoersName,
+    '--group', group, '--sudoers-name', sudoersName, '--scheduler', 'systemd', '--systemd-dir', join(top, 'systemd'),
   ];
 
-  it('install sets up the layout, configuration, seal wrapper, sudoers rule and sshd drop-in', async () => {
+  it('install sets up the layout, configuration, seal wrapper, sudoers rule, sshd drop-in and the expire and scrub timers', async () => {
     const r = await server(...installArgs());
     assert.equal(r.code, 0, r.stderr);
     assert.match(r.stdout, /wrote .*server\.json/);
@@ -106,6 +106,25 @@ describe('snapcrypt-server install, adduser and the sealed user area', { skip },
       assert.ok(drop.includes(line), line);
     }
     assert.equal((await run('getent', ['group', group])).code, 0);
+    // daily expiry and a monthly scrub, as systemd timers whose services run what they name
+    const units = join(top, 'systemd');
+    const expireService = await fsp.readFile(join(units, 'snapcrypt-expire.service'), 'utf8');
+    const execStart = /^ExecStart=(.+)$/m.exec(expireService)?.[1] ?? '';
+    assert.match(execStart, new RegExp(` expire --etc ${etc}$`));
+    assert.match(await fsp.readFile(join(units, 'snapcrypt-expire.timer'), 'utf8'), /^OnCalendar=daily$/m);
+    assert.match(await fsp.readFile(join(units, 'snapcrypt-scrub.service'), 'utf8'), new RegExp(`^ExecStart=/usr/bin/btrfs scrub start -B ${root}$`, 'm'));
+    assert.match(await fsp.readFile(join(units, 'snapcrypt-scrub.timer'), 'utf8'), /^OnCalendar=monthly$/m);
+    assert.match(r.stdout, /enable them with: systemctl daemon-reload && systemctl enable --now snapcrypt-expire\.timer snapcrypt-scrub\.timer/);
+    const [cmd, ...cmdArgs] = execStart.split(' ');
+    const expireRun = await run(cmd!, cmdArgs);
+    assert.equal(expireRun.code, 0, expireRun.stderr);
+    // where there is no systemd: a cron.d file with the same two jobs
+    const cron = join(top, 'cron.d');
+    const withCron = await server(...installArgs().slice(0, -4), '--scheduler', 'cron', '--cron-dir', cron);
+    assert.equal(withCron.code, 0, withCron.stderr);
+    const cronFile = await fsp.readFile(join(cron, 'snapcrypt'), 'utf8');
+    assert.ok(cronFile.includes(`root ${execStart} >/dev/null\n`), cronFile);
+    assert.ok(cronFile.includes(`root /usr/bin/btrfs scrub start -B ${root} >/dev/null\n`), cronFile);
     // idempotent: a second run changes nothing
     const again = await server(...installArgs());
     assert.equal(again.code, 0, again.stderr);
@@ -113,7 +132,7 @@ describe('snapcrypt-server install, adduser and the sealed user area', { skip },
   });
 
   it('install refuses a root directory that is not on btrfs', async () => {
-    const r = await server('install', '--root', '/dev/snapcrypt-nope', '--etc', etc, '--group', group);
+    const r = await server('install', '--root', '/dev/snapcrypt-nope', '--etc', etc, '--group', group, '--scheduler', 'none');
     assert.equal(r.code, 2, r.stderr);
     assert.match(r.stderr, /not on a btrfs/);
   });

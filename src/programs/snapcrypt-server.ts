@@ -81,7 +81,9 @@ const commands: Record<string, Command> = {
                                   seal helper, a sudoers rule and an sshd drop-in (see docs/SERVER.md);
                                   safe to run again. Overrides: --etc DIR --sudoers-dir DIR
                                   --sudoers-name NAME --sshd-config-dir DIR --lib-dir DIR --group NAME
-                                  --home-base DIR --serve-command CMD`,
+                                  --home-base DIR --serve-command CMD; scheduling of the daily
+                                  expire and the monthly btrfs scrub: --scheduler systemd|cron|none
+                                  (default: systemd if it runs, else cron) --systemd-dir DIR --cron-dir DIR`,
     async run(args) {
       const { values } = parse('install', args, {
         root: { type: 'string' },
@@ -93,7 +95,14 @@ const commands: Record<string, Command> = {
         group: { type: 'string' },
         'home-base': { type: 'string' },
         'serve-command': { type: 'string' },
+        scheduler: { type: 'string' },
+        'systemd-dir': { type: 'string' },
+        'cron-dir': { type: 'string' },
       });
+      const scheduler = str(values['scheduler']);
+      if (scheduler !== undefined && scheduler !== 'systemd' && scheduler !== 'cron' && scheduler !== 'none') {
+        throw new SnapError('usage', `install: --scheduler must be systemd, cron or none, not ${JSON.stringify(scheduler)}`);
+      }
       if (values['help']) return printHelp(0);
       const root = str(values['root']);
       if (!root) throw new SnapError('usage', 'install: --root DIR is required');
@@ -110,6 +119,9 @@ const commands: Record<string, Command> = {
         ...opt('group', values['group']),
         ...opt('homeBase', values['home-base']),
         ...opt('serve', values['serve-command']),
+        ...opt('systemdDir', values['systemd-dir']),
+        ...opt('cronDir', values['cron-dir']),
+        ...(scheduler === undefined ? {} : { scheduler: scheduler as 'systemd' | 'cron' | 'none' }),
       });
       return 0;
     },

@@ -53,6 +53,12 @@ export interface InstallOptions {
   readonly homeBase?: string;
   /** The command sshd forces (default: this node and this snapcrypt-server, with "serve"). */
   readonly serve?: string;
+  /** How expiry and scrubbing are scheduled: systemd timers, a cron.d file, or not at all (default: systemd when it runs, else cron). */
+  readonly scheduler?: 'systemd' | 'cron' | 'none';
+  /** Where the systemd units go (default /etc/systemd/system; only there are they enabled). */
+  readonly systemdDir?: string;
+  /** Where the cron file goes (default /etc/cron.d). */
+  readonly cronDir?: string;
   readonly log: Log;
 }
 
@@ -156,6 +162,66 @@ async function checkBtrfs(dir: string): Promise<void> {
   const fs = await fsp.statfs(dir);
   if (fs.type !== BTRFS_SUPER_MAGIC) {
     throw new SnapError('usage', `${dir} is not on a btrfs file system; the server keeps every user's area as a btrfs subvolume`);
+  }
+}
+
+const SYSTEMD_DIR = '/etc/systemd/system';
+const CRON_DIR = '/etc/cron.d';
+
+/**
+ * Schedules `expire` daily and `btrfs scrub` monthly: systemd timers (enabled when written to the
+ * system's unit directory and systemd runs), else a cron.d file.
+ */
+async function schedule(opts: InstallOptions, expireCommand: string, scrubCommand: string, log: Log): Promise<void> {
+  const systemdRuns = existsSync('/run/systemd/system');
+  const how = opts.scheduler ?? (systemdRuns ? 'systemd' : 'cron');
+  if (how === 'none') return;
+  if (how === 'cron') {
+    const dir = resolve(opts.cronDir ?? CRON_DIR);
+    await mkdirIfMissing(dir, log);
+    await ensureFile(
+      join(dir, 'snapcrypt'),
+      '# Written by snapcrypt-server install: daily expiry of old snapshots, monthly btrfs scrub.\n' +
+        `PATH=${SAFE_PATH}\n` +
+        `17 3 * * * root ${expireCommand} >/dev/null\n` +
+        `47 4 1 * * root ${scrubCommand} >/dev/null\n`,
+      0,
+      0,
+      0o644,
+      log,
+    );
+    return;
+  }
+  const dir = resolve(opts.systemdDir ?? SYSTEMD_DIR);
+  await mkdirIfMissing(dir, log);
+  const unit = (description: string, body: string) => `# Written by snapcrypt-server install\n[Unit]\nDescription=${description}\n\n${body}`;
+  const jobs = [
+    ['snapcrypt-expire', 'snapcrypt: delete snapshots that the retention policies do not keep', expireCommand, 'daily', '1h'],
+    ['snapcrypt-scrub', 'snapcrypt: verify every checksum of the backup file system (btrfs scrub)', scrubCommand, 'monthly', '6h'],
+  ] as const;
+  let changed = false;
+  for (const [name, description, command, calendar, delay] of jobs) {
+    changed = (await ensureFile(join(dir, `${name}.service`), unit(description, `[Service]\nType=oneshot\nExecStart=${command}\n`), 0, 0, 0o644, log)) || changed;
+    changed =
+      (await ensureFile(
+        join(dir, `${name}.timer`),
+        unit(description, `[Timer]\nOnCalendar=${calendar}\nRandomizedDelaySec=${delay}\nPersistent=true\n\n[Install]\nWantedBy=timers.target\n`),
+        0,
+        0,
+        0o644,
+        log,
+      )) || changed;
+  }
+  const timers = jobs.map(([name]) => `${name}.timer`);
+  if (dir === SYSTEMD_DIR && systemdRuns) {
+    if (changed) await run('systemctl', ['daemon-reload']);
+    const enabled = await run('systemctl', ['is-enabled', ...timers]).then(() => true, () => false);
+    if (!enabled) {
+      await run('systemctl', ['enable', '--now', ...timers]);
+      log(`enabled ${timers.join(' ')}`);
+    }
+  } else if (changed) {
+    log(`enable them with: systemctl daemon-reload && systemctl enable --now ${timers.join(' ')}`);
   }
 }
 
@@ -294,6 +360,11 @@ export async function install(opts: InstallOptions): Promise<ServerConfig> {
     0o644,
     log,
   );
+  // 7. Daily expiry and a monthly scrub, as root.
+  const expireCommand = `${node} ${program} expire${configFile === DEFAULT_CONFIG_FILE ? '' : ` --etc ${dirname(dirname(configFile))}`}`;
+  const scrubCommand = `/usr/bin/btrfs scrub start -B ${root}`;
+  await schedule(opts, expireCommand, scrubCommand, log);
+
   log(`installed: root ${root}, group ${group}, configuration ${configFile}`);
   log(`check the sshd configuration with "sshd -t" and reload sshd; add users with "snapcrypt-server adduser NAME --key FILE"`);
   return config;
