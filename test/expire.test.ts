@@ -2,7 +2,7 @@
  * `snapcrypt-server expire` on real btrfs: read-only snapshots named by (synthetic) server times, a
  * policy.json with a default and per-user policies; --dry-run deletes nothing; a real run deletes
  * exactly what the policy does not keep, as root, leaves the kept snapshots intact, and gives the space
- * back. Needs root and btrfs: in CI it never skips.
+ * back; and `status` on the same snapshots. Needs root and btrfs: in CI it never skips.
  */
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
@@ -21,7 +21,7 @@ const skip = !isRoot || !haveBtrfs ? 'needs root and SNAPCRYPT_TEST_BTRFS' : fal
 const MiB = 1024 * 1024;
 const D = 86_400_000;
 
-describe('snapcrypt-server expire on btrfs', { skip }, () => {
+describe('snapcrypt-server expire and status on btrfs', { skip }, () => {
   let top = '';
   let etc = '';
   let root = '';
@@ -73,8 +73,35 @@ describe('snapcrypt-server expire on btrfs', { skip }, () => {
     for (const user of ['alice', 'bob', 'carol', 'dave']) await snapshots(user);
     await fsp.writeFile(
       join(etc, 'snapcrypt', 'policy.json'),
-      JSON.stringify({ retention: { default: { last: 2 }, users: { alice: { daily: 3, within: '1d' }, carol: { last: 0 }, dave: {} } } }),
+      JSON.stringify({
+        retention: { default: { last: 2 }, users: { alice: { daily: 3, within: '1d' }, carol: { last: 0 }, dave: {} } },
+        overdue: { users: { dave: '1000d' } },
+      }),
     );
+    await fsp.writeFile(join(root, 'users', 'bob', 'current', 'file'), Buffer.alloc(12345, 1));
+  });
+
+  it('status: per user the last backup, its age, snapshots and bytes in current; overdue users make exit 3', async () => {
+    const r = await server('status', '--etc', etc, '--json');
+    assert.equal(r.code, 3, r.stderr);
+    const rows = r.stdout.trim().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>);
+    assert.deepEqual(rows.map((x) => [x['user'], x['last'], x['snapshots'], x['currentBytes'], x['overdue']]), [
+      ['alice', names['alice']![9], 10, 0, true],
+      ['bob', names['bob']![9], 10, 12345, true],
+      ['carol', names['carol']![9], 10, 0, true],
+      ['dave', names['dave']![9], 10, 0, false],
+    ]);
+    const age = Number(rows[0]!['ageMs']);
+    assert.ok(Math.abs(age - (Date.now() - Date.parse(names['alice']![9]!))) < 60_000, `age ${age}`);
+    assert.equal(rows[0]!['overdueAfterMs'], 2 * D, 'the default threshold');
+    assert.equal(rows[3]!['overdueAfterMs'], 1000 * D);
+    const dave = await server('status', '--etc', etc, '--user', 'dave');
+    assert.equal(dave.code, 0, dave.stderr);
+    assert.match(dave.stdout, new RegExp(`^dave +${names['dave']![9]!.replace(/\./g, '\\.')} +\\d+d\\d+h +10 +0\\.0 MiB$`, 'm'));
+    const human = await server('status', '--etc', etc);
+    assert.match(human.stdout, /^bob .* OVERDUE \(no backup for more than 2d\)$/m);
+    const nobody = await server('status', '--etc', etc, '--user', 'nobody-here');
+    assert.equal(nobody.code, 7, nobody.stderr);
   });
 
   it('--dry-run shows what it would delete and why it keeps the rest, and deletes nothing', async () => {

@@ -37,6 +37,11 @@ function parse(cmd: string, args: string[], options: OptionSpec, positionals = 0
   return { values: parsed.values as Record<string, string | boolean | undefined>, positionals: parsed.positionals };
 }
 
+/** The server configuration file under --etc DIR (default /etc). */
+function configFileFor(etc: string | undefined): string {
+  return join(etc === undefined ? DEFAULTS.etc : resolve(etc), 'snapcrypt', 'server.json');
+}
+
 function str(v: string | boolean | undefined): string | undefined {
   return typeof v === 'string' ? v : undefined;
 }
@@ -126,6 +131,40 @@ const commands: Record<string, Command> = {
       return 0;
     },
   },
+  status: {
+    usage: `  status [--user NAME] [--json]   per user: last backup (server time), its age, snapshots, bytes
+                                  in current; overdue users (threshold: policy.json "overdue",
+                                  default 2d) in red, and exit status 3. Override: --etc DIR`,
+    async run(args) {
+      const { values } = parse('status', args, { user: { type: 'string' }, json: { type: 'boolean' }, etc: { type: 'string' } });
+      if (values['help']) return printHelp(0);
+      const etc = str(values['etc']);
+      const user = str(values['user']);
+      const { status } = await import('../server/status.js');
+      const { formatDuration } = await import('../server/retention.js');
+      const rows = await status({ configFile: configFileFor(etc), ...(user === undefined ? {} : { user }) });
+      if (values['json']) {
+        for (const r of rows) process.stdout.write(`${JSON.stringify({ type: 'user', ...r })}\n`);
+      } else {
+        const age = (ms: number | null) => (ms === null ? 'never' : formatDuration(Math.max(0, ms - (ms % 60_000))).replace(/^((?:\d+[a-z]){1,2}).*$/, '$1'));
+        const table = [['user', 'last backup (server time)', 'age', 'snapshots', 'current', ''], ...rows.map((r) => [
+          r.user,
+          r.last ?? '-',
+          age(r.ageMs),
+          String(r.snapshots),
+          `${(r.currentBytes / 1048576).toFixed(1)} MiB`,
+          r.overdue ? `OVERDUE (no backup for more than ${formatDuration(r.overdueAfterMs)})` : '',
+        ])];
+        const widths = table[0]!.map((_, i) => Math.max(...table.map((row) => row[i]!.length)));
+        const red = process.stdout.isTTY === true;
+        table.forEach((row, i) => {
+          const line = row.map((c, j) => c.padEnd(widths[j]!)).join('  ').trimEnd();
+          log(i > 0 && rows[i - 1]!.overdue && red ? `\x1b[31m${line}\x1b[0m` : line);
+        });
+      }
+      return rows.some((r) => r.overdue) ? 3 : 0;
+    },
+  },
   expire: {
     usage: `  expire [--dry-run] [--user NAME] [--json]
                                   (as root) apply the retention policies of policy.json (beside
@@ -141,7 +180,7 @@ const commands: Record<string, Command> = {
       });
       if (values['help']) return printHelp(0);
       const etc = str(values['etc']);
-      const configFile = etc === undefined ? join(DEFAULTS.etc, 'snapcrypt', 'server.json') : join(resolve(etc), 'snapcrypt', 'server.json');
+      const configFile = configFileFor(etc);
       const dryRun = values['dry-run'] === true;
       const json = values['json'] === true;
       const user = str(values['user']);
@@ -195,7 +234,7 @@ ${Object.values(commands)
   .map((c) => c.usage)
   .join('\n')}
 
-Exit status: 0 ok, 2 usage, 7 not found, 9 I/O error, 10 protocol error.`;
+Exit status: 0 ok, 2 usage, 3 (status) a user is overdue, 7 not found, 9 I/O error, 10 protocol error.`;
 
 }
 
