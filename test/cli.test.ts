@@ -81,3 +81,29 @@ test('a terminal gets a live progress line; a pipe gets none', async () => {
   assert.match(tty.stdout, /\r\x1b\[K\[\d+:\d\d\] \d+\/\d+ files .* ETA /, 'progress line with files, bytes, rate and ETA');
   assert.match(tty.stdout, /snapshot [0-9a-f]{8} saved as/);
 });
+
+test('backup and snapshots warn when the newest snapshot is older than SNAPCRYPT_WARN_AGE', async () => {
+  const r = await makeRepo();
+  const src = await tempDir('cli-stale');
+  fs.writeFileSync(path.join(src, 'a.txt'), 'a');
+  expectExit(await runCli(['backup', '--repo', r.repo, src], { env: r.env }), 'first backup');
+  await new Promise((res) => setTimeout(res, 2100));
+  const stale = { ...r.env, SNAPCRYPT_WARN_AGE: '1s' };
+  const s = await runCli(['snapshots', '--repo', r.repo], { env: stale });
+  expectExit(s, 'snapshots');
+  assert.match(s.stderr, /^warning: the newest snapshot of .* is \d+s old \(\d{4}-\d\d-\d\dT[\d:.]+Z\), older than 1s: are backups still running\?/m);
+  const j = await runCli(['snapshots', '--repo', r.repo, '--json'], { env: stale });
+  assert.equal(jsonLines(j.stdout).filter((o) => o['type'] === 'warning').length, 1, j.stdout);
+  const b = await runCli(['backup', '--repo', r.repo, src], { env: stale });
+  expectExit(b, 'backup');
+  assert.match(b.stderr, /^warning: the newest snapshot of .* older than 1s/m);
+  // the default (7d), and "off", stay silent
+  for (const env of [r.env, { ...r.env, SNAPCRYPT_WARN_AGE: 'off' }]) {
+    const quiet = await runCli(['snapshots', '--repo', r.repo], { env });
+    expectExit(quiet, 'snapshots');
+    assert.doesNotMatch(quiet.stderr, /warning/);
+  }
+  const bad = await runCli(['snapshots', '--repo', r.repo], { env: { ...r.env, SNAPCRYPT_WARN_AGE: 'soon' } });
+  assert.equal(bad.code, 2, bad.stderr);
+  assert.match(bad.stderr, /Invalid duration "soon"/);
+});

@@ -48,6 +48,7 @@ Exit status: 0 done, 3 done but some files could not be read (listed as warnings
     });
     const repo = await ctx.openRepo();
     const source = new LocalSourceFs();
+    ctx.warnIfStale((await repo.storage.listSnapshots()).sort((a, b) => a.time - b.time).at(-1), repo.storage.location);
     const lock = await repo.storage.lock(`snapcrypt backup`);
     const t0 = Date.now();
     let warnings = 0;

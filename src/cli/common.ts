@@ -1,6 +1,7 @@
 /** What every command shares: options, passphrases, output, opening the repository. */
 import fs from 'node:fs';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
+import { formatDuration, parseDuration } from '../core/duration.js';
 import { SnapError } from '../core/errors.js';
 import { Repository } from '../engine/repository.js';
 import { DirKeyStore, defaultCacheRoot, defaultConfigRoot, openTreeCache } from '../drivers/cachedir.js';
@@ -79,6 +80,20 @@ export class Ctx {
   warn(line: string): void {
     if (this.json) this.io.stdout.write(JSON.stringify({ type: 'warning', message: line }) + '\n');
     else this.io.stderr.write(`warning: ${line}\n`);
+  }
+  /**
+   * Warns when the newest snapshot is older than SNAPCRYPT_WARN_AGE (a duration, default 7d; "off"
+   * disables it): backups that silently stopped running are the most common way to lose data.
+   */
+  warnIfStale(newest: { name: string; time: number } | undefined, location: string): void {
+    if (newest === undefined) return;
+    const setting = this.io.env['SNAPCRYPT_WARN_AGE']?.trim() || '7d';
+    if (setting === 'off') return;
+    const limit = parseDuration(setting);
+    const age = Date.now() - newest.time;
+    if (age > limit) {
+      this.warn(`the newest snapshot of ${location} is ${formatDuration(age - (age % 1000))} old (${newest.name}), older than ${setting}: are backups still running? (SNAPCRYPT_WARN_AGE sets the limit, "off" silences this)`);
+    }
   }
   /** A live progress line only on a terminal. */
   get progressEnabled(): boolean {

@@ -33,6 +33,7 @@ ${commonHelp}`,
         paths, tags: s.root.tags, bytes: s.root.stats.bytes, files: s.root.stats.files, dirs: s.root.stats.dirs, clientTime: s.root.clientTime,
       });
     }
+    ctx.warnIfStale(all.map((s) => s.info).sort((a, b) => a.time - b.time).at(-1), repo.storage.location);
     if (all.length === 0) ctx.out('no snapshots yet');
     else ctx.out(table(rows) + `\n${all.length} snapshot${all.length === 1 ? '' : 's'}`);
     if (damaged > 0) {

@@ -13,7 +13,10 @@
  * Periods are calendar periods in UTC. A policy that sets nothing keeps everything: an empty or
  * mistyped policy never deletes a user's history.
  */
+import { formatDuration } from '../core/duration.js';
 import { SnapError } from '../core/errors.js';
+
+export { formatDuration, parseDuration } from '../core/duration.js';
 
 export interface RetentionPolicy {
   readonly last?: number;
@@ -116,36 +119,4 @@ export function applyRetention(snapshots: readonly Snapshot[], policy: Retention
     });
   }
   return sorted.map((s, i) => ({ ...s, keep: reasons[i]!.length > 0, reasons: reasons[i]! }));
-}
-
-const UNITS: ReadonlyArray<readonly [string, number]> = [
-  ['y', 365 * 86_400_000],
-  ['w', 7 * 86_400_000],
-  ['d', 86_400_000],
-  ['h', 3_600_000],
-  ['m', 60_000],
-];
-
-/** "90d", "12h", "2w", "1y", "30m" (minutes), or a sum such as "1y6w". */
-export function parseDuration(text: string): number {
-  const t = text.trim();
-  if (!/^(\d+[ywdhm])+$/.test(t)) throw new SnapError('usage', `Invalid duration ${JSON.stringify(text)}: use a number and a unit y, w, d, h or m, e.g. "30d"`);
-  let ms = 0;
-  for (const m of t.matchAll(/(\d+)([ywdhm])/g)) ms += Number(m[1]) * UNITS.find(([u]) => u === m[2])![1];
-  return ms;
-}
-
-/** The largest whole units of a duration, in y, d, h and m: 2592000000 → "30d". */
-export function formatDuration(ms: number): string {
-  if (ms === 0) return '0m';
-  let rest = ms;
-  let out = '';
-  for (const [u, size] of UNITS.filter(([unit]) => unit !== 'w')) {
-    const n = Math.floor(rest / size);
-    if (n > 0) {
-      out += `${n}${u}`;
-      rest -= n * size;
-    }
-  }
-  return out === '' ? `${ms}ms` : out;
 }
