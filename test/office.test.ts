@@ -285,7 +285,12 @@ describe('the office: workstations back up over SSH into their accounts on a btr
   it('two clients of one user: the second is told the repository is locked; a killed client does not block the next', async () => {
     await randomFiles(join(src(), 'big'), 40, MiB); // new content, so the first client has work to do
     const first = startCli(['backup', '--repo', repo, src()], aliceEnv);
-    await waitFor('the first client to hold the lock', async () => (await fsp.stat(lockFile()).catch(() => null)) !== null || first.child.exitCode !== null);
+    // held: the lock file names a live process (not a stale lock left by an earlier test)
+    const held = async () => {
+      const pid = Number((JSON.parse((await fsp.readFile(lockFile(), 'utf8').catch(() => null)) ?? '{}') as { pid?: unknown }).pid);
+      return Number.isInteger(pid) && pid > 0 && (await servePids()).includes(pid);
+    };
+    await waitFor('the first client to hold the lock', async () => (await held()) || first.child.exitCode !== null);
     assert.equal(first.child.exitCode, null);
     first.child.kill('SIGSTOP'); // it holds the lock as long as it is stopped
     try {

@@ -130,8 +130,10 @@ class Connection {
     };
     transport.readable.on('end', lost);
     transport.readable.on('error', (err) => this.fail(null, `reading failed: ${err.message}`));
-    // EPIPE: the peer is gone (ssh killed, network down); say so, with how it ended
-    transport.writable.on('error', (err) => ((err as NodeJS.ErrnoException).code === 'EPIPE' ? lost() : this.fail(null, `writing failed: ${err.message}`)));
+    // EPIPE, or a write after the peer's end was seen: the peer is gone (ssh killed, network down);
+    // say so, with how it ended
+    const gone = new Set(['EPIPE', 'ERR_STREAM_WRITE_AFTER_END', 'ERR_STREAM_DESTROYED']);
+    transport.writable.on('error', (err) => (gone.has(String((err as NodeJS.ErrnoException).code)) ? lost() : this.fail(null, `writing failed: ${err.message}`)));
   }
 
   /** HELLO → HELLO_OK. */
