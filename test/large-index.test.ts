@@ -9,32 +9,13 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import { join } from 'node:path';
-import { PassThrough } from 'node:stream';
 import { describe, it } from 'node:test';
 import { ExitStatus, isSnapError } from '../src/core/errors.js';
 import { MAX_PAYLOAD } from '../src/core/protocol.js';
 import { LocalDirStorage } from '../src/drivers/localdir.js';
-import { RemoteStorage } from '../src/drivers/ssh.js';
-import { serve } from '../src/server/serve.js';
 import type { Storage } from '../src/storage/types.js';
 import { tempDir } from './env.js';
-
-/** A RemoteStorage talking to serve() over in-process streams (as the remote conformance suite does). */
-async function inProcessRemote(storage: Storage, location: string): Promise<{ remote: RemoteStorage; served: Promise<number> }> {
-  const up = new PassThrough();
-  const down = new PassThrough();
-  const served = serve(up, down, storage);
-  const transport = {
-    readable: down,
-    writable: up,
-    describe: () => 'in-process server',
-    close: async () => {
-      up.end();
-      await served;
-    },
-  };
-  return { remote: await RemoteStorage.open(transport, location), served };
-}
+import { inProcessRemote } from './in-process-remote.js';
 
 /**
  * A temp directory for a million small files: on /dev/shm (tmpfs: no journal, several times faster to

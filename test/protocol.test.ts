@@ -38,6 +38,7 @@ import { LocalDirStorage } from '../src/drivers/localdir.js';
 import { serve, type ReusedBufferInput } from '../src/server/serve.js';
 import type { Storage } from '../src/storage/types.js';
 import { tempDir } from './env.js';
+import { inProcessRemote } from './in-process-remote.js';
 
 function bytesOf(parts: Buffer[]): Buffer {
   return Buffer.concat(parts);
@@ -309,23 +310,6 @@ async function session(storage: LocalDirStorage, input: Buffer[], opts: { end?: 
   const out = d.push(Buffer.concat(chunks));
   assert.ok(d.atBoundary, 'the server wrote whole frames');
   return { status, out };
-}
-
-/** A RemoteStorage talking to serve() over in-process streams (as the remote conformance suite does). */
-async function inProcessRemote(storage: Storage, location: string): Promise<{ remote: RemoteStorage; served: Promise<number> }> {
-  const up = new PassThrough();
-  const down = new PassThrough();
-  const served = serve(up, down, storage);
-  const transport = {
-    readable: down,
-    writable: up,
-    describe: () => 'in-process server',
-    close: async () => {
-      up.end();
-      await served;
-    },
-  };
-  return { remote: await RemoteStorage.open(transport, location), served };
 }
 
 const HELLO = bytesOf(encodeFrame(Msg.HELLO, 1, encodeHello({ version: PROTOCOL_VERSION, wish: 'serve' })));

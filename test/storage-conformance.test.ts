@@ -8,7 +8,6 @@ import { createHash } from 'node:crypto';
 import * as fsp from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
-import { PassThrough } from 'node:stream';
 import { after, describe, it } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { isSnapError } from '../src/core/errors.js';
@@ -17,9 +16,9 @@ import { BtrfsStorage } from '../src/drivers/btrfs.js';
 import { LocalDirStorage } from '../src/drivers/localdir.js';
 import { openStorage } from '../src/drivers/open.js';
 import { RemoteStorage } from '../src/drivers/ssh.js';
-import { serve } from '../src/server/serve.js';
 import type { ObjectReader, Storage } from '../src/storage/types.js';
 import { btrfsTempDir, btrfsTestDir, tempDir } from './env.js';
+import { inProcessRemote } from './in-process-remote.js';
 
 /** Makes a storage for a fresh, not yet initialized area with the given clock. */
 type Factory = (clock: () => number) => Promise<Storage>;
@@ -370,19 +369,7 @@ after(async () => {
 storageConformance('RemoteStorage (in-process serve)', async (clock) => {
   const dir = join(await tempDir('remote'), 'repo');
   const local = new LocalDirStorage(dir, { clock });
-  const up = new PassThrough();
-  const down = new PassThrough();
-  const served = serve(up, down, local);
-  const transport = {
-    readable: down,
-    writable: up,
-    describe: () => 'in-process server',
-    close: async () => {
-      up.end();
-      await served;
-    },
-  };
-  const remote = await RemoteStorage.open(transport, dir);
+  const { remote } = await inProcessRemote(local, dir);
   remotes.push(remote);
   return remote;
 });
