@@ -6,7 +6,6 @@
  * Each command is one entry of `commands` (usage line for the help, and a run function given the
  * arguments after the command name); add a command by adding an entry.
  */
-import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { SnapError, ExitStatus, exitStatusOf } from '../core/errors.js';
 import { openStorage } from '../drivers/open.js';
@@ -35,11 +34,6 @@ function parse(cmd: string, args: string[], options: OptionSpec, positionals = 0
     throw new SnapError('usage', `${cmd}: unexpected argument ${JSON.stringify(parsed.positionals[positionals])}`);
   }
   return { values: parsed.values as Record<string, string | boolean | undefined>, positionals: parsed.positionals };
-}
-
-/** The server configuration file under --etc DIR (default /etc). */
-function configFileFor(etc: string | undefined): string {
-  return join(etc === undefined ? DEFAULTS.etc : resolve(etc), 'snapcrypt', 'server.json');
 }
 
 function str(v: string | boolean | undefined): string | undefined {
@@ -142,7 +136,8 @@ const commands: Record<string, Command> = {
       const user = str(values['user']);
       const { status } = await import('../server/status.js');
       const { formatDuration } = await import('../server/retention.js');
-      const rows = await status({ configFile: configFileFor(etc), ...(user === undefined ? {} : { user }) });
+      const { configFileOf } = await import('../server/seal-helper.js');
+      const rows = await status({ configFile: configFileOf(etc), ...(user === undefined ? {} : { user }) });
       if (values['json']) {
         for (const r of rows) process.stdout.write(`${JSON.stringify({ type: 'user', ...r })}\n`);
       } else {
@@ -180,7 +175,8 @@ const commands: Record<string, Command> = {
       });
       if (values['help']) return printHelp(0);
       const etc = str(values['etc']);
-      const configFile = configFileFor(etc);
+      const { configFileOf } = await import('../server/seal-helper.js');
+      const configFile = configFileOf(etc);
       const dryRun = values['dry-run'] === true;
       const json = values['json'] === true;
       const user = str(values['user']);

@@ -12,6 +12,7 @@ import { promisify } from 'node:util';
 import { SnapError } from '../core/errors.js';
 import {
   checkRootOwnedChain,
+  configFileOf,
   DEFAULT_CONFIG_FILE,
   getGroup,
   getPasswd,
@@ -153,9 +154,6 @@ function nearestAncestor(p: string): string {
   return dir;
 }
 
-function configFileOf(etc: string | undefined): string {
-  return etc === undefined ? DEFAULT_CONFIG_FILE : join(resolve(etc), 'snapcrypt', 'server.json');
-}
 
 /** The directory must be on btrfs. */
 async function checkBtrfs(dir: string): Promise<void> {

@@ -21,13 +21,18 @@
  */
 import { execFile } from 'node:child_process';
 import * as fsp from 'node:fs/promises';
-import { dirname, isAbsolute, join, normalize } from 'node:path';
+import { dirname, isAbsolute, join, normalize, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { promisify } from 'node:util';
 
 const execFileAsync = promisify(execFile);
 
 export const DEFAULT_CONFIG_FILE = '/etc/snapcrypt/server.json';
+
+/** The configuration file under --etc DIR (DEFAULT_CONFIG_FILE without it). */
+export function configFileOf(etc: string | undefined): string {
+  return etc === undefined ? DEFAULT_CONFIG_FILE : join(resolve(etc), 'snapcrypt', 'server.json');
+}
 /** The PATH of every program the server's root code runs; never the caller's. */
 export const SAFE_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
 export const USER_NAME = /^[a-z_][a-z0-9_-]{0,31}$/;

@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { SnapError } from '../core/errors.js';
 import { isSnapshotName } from '../drivers/localdir.js';
 import { policyFileOf } from './expire.js';
-import { parseDuration } from './retention.js';
+import { parseDuration } from '../core/duration.js';
 import { readServerConfig, USER_NAME } from './seal-helper.js';
 
 /** A user is overdue when their newest snapshot is older than this, unless policy.json says otherwise. */
