@@ -76,28 +76,40 @@ describe('snapcrypt-server expire and status on btrfs', { skip }, () => {
       JSON.stringify({
         retention: { default: { last: 2 }, users: { alice: { daily: 3, within: '1d' }, carol: { last: 0 }, dave: {} } },
         overdue: { users: { dave: '1000d' } },
+        quota: { users: { bob: '1GiB' } },
       }),
     );
-    await fsp.writeFile(join(root, 'users', 'bob', 'current', 'file'), Buffer.alloc(12345, 1));
+    // bob's current: one object of 12345 bytes (counted by a walk); carol's: a head and a usage
+    // ledger for it, which status believes without walking (its one object is 100 bytes)
+    const id = 'ab'.repeat(32);
+    for (const user of ['bob', 'carol']) {
+      await fsp.mkdir(join(root, 'users', user, 'current', 'repo', 'objects', 'ab'), { recursive: true });
+      await fsp.writeFile(join(root, 'users', user, 'current', 'repo', 'objects', 'ab', id), Buffer.alloc(user === 'bob' ? 12345 : 100, 1));
+    }
+    await fsp.writeFile(join(root, 'users', 'carol', 'current', 'repo', 'head'), `${id}\n`);
+    await fsp.mkdir(join(root, 'users', 'carol', 'run'));
+    await fsp.writeFile(join(root, 'users', 'carol', 'run', 'usage'), JSON.stringify({ version: 1, head: id, objectBytes: 4321 }));
   });
 
   it('status: per user the last backup, its age, snapshots and bytes in current; overdue users make exit 3', async () => {
     const r = await server('status', '--etc', etc, '--json');
     assert.equal(r.code, 3, r.stderr);
     const rows = r.stdout.trim().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>);
-    assert.deepEqual(rows.map((x) => [x['user'], x['last'], x['snapshots'], x['currentBytes'], x['overdue']]), [
-      ['alice', names['alice']![9], 10, 0, true],
-      ['bob', names['bob']![9], 10, 12345, true],
-      ['carol', names['carol']![9], 10, 0, true],
-      ['dave', names['dave']![9], 10, 0, false],
+    assert.deepEqual(rows.map((x) => [x['user'], x['last'], x['snapshots'], x['currentBytes'], x['quotaBytes'], x['overdue']]), [
+      ['alice', names['alice']![9], 10, 0, null, true],
+      ['bob', names['bob']![9], 10, 12345, 1024 ** 3, true],
+      ['carol', names['carol']![9], 10, 4321, null, true],
+      ['dave', names['dave']![9], 10, 0, null, false],
     ]);
+    const bob = await server('status', '--etc', etc, '--user', 'bob');
+    assert.match(bob.stdout, /^bob .* 12\.1 KiB of 1\.0 GiB \(0%\) +OVERDUE/m);
     const age = Number(rows[0]!['ageMs']);
     assert.ok(Math.abs(age - (Date.now() - Date.parse(names['alice']![9]!))) < 60_000, `age ${age}`);
     assert.equal(rows[0]!['overdueAfterMs'], 2 * D, 'the default threshold');
     assert.equal(rows[3]!['overdueAfterMs'], 1000 * D);
     const dave = await server('status', '--etc', etc, '--user', 'dave');
     assert.equal(dave.code, 0, dave.stderr);
-    assert.match(dave.stdout, new RegExp(`^dave +${names['dave']![9]!.replace(/\./g, '\\.')} +\\d+d\\d+h +10 +0\\.0 MiB$`, 'm'));
+    assert.match(dave.stdout, new RegExp(`^dave +${names['dave']![9]!.replace(/\./g, '\\.')} +\\d+d\\d+h +10 +0 B$`, 'm'));
     const human = await server('status', '--etc', etc);
     assert.match(human.stdout, /^bob .* OVERDUE \(no backup for more than 2d\)$/m);
     const nobody = await server('status', '--etc', etc, '--user', 'nobody-here');
@@ -156,7 +168,7 @@ describe('snapcrypt-server expire and status on btrfs', { skip }, () => {
     const good = await fsp.readFile(policy, 'utf8');
     try {
       for (const [text, message] of [
-        ['{"retention": {"users": {"alice": {"dayly": 3}}}}', /retention\.users\.alice: unknown setting "dayly"/],
+        ['{"retention": {"users": {"alice": {"dayly": 3}}}}', /retention\.users\.alice: unknown key "dayly"/],
         ['{"retention": {"default": {"last": -1}}}', /"last" must be a whole number/],
         ['{"retention": {"default": {"within": "3 days"}}}', /Invalid duration "3 days"/],
         ['{not json', /is not valid JSON/],

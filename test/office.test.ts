@@ -20,7 +20,7 @@ import { assertSameTree, expectExit, jsonLines, runCli, startCli as startCliProc
 import { btrfsTempDir, btrfsTestDir } from './env.js';
 import { type LayoutSshd, removeAccounts, run, server, startLayoutSshd } from './server-fixture.js';
 import { sshdAvailable } from './sshd.js';
-import { isSnapshotName } from '../src/drivers/localdir.js';
+import { isSnapshotName, objectBytesOf, readUsageLedger } from '../src/drivers/localdir.js';
 
 const CI = process.env['CI'] === 'true';
 const isRoot = process.getuid?.() === 0;
@@ -349,5 +349,40 @@ describe('the office: workstations back up over SSH into their accounts on a btr
     expectExit(next, 'backup after the full disk');
     assert.equal((await sealed()).length, before.length + 1);
     expectExit(await runCli(['verify', '--repo', repo, '--read-data'], { env: aliceEnv, timeoutMs: RUN_TIMEOUT }), 'verify after the full disk');
+  });
+
+  it('a quota and a free-space floor in policy.json stop an upload before the disk fills; lifted, the next run resumes', async () => {
+    const policy = join(etc, 'snapcrypt', 'policy.json');
+    const statusOf = async () => {
+      const r = await server('status', '--etc', etc, '--json', '--user', alice);
+      assert.ok(r.code === 0 || r.code === 3, r.stderr);
+      return jsonLines(r.stdout)[0]!;
+    };
+    const used = (await statusOf())['currentBytes'] as number;
+    assert.ok(used > 0);
+    const before = await sealed();
+    await randomFiles(join(src(), 'quota'), 10, 4 * MiB); // 40 MiB more than the quota leaves room for
+    for (const [settings, message] of [
+      [{ quota: { users: { [alice]: `${used + 16 * MiB}` } } }, /: The backup area of \S+ is full: .* of its quota of .* are used; nothing was committed, earlier snapshots are intact \(ask the backup server's administrator to raise the quota/],
+      [{ freeSpaceFloor: '99%' }, /: The backup server's disk is too full to accept uploads: .* free, and the administrator keeps at least 99% \(.*\) free; nothing was committed/],
+    ] as const) {
+      await fsp.writeFile(policy, JSON.stringify(settings), { mode: 0o644 });
+      const r = await runCli(['backup', '--repo', repo, src()], { env: aliceEnv, timeoutMs: RUN_TIMEOUT });
+      assert.equal(r.code, 9, r.stderr);
+      assert.equal(r.stderr.trim().split('\n').length, 1, r.stderr);
+      assert.match(r.stderr, message);
+      console.log(`# limit: "${r.stderr.trim()}"`);
+      assert.deepEqual(await sealed(), before, 'no snapshot from a refused run');
+    }
+    await fsp.writeFile(policy, JSON.stringify({ quota: { users: { [alice]: `${used + 80 * MiB}` } } }), { mode: 0o644 });
+    expectExit(await runCli(['backup', '--repo', repo, src()], { env: aliceEnv, timeoutMs: RUN_TIMEOUT }), 'backup within the raised quota');
+    assert.equal((await sealed()).length, before.length + 1);
+    const after = await statusOf();
+    assert.equal(after['quotaBytes'], used + 80 * MiB);
+    const area = join(root, 'users', alice, 'current', 'repo');
+    const ledger = await readUsageLedger(join(root, 'users', alice, 'run'), area);
+    assert.equal(ledger, await objectBytesOf(area), 'the usage ledger serve keeps equals a walk of the objects');
+    assert.equal(after['currentBytes'], ledger);
+    await fsp.rm(policy);
   });
 });

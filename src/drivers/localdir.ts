@@ -177,6 +177,52 @@ async function readText(path: string): Promise<string | null> {
   }
 }
 
+/**
+ * The usage ledger, `<lockDir>/usage`: the bytes of the objects in current as of the commit whose head
+ * it names. Written after each commit by a process that counted every object it added and pruned
+ * (DirStorage.currentBytes), removed before the first object write of a session, so a ledger whose head
+ * is current's head is exact. Not fsynced: a lost or torn ledger only costs one walk of current.
+ */
+const LEDGER_FILE = 'usage';
+
+function parseLedger(text: string | null): { head: string; objectBytes: number } | null {
+  if (text === null) return null;
+  try {
+    const v = JSON.parse(text) as Record<string, unknown>;
+    const { version, head, objectBytes } = v;
+    if (version !== 1 || typeof head !== 'string' || !/^[0-9a-f]{64}$/.test(head)) return null;
+    if (typeof objectBytes !== 'number' || !Number.isSafeInteger(objectBytes) || objectBytes < 0) return null;
+    return { head, objectBytes };
+  } catch {
+    return null;
+  }
+}
+
+/** The bytes of the objects in an area's current from its ledger, or null when there is no valid one. */
+export async function readUsageLedger(lockDir: string, current: string): Promise<number | null> {
+  const [ledger, head] = await Promise.all([readText(join(lockDir, LEDGER_FILE)), readText(join(current, 'head'))]);
+  const saved = parseLedger(ledger);
+  return saved !== null && head !== null && head.trim() === saved.head ? saved.objectBytes : null;
+}
+
+/** The sum of the sizes of the objects under current/objects (one lstat per object). */
+export async function objectBytesOf(current: string): Promise<number> {
+  let total = 0;
+  const objects = join(current, 'objects');
+  for (const prefix of (await readdirOrEmpty(objects)).filter((n) => PREFIX_NAME.test(n))) {
+    const dir = join(objects, prefix);
+    for (const name of await readdirOrEmpty(dir)) {
+      if (!isValidObjectId(name) || !name.startsWith(prefix)) continue;
+      const st = await fsp.lstat(join(dir, name)).catch((err: unknown) => {
+        if (errnoOf(err) === 'ENOENT') return null;
+        throw err;
+      });
+      if (st?.isFile()) total += st.size;
+    }
+  }
+  return total;
+}
+
 async function fsyncPath(path: string): Promise<void> {
   const fh = await fsp.open(path, 'r');
   try {
@@ -603,6 +649,7 @@ export abstract class DirStorage extends DirReader implements Storage {
       }
       try {
         fs.linkSync(tmp, join(dir, id)); // never replaces: putting an existing id is a no-op
+        if (this.ledger !== null) this.ledger += data.length;
       } catch (err) {
         if (errnoOf(err) !== 'EEXIST') throw err;
       }
@@ -619,6 +666,9 @@ export abstract class DirStorage extends DirReader implements Storage {
 
   /** Worker threads write objects with dirwriter.js (see Storage.directWriter). */
   async directWriter(): Promise<DirectWriterSpec> {
+    this.ledger = null; // the workers' writes are not counted
+    this.ledgerLoad = Promise.reject(new SnapError('internal', 'currentBytes() after directWriter(): the workers\' objects are not counted'));
+    this.ledgerLoad.catch(() => undefined);
     await this.recover();
     this.marking ??= this.markUnsynced();
     await this.marking;
@@ -628,7 +678,51 @@ export abstract class DirStorage extends DirReader implements Storage {
   private marking: Promise<void> | null = null;
   private recovering: Promise<void> | null = null;
 
+  /** Bytes of the objects in current, once currentBytes() loaded them; then kept up to date. */
+  private ledger: number | null = null;
+  private ledgerLoad: Promise<void> | null = null;
+
+  /**
+   * The bytes of the objects in current: from the usage ledger when it is valid, else by one walk of
+   * current; from then on this process keeps the count as it adds and prunes objects, and each commit
+   * writes it back to the ledger. Call it before the session's first putObject (the SSH server does),
+   * so that every object written is counted. Not available once directWriter() was used.
+   */
+  async currentBytes(): Promise<number> {
+    this.ledgerLoad ??= (async () => {
+      await this.recover();
+      this.ledger = (await readUsageLedger(this.lockDir, this.current)) ?? (await objectBytesOf(this.current));
+    })().catch((err: unknown) => {
+      throw ioError(`Cannot count the bytes in ${this.current}`, err);
+    });
+    await this.ledgerLoad;
+    return this.ledger!;
+  }
+
+  async freeSpace(): Promise<{ available: number; total: number }> {
+    try {
+      const st = await fsp.statfs(this.current);
+      return { available: st.bavail * st.bsize, total: st.blocks * st.bsize };
+    } catch (err) {
+      throw ioError(`Cannot read the free space of ${this.current}`, err);
+    }
+  }
+
+  /** Writes the ledger for the head just committed (only when every object of this process was counted). */
+  private async saveLedger(head: Buffer): Promise<void> {
+    if (this.ledger === null) return;
+    const text = JSON.stringify({ version: 1, head: head.toString('latin1').trim(), objectBytes: this.ledger }) + '\n';
+    const tmp = join(this.lockDir, tmpName());
+    try {
+      await fsp.writeFile(tmp, text, { mode: 0o600, flag: 'wx' });
+      await fsp.rename(tmp, join(this.lockDir, LEDGER_FILE));
+    } catch {
+      await fsp.rm(tmp, { force: true }).catch(() => undefined); // only costs a walk next time
+    }
+  }
+
   private async markUnsynced(): Promise<void> {
+    await fsp.rm(join(this.lockDir, LEDGER_FILE), { force: true }); // this session's writes change the count
     await writeDurable(this.current, 'unsynced', Buffer.from(bootId() + '\n'), true);
     await this.syncDir(this.current);
   }
@@ -718,6 +812,7 @@ export abstract class DirStorage extends DirReader implements Storage {
       await this.syncDir(this.current);
       this.marking = null;
       await this.prune(index);
+      await this.saveLedger(head);
       for (const name of await readdirOrEmpty(this.snapshotsDir)) {
         if (name.startsWith(TMP_PREFIX)) await removeTree(join(this.snapshotsDir, name));
       }
@@ -789,6 +884,7 @@ export abstract class DirStorage extends DirReader implements Storage {
       const dir = join(this.current, 'objects', prefix);
       for (const name of await readdirOrEmpty(dir)) {
         const unlisted = isValidObjectId(name) && name.startsWith(prefix) && !wanted.has(name);
+        if (unlisted && this.ledger !== null) this.ledger -= (await fsp.lstat(join(dir, name)).catch(() => null))?.size ?? 0;
         if (unlisted || name.startsWith(TMP_PREFIX)) await fsp.rm(join(dir, name), { force: true });
       }
     }

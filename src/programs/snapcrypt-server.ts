@@ -11,6 +11,8 @@ import { SnapError, ExitStatus, exitStatusOf } from '../core/errors.js';
 import { openStorage } from '../drivers/open.js';
 import { refuse, reusedBufferInput, serve } from '../server/serve.js';
 import type { Storage } from '../storage/types.js';
+import type { UploadLimits } from '../server/limits.js';
+import { userInfo } from 'node:os';
 import { DEFAULTS } from '../server/defaults.js';
 import { finish, lowMemoryServer } from './runtime.js';
 
@@ -127,27 +129,28 @@ const commands: Record<string, Command> = {
   },
   status: {
     usage: `  status [--user NAME] [--json]   per user: last backup (server time), its age, snapshots, bytes
-                                  in current; overdue users (threshold: policy.json "overdue",
-                                  default 2d) in red, and exit status 3. Override: --etc DIR`,
+                                  in current and the quota; overdue users (threshold: policy.json
+                                  "overdue", default 2d) in red, and exit status 3. Override: --etc DIR`,
     async run(args) {
       const { values } = parse('status', args, { user: { type: 'string' }, json: { type: 'boolean' }, etc: { type: 'string' } });
       if (values['help']) return printHelp(0);
       const etc = str(values['etc']);
       const user = str(values['user']);
       const { status } = await import('../server/status.js');
-      const { formatDuration } = await import('../server/retention.js');
+      const { formatDuration } = await import('../core/duration.js');
+      const { formatBytes } = await import('../core/size.js');
       const { configFileOf } = await import('../server/seal-helper.js');
       const rows = await status({ configFile: configFileOf(etc), ...(user === undefined ? {} : { user }) });
       if (values['json']) {
         for (const r of rows) process.stdout.write(`${JSON.stringify({ type: 'user', ...r })}\n`);
       } else {
         const age = (ms: number | null) => (ms === null ? 'never' : formatDuration(Math.max(0, ms - (ms % 60_000))).replace(/^((?:\d+[a-z]){1,2}).*$/, '$1'));
-        const table = [['user', 'last backup (server time)', 'age', 'snapshots', 'current', ''], ...rows.map((r) => [
+        const table = [['user', 'last backup (server time)', 'age', 'snapshots', 'current (of quota)', ''], ...rows.map((r) => [
           r.user,
           r.last ?? '-',
           age(r.ageMs),
           String(r.snapshots),
-          `${(r.currentBytes / 1048576).toFixed(1)} MiB`,
+          r.quotaBytes === null ? formatBytes(r.currentBytes) : `${formatBytes(r.currentBytes)} of ${formatBytes(r.quotaBytes)} (${Math.round((100 * r.currentBytes) / r.quotaBytes)}%)`,
           r.overdue ? `OVERDUE (no backup for more than ${formatDuration(r.overdueAfterMs)})` : '',
         ])];
         const widths = table[0]!.map((_, i) => Math.max(...table.map((row) => row[i]!.length)));
@@ -234,14 +237,18 @@ Exit status: 0 ok, 2 usage, 3 (status) a user is overdue, 7 not found, 9 I/O err
 
 }
 
-/** The user's area from src/server/area.ts, when that module provides openUserArea. */
-async function userArea(configFile: string | undefined): Promise<Storage> {
-  const mod = (await import('../server/area.js').catch(() => null)) as Record<string, unknown> | null;
-  const open = mod?.['openUserArea'];
-  if (typeof open !== 'function') {
-    throw new SnapError('usage', 'serve: no area given: use --area DIR or set SNAPCRYPT_SERVER_AREA');
-  }
-  return (await (open as (o: { configFile?: string }) => Promise<Storage>)(configFile === undefined ? {} : { configFile })) satisfies Storage;
+/** The calling user's area in the server layout of configFile, and their limits from policy.json. */
+async function userArea(configFile: string | undefined): Promise<{ storage: Storage; limits: UploadLimits }> {
+  const [{ openUserArea }, { forUser, readServerPolicy }, { DEFAULT_CONFIG_FILE }] = await Promise.all([
+    import('../server/area.js'),
+    import('../server/policy.js'),
+    import('../server/seal-helper.js'),
+  ]);
+  const file = configFile ?? DEFAULT_CONFIG_FILE;
+  const user = userInfo().username;
+  const policy = await readServerPolicy(file);
+  const storage = await openUserArea({ configFile: file, user });
+  return { storage, limits: { label: `the backup area of ${user}`, quotaBytes: forUser(policy.quota, user), freeSpaceFloor: policy.freeSpaceFloor } };
 }
 
 /** serve: stdout carries only protocol frames; diagnostics go to stderr. */
@@ -249,6 +256,7 @@ async function serveCommand(rest: string[]): Promise<number> {
   lowMemoryServer();
   const logErr = (line: string) => process.stderr.write(`snapcrypt-server: ${line}\n`);
   let storage: Storage;
+  let limits: UploadLimits | undefined;
   try {
     let values;
     try {
@@ -258,7 +266,8 @@ async function serveCommand(rest: string[]): Promise<number> {
     }
     const area = values.area ?? process.env['SNAPCRYPT_SERVER_AREA'];
     if (area && values.config !== undefined) throw new SnapError('usage', 'serve: give --area or --config, not both');
-    storage = area ? await openStorage(area) : await userArea(values.config);
+    if (area) storage = await openStorage(area);
+    else ({ storage, limits } = await userArea(values.config));
   } catch (err) {
     const e = err instanceof SnapError ? err : new SnapError('internal', String(err));
     logErr(e.message);
@@ -269,6 +278,7 @@ async function serveCommand(rest: string[]): Promise<number> {
   const status = await serve(reusedBufferInput(0) ?? process.stdin, process.stdout, storage, {
     sshOriginalCommand: process.env['SSH_ORIGINAL_COMMAND'],
     log: logErr,
+    ...(limits === undefined ? {} : { limits }),
   });
   await storage.close().catch(() => undefined);
   return status;

@@ -40,6 +40,7 @@ import {
   protocolError,
 } from '../core/protocol.js';
 import type { Frame, Request, Response, Scope } from '../core/protocol.js';
+import { UploadGuard, type UploadLimits } from './limits.js';
 import type { Lock, ObjectReader, SnapshotInfo, StagedIndex, Storage } from '../storage/types.js';
 
 /** Requests moving whole objects or indexes that may run at once. */
@@ -102,6 +103,8 @@ export interface ServeOptions {
   readonly maxInFlight?: number;
   /** Diagnostics (stderr in the program). */
   readonly log?: (line: string) => void;
+  /** Quota and free-space floor checked before anything sent is stored (limits.ts); none by default. */
+  readonly limits?: UploadLimits;
 }
 
 /**
@@ -280,6 +283,7 @@ class Session {
   private readonly reused: ReusedBufferInput | null;
   private readonly output: Writable;
   private readonly storage: Storage;
+  private readonly guard: UploadGuard;
   private readonly opts: ServeOptions;
 
   constructor(input: Readable | ReusedBufferInput, output: Writable, storage: Storage, opts: ServeOptions) {
@@ -287,6 +291,7 @@ class Session {
     this.input = isReusedBufferInput(input) ? input.stream : input;
     this.output = output;
     this.storage = storage;
+    this.guard = new UploadGuard(storage, opts.limits ?? { label: storage.location, quotaBytes: null, freeSpaceFloor: null });
     this.opts = opts;
     this.maxInFlight = opts.maxInFlight ?? MAX_IN_FLIGHT;
     this.done = new Promise((resolve) => (this.finish = resolve));
@@ -619,7 +624,7 @@ class Session {
         return this.heavily(async () => this.respond(id, { type: 'data', data: await reader.readFile(req.name) }));
       }
       case 'writeFile':
-        await s.writeFile(req.name, req.data);
+        await this.guard.admit(req.data.length, false, () => s.writeFile(req.name, req.data));
         return this.respond(id, { type: 'ok' });
       case 'listKeys':
         return this.respond(id, { type: 'names', names: await (await this.reader(req.scope)).listKeys() });
@@ -630,10 +635,10 @@ class Session {
         return this.heavily(async () => this.respond(id, { type: 'data', data: await reader.getObject(req.id) }));
       }
       case 'putObject':
-        await this.heavily(() => s.putObject(req.id, req.data));
+        await this.guard.admit(req.data.length, true, () => this.heavily(() => s.putObject(req.id, req.data)));
         return this.respond(id, { type: 'ok' });
       case 'indexPart':
-        await this.inIndexOrder(() => this.appendPart(req.ids));
+        await this.inIndexOrder(() => this.guard.admit(req.ids.length, false, () => this.appendPart(req.ids)));
         return this.respond(id, { type: 'ok' });
       case 'commit': {
         const info = await this.inIndexOrder(() => this.heavily(() => this.commitStaged(req.head)));

@@ -105,6 +105,13 @@ export interface Storage extends ObjectReader {
    * receives large indexes this way). Without it, the index must be passed whole to commit().
    */
   stageIndex?(): Promise<StagedIndex>;
+  /**
+   * Optional: the bytes of the objects in current, kept up to date as this Storage adds and prunes
+   * objects; call it before the session's first putObject. The server enforces quotas with it.
+   */
+  currentBytes?(): Promise<number>;
+  /** Optional: the available and total bytes of the file system that holds current. */
+  freeSpace?(): Promise<{ available: number; total: number }>;
   /** Exclusive writer lock on current. */
   lock(owner: string): Promise<Lock>;
   close(): Promise<void>;
