@@ -385,4 +385,33 @@ describe('the office: workstations back up over SSH into their accounts on a btr
     assert.equal(after['currentBytes'], ledger);
     await fsp.rm(policy);
   });
+
+  it('expire deletes real snapshots by the policy as root; the kept ones still restore and verify', async () => {
+    const names = await sealed();
+    assert.ok(names.length >= 6, `${names.length} snapshots`);
+    const keep = names.slice(-2);
+    const older = keep[0]!;
+    const restore = async (name: string, target: string) => {
+      expectExit(await runCli(['restore', '--repo', repo, name, '--target', target], { env: aliceEnv, timeoutMs: RUN_TIMEOUT }), `restore ${name} into ${target}`);
+      return treeSnapshot(join(target, src()));
+    };
+    const before = await restore(older, join(top, 'before-expire'));
+    await fsp.writeFile(join(etc, 'snapcrypt', 'policy.json'), JSON.stringify({ retention: { users: { [alice]: { last: 2 } } } }), { mode: 0o644 });
+    try {
+      const r = await server('expire', '--etc', etc, '--json');
+      assert.equal(r.code, 0, r.stderr);
+      const rows = jsonLines(r.stdout);
+      assert.deepEqual(rows.filter((x) => x['type'] === 'snapshot' && x['deleted']).map((x) => x['name']).sort(), names.slice(0, -2));
+    } finally {
+      await fsp.rm(join(etc, 'snapcrypt', 'policy.json'));
+    }
+    assert.deepEqual(await sealed(), keep, 'only the two newest are left');
+    const snaps = await runCli(['snapshots', '--repo', repo, '--json'], { env: aliceEnv, timeoutMs: RUN_TIMEOUT });
+    expectExit(snaps, 'snapshots after expire');
+    assert.deepEqual(jsonLines(snaps.stdout).filter((l) => l['type'] === 'snapshot').map((l) => l['time']), keep);
+    assertSameTree(await restore(older, join(top, 'after-expire')), before, 'a kept snapshot restores as before');
+    expectExit(await runCli(['verify', '--repo', repo, '--read-data'], { env: aliceEnv, timeoutMs: RUN_TIMEOUT }), 'verify --read-data after expire');
+    expectExit(await runCli(['backup', '--repo', repo, src()], { env: aliceEnv, timeoutMs: RUN_TIMEOUT }), 'backup after expire');
+    assert.equal((await sealed()).length, 3);
+  });
 });
