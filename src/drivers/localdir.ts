@@ -76,7 +76,7 @@ export const DIR_MODE = 0o700;
 const FILE_MODE = 0o400;
 const SEALED_DIR_MODE = 0o500;
 const TMP_PREFIX = '.tmp-';
-const ID_BYTES = 32;
+export const ID_BYTES = 32;
 const SNAPSHOT_NAME = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$/;
 const PREFIX_NAME = /^[0-9a-f]{2}$/;
 
@@ -319,7 +319,7 @@ async function writeAll(fh: fsp.FileHandle, buf: Buffer, pos: number): Promise<v
  * from a file (a staged index, the index of current), so that a commit never needs the whole index in
  * memory when it comes from a file.
  */
-interface IndexSource {
+export interface IndexSource {
   /** Total bytes. */
   readonly length: number;
   /**
@@ -334,13 +334,13 @@ interface IndexSource {
  * its own buffer of this size, which lives until V8 collects it: kept small, so that the server's peak
  * RSS does not carry several of them (bench/server-rss.sh).
  */
-const INDEX_CHUNK = 256 * 1024;
+export const INDEX_CHUNK = 256 * 1024;
 
 function bufferSource(buf: Buffer): IndexSource {
   return { length: buf.length, read: async (pos, n) => buf.subarray(pos, pos + n) };
 }
 
-function fileSource(fh: fsp.FileHandle, length: number, label: string): IndexSource {
+export function fileSource(fh: fsp.FileHandle, length: number, label: string): IndexSource {
   return {
     length,
     async read(pos, n, scratch) {
@@ -371,6 +371,28 @@ async function* indexChunks(src: IndexSource): AsyncGenerator<Buffer> {
   for (let pos = 0; pos < src.length; pos += INDEX_CHUNK) yield await src.read(pos, Math.min(INDEX_CHUNK, src.length - pos), scratch);
 }
 
+/**
+ * Reads an index (a whole number of ids) once: the first entry that is not strictly above the one
+ * before it (null when the index is sorted), and whether headId is listed before that entry (never
+ * when headId is null).
+ */
+export async function scanIndex(index: IndexSource, headId: string | null): Promise<{ unsortedAt: number | null; headListed: boolean }> {
+  const headBytes = headId === null ? null : Buffer.from(headId, 'hex');
+  let headListed = false;
+  let prev: Buffer | null = null;
+  let entry = 0;
+  for await (const chunk of indexChunks(index)) {
+    for (let pos = 0; pos < chunk.length; pos += ID_BYTES, entry++) {
+      // compare(target, targetStart, targetEnd, sourceStart, sourceEnd): previous id against this one
+      const order = pos === 0 ? (prev === null ? -1 : prev.compare(chunk, 0, ID_BYTES)) : chunk.compare(chunk, pos, pos + ID_BYTES, pos - ID_BYTES, pos);
+      if (order >= 0) return { unsortedAt: entry, headListed };
+      if (!headListed && headBytes !== null && headBytes.compare(chunk, pos, pos + ID_BYTES) === 0) headListed = true;
+    }
+    prev = Buffer.from(chunk.subarray(chunk.length - ID_BYTES));
+  }
+  return { unsortedAt: null, headListed };
+}
+
 /** Runs fn on the index file at path, read in chunks (an empty index when there is no file). */
 async function withIndexFile<T>(path: string, fn: (index: IndexSource) => Promise<T>): Promise<T> {
   let fh: fsp.FileHandle;
@@ -388,17 +410,28 @@ async function withIndexFile<T>(path: string, fn: (index: IndexSource) => Promis
   }
 }
 
-/** Walks a sorted index prefix by prefix (00..ff), giving the hex ids under each; holds one chunk. */
-class IndexCursor {
+/**
+ * Walks a sorted index prefix by prefix (00..ff), giving the hex ids under each; holds one chunk. It
+ * may start at a byte offset (a whole number of ids) where an earlier cursor stopped, and read into a
+ * scratch buffer of at least INDEX_CHUNK bytes that the caller reuses.
+ */
+export class IndexCursor {
   private chunk: Buffer = Buffer.alloc(0);
   private pos = 0;
-  private next = 0;
+  private next: number;
   private readonly index: IndexSource;
   private readonly scratch: Buffer;
-  constructor(index: IndexSource) {
+  constructor(index: IndexSource, start = 0, scratch: Buffer = scratchFor(index)) {
     this.index = index;
-    this.scratch = scratchFor(index);
+    this.next = start;
+    this.scratch = scratch;
   }
+
+  /** The byte offset of the first id not taken yet. */
+  get offset(): number {
+    return this.next - this.chunk.length + this.pos;
+  }
+
   async take(prefix: number): Promise<Set<string>> {
     const ids = new Set<string>();
     for (;;) {
@@ -416,7 +449,7 @@ class IndexCursor {
   }
 }
 
-function prefixName(p: number): string {
+export function prefixName(p: number): string {
   return p.toString(16).padStart(2, '0');
 }
 
@@ -832,22 +865,11 @@ export abstract class DirStorage extends DirReader implements Storage {
     if (index.length % ID_BYTES !== 0) {
       throw new SnapError('integrity', `Cannot commit to ${this.location}: index of ${index.length} bytes is not a whole number of 32-byte ids`);
     }
-    const headBytes = Buffer.from(headId, 'hex');
-    let listed = false;
-    let prev: Buffer | null = null;
-    let entry = 0;
-    for await (const chunk of indexChunks(index)) {
-      for (let pos = 0; pos < chunk.length; pos += ID_BYTES, entry++) {
-        // compare(target, targetStart, targetEnd, sourceStart, sourceEnd): previous id against this one
-        const order = pos === 0 ? (prev === null ? -1 : prev.compare(chunk, 0, ID_BYTES)) : chunk.compare(chunk, pos, pos + ID_BYTES, pos - ID_BYTES, pos);
-        if (order >= 0) {
-          throw new SnapError('integrity', `Cannot commit to ${this.location}: index is not sorted strictly ascending at entry ${entry}`);
-        }
-        if (!listed && headBytes.compare(chunk, pos, pos + ID_BYTES) === 0) listed = true;
-      }
-      prev = Buffer.from(chunk.subarray(chunk.length - ID_BYTES));
+    const { unsortedAt, headListed } = await scanIndex(index, headId);
+    if (unsortedAt !== null) {
+      throw new SnapError('integrity', `Cannot commit to ${this.location}: index is not sorted strictly ascending at entry ${unsortedAt}`);
     }
-    if (!listed) {
+    if (!headListed) {
       throw new IntegrityError(headId, `Cannot commit to ${this.location}: the head object ${headId} is not listed in the index`);
     }
   }

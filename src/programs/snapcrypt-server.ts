@@ -76,6 +76,52 @@ const commands: Record<string, Command> = {
       return 0;
     },
   },
+  check: {
+    usage: `  check [--user NAME] [--read-data] [--json]
+                                  without a key: every sealed snapshot's index (and current's) is
+                                  well formed and each object it lists is present and non-empty;
+                                  --read-data also reads them (btrfs verifies its checksums); any
+                                  problem makes exit status 6, after all is checked. Override: --etc DIR`,
+    async run(args) {
+      const { values } = parse('check', args, { user: { type: 'string' }, 'read-data': { type: 'boolean' }, json: { type: 'boolean' }, etc: { type: 'string' } });
+      if (values['help']) return printHelp(0);
+      const user = str(values['user']);
+      const json = values['json'] === true;
+      const readData = values['read-data'] === true;
+      const { check, summarize } = await import('../server/check.js');
+      const { configFileOf } = await import('../server/seal-helper.js');
+      const tty = process.stderr.isTTY === true;
+      const problems = await check({
+        configFile: configFileOf(str(values['etc'])),
+        readData,
+        ...(user === undefined ? {} : { user }),
+        ...(tty ? { progress: (name: string, done: number, total: number) => process.stderr.write(`\rchecking ${name}: ${Math.floor((100 * done) / total)}%\x1b[K`) } : {}),
+        report(name, reports) {
+          if (tty) process.stderr.write('\r\x1b[K');
+          const s = summarize(name, reports);
+          if (json) {
+            for (const r of reports) process.stdout.write(`${JSON.stringify({ type: 'snapshot', ...r })}\n`);
+            process.stdout.write(`${JSON.stringify({ type: 'summary', ...s })}\n`);
+            return;
+          }
+          const found = s.missing + s.unreadable + s.badIndexes === 0
+            ? `all present${readData ? ' and readable' : ''}`
+            : `${s.missing} missing, ${s.unreadable} unreadable, ${s.badIndexes} with a bad index or head`;
+          const read = readData ? `; ${s.read} read (${(s.bytesRead / 1048576).toFixed(1)} MiB), ${s.shared} shared with an earlier snapshot` : '';
+          log(`${name}: ${s.snapshots} snapshot${s.snapshots === 1 ? '' : 's'}${s.current ? ' and current' : ''}, ${s.objects} objects listed, ${found}${read}`);
+          for (const r of reports) {
+            const faults = [...(r.missing > 0 ? [`${r.missing} missing`] : []), ...(r.unreadable > 0 ? [`${r.unreadable} unreadable`] : []), ...r.index];
+            const changed = r.changed ? ' (a backup committed during the check: run it again to confirm)' : '';
+            log(`  ${r.name.padEnd(24)}  ${r.objects} objects  ${faults.length > 0 ? faults.join('; ') : 'ok'}${changed}`);
+            for (const p of r.problems) log(`    ${p.problem}  ${p.path}`);
+            const more = r.missing + r.unreadable - r.problems.length;
+            if (more > 0) log(`    and ${more} more`);
+          }
+        },
+      });
+      return problems ? ExitStatus.integrity : 0;
+    },
+  },
   install: {
     usage: `  install --root DIR              (as root) set up this machine as a backup server: the layout in
                                   DIR (on btrfs), group ${DEFAULTS.group}, ${DEFAULTS.etc}/snapcrypt/server.json, the
@@ -233,7 +279,8 @@ ${Object.values(commands)
   .map((c) => c.usage)
   .join('\n')}
 
-Exit status: 0 ok, 2 usage, 3 (status) a user is overdue, 7 not found, 9 I/O error, 10 protocol error.`;
+Exit status: 0 ok, 2 usage, 3 (status) a user is overdue, 6 (check) an object is missing or
+unreadable or an index is malformed, 7 not found, 9 I/O error, 10 protocol error.`;
 
 }
 
