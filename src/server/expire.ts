@@ -14,7 +14,8 @@ import { SnapError } from '../core/errors.js';
 import { isSnapshotName } from '../drivers/localdir.js';
 import { forUser, readServerFiles } from './policy.js';
 import { applyRetention, type Decision } from './retention.js';
-import { SAFE_PATH, USER_NAME } from './seal-helper.js';
+import { SAFE_PATH } from './seal-helper.js';
+import { serverUsers } from './users.js';
 
 const execFileAsync = promisify(execFile);
 
@@ -33,15 +34,7 @@ export async function expire(opts: ExpireOptions): Promise<number> {
   if (!opts.dryRun && process.getuid?.() !== 0) throw new SnapError('usage', 'snapcrypt-server expire deletes snapshots as root: run it as root (or with --dry-run)');
   const { config, policy: policies } = await readServerFiles(opts.configFile, !opts.dryRun);
   const snapshotsRoot = join(config.root, 'snapshots');
-  let users: string[];
-  if (opts.user !== undefined) {
-    if (!USER_NAME.test(opts.user)) throw new SnapError('usage', `Invalid user name ${JSON.stringify(opts.user)}`);
-    users = [opts.user];
-  } else {
-    users = (await fsp.readdir(snapshotsRoot).catch((err: unknown) => {
-      throw new SnapError('io', `Cannot list ${snapshotsRoot}: ${(err as Error).message}`);
-    })).filter((n) => USER_NAME.test(n)).sort();
-  }
+  const users = await serverUsers(config.root, opts.user);
   let count = 0;
   for (const user of users) {
     const dir = join(snapshotsRoot, user);

@@ -20,7 +20,8 @@ import { parseDuration } from '../core/duration.js';
 import { SnapError } from '../core/errors.js';
 import { parseSize } from '../core/size.js';
 import { checkPolicy, type RetentionPolicy } from './retention.js';
-import { readServerConfig, USER_NAME, type ServerConfig } from './seal-helper.js';
+import { USER_NAME, type ServerConfig } from './seal-helper.js';
+import { serverConfig } from './users.js';
 
 /** A user is overdue when their newest snapshot is older than this, unless policy.json says otherwise. */
 export const DEFAULT_OVERDUE_MS = 2 * 86_400_000;
@@ -187,8 +188,5 @@ export async function readServerPolicy(configFile: string): Promise<ServerPolicy
 
 /** server.json (trusted: root-owned, as root code needs) and policy.json, errors as SnapErrors. */
 export async function readServerFiles(configFile: string, trusted: boolean): Promise<{ config: ServerConfig; policy: ServerPolicy }> {
-  const config = await readServerConfig(configFile, trusted).catch((err: unknown) => {
-    throw err instanceof SnapError ? err : new SnapError('not-found', (err as Error).message);
-  });
-  return { config, policy: await readServerPolicy(configFile) };
+  return { config: await serverConfig(configFile, trusted), policy: await readServerPolicy(configFile) };
 }
