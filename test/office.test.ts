@@ -377,6 +377,32 @@ describe('the office: workstations back up over SSH into their accounts on a btr
     await fsp.writeFile(policy, JSON.stringify({ quota: { users: { [alice]: `${used + 80 * MiB}` } } }), { mode: 0o644 });
     expectExit(await runCli(['backup', '--repo', repo, src()], { env: aliceEnv, timeoutMs: RUN_TIMEOUT }), 'backup within the raised quota');
     assert.equal((await sealed()).length, before.length + 1);
+
+    // the documented backstop (SERVER.md): btrfs quota groups with a hard limit on current give EDQUOT, in words
+    const subvolume = join(root, 'users', alice, 'current');
+    execFileSync('btrfs', ['quota', 'enable', root]);
+    execFileSync('btrfs', ['quota', 'rescan', '-w', root], { stdio: 'ignore' });
+    const currentGroup = `0/${execFileSync('btrfs', ['inspect-internal', 'rootid', subvolume], { encoding: 'utf8' }).trim()}`;
+    const show = execFileSync('btrfs', ['qgroup', 'show', '--raw', '--sync', root], { encoding: 'utf8' });
+    const referenced = Number(new RegExp(`^${currentGroup}\\s+(\\d+)`, 'm').exec(show)![1]);
+    execFileSync('btrfs', ['qgroup', 'limit', String(referenced + 8 * MiB), subvolume]);
+    await randomFiles(join(src(), 'over-qgroup'), 5, 4 * MiB);
+    const hard = await runCli(['backup', '--repo', repo, src()], { env: aliceEnv, timeoutMs: RUN_TIMEOUT });
+    execFileSync('btrfs', ['qgroup', 'limit', 'none', subvolume]);
+    execFileSync('btrfs', ['quota', 'disable', root]);
+    await fsp.rm(join(src(), 'over-qgroup'), { recursive: true });
+    assert.equal(hard.code, 9, hard.stderr);
+    assert.match(hard.stderr, /the disk quota is used up \(EDQUOT\); nothing was committed/);
+    console.log(`# qgroup limit: "${hard.stderr.trim()}"`);
+    assert.equal((await sealed()).length, before.length + 1, 'no snapshot');
+
+    // bytes only the snapshots hold: the 40 MiB removed from the files are then only in the last snapshot
+    const held = (await statusOf())['historyBytes'] as number;
+    await fsp.rm(join(src(), 'quota'), { recursive: true });
+    expectExit(await runCli(['backup', '--repo', repo, src()], { env: aliceEnv, timeoutMs: RUN_TIMEOUT }), 'backup without the 40 MiB');
+    const grown = ((await statusOf())['historyBytes'] as number) - held;
+    console.log(`# only in snapshots: ${held} bytes, then ${held + grown}`);
+    assert.ok(grown >= 40 * MiB && grown < 44 * MiB, `the snapshots alone hold ${grown} more bytes, not about 40 MiB`);
     const after = await statusOf();
     assert.equal(after['quotaBytes'], used + 80 * MiB);
     const area = join(root, 'users', alice, 'current', 'repo');
@@ -396,6 +422,11 @@ describe('the office: workstations back up over SSH into their accounts on a btr
       return treeSnapshot(join(target, src()));
     };
     const before = await restore(older, join(top, 'before-expire'));
+    const heldOnly = async () => {
+      const r = await server('status', '--etc', etc, '--json', '--user', alice);
+      return jsonLines(r.stdout)[0]!['historyBytes'] as number;
+    };
+    const held = await heldOnly();
     await fsp.writeFile(join(etc, 'snapcrypt', 'policy.json'), JSON.stringify({ retention: { users: { [alice]: { last: 2 } } } }), { mode: 0o644 });
     try {
       const r = await server('expire', '--etc', etc, '--json');
@@ -406,6 +437,9 @@ describe('the office: workstations back up over SSH into their accounts on a btr
       await fsp.rm(join(etc, 'snapcrypt', 'policy.json'));
     }
     assert.deepEqual(await sealed(), keep, 'only the two newest are left');
+    const heldAfter = await heldOnly();
+    console.log(`# only in snapshots before expire: ${held} bytes, after: ${heldAfter}`);
+    assert.ok(heldAfter < held / 2, `expire gave back what only the deleted snapshots held (${held} → ${heldAfter})`);
     const snaps = await runCli(['snapshots', '--repo', repo, '--json'], { env: aliceEnv, timeoutMs: RUN_TIMEOUT });
     expectExit(snaps, 'snapshots after expire');
     assert.deepEqual(jsonLines(snaps.stdout).filter((l) => l['type'] === 'snapshot').map((l) => l['time']), keep);

@@ -78,6 +78,16 @@ export function isSnapError(err: unknown, code?: ErrorCode): err is SnapError {
   return err instanceof SnapError && (code === undefined || err.code === code);
 }
 
+/** Linux's EDQUOT, which Node's libuv reports as code "UNKNOWN" (a btrfs qgroup limit, a disk quota). */
+const EDQUOT_ERRNO = -122;
+
+/** The errno name of a system error ("ENOSPC"), with EDQUOT recognised where Node says "UNKNOWN". */
+export function errnoCode(err: unknown): string | undefined {
+  const e = err as { code?: unknown; errno?: unknown } | null;
+  if (e?.code === 'UNKNOWN' && e.errno === EDQUOT_ERRNO) return 'EDQUOT';
+  return typeof e?.code === 'string' ? e.code : undefined;
+}
+
 /**
  * An I/O failure as a SnapError ('io'), with "what" naming the operation and its target. A full disk
  * or an exhausted quota says so in words, and what to do: nothing half-written is ever committed, so
@@ -85,7 +95,7 @@ export function isSnapError(err: unknown, code?: ErrorCode): err is SnapError {
  */
 export function ioFailure(what: string, err: unknown): SnapError {
   if (err instanceof SnapError) return err;
-  const errno = (err as { code?: unknown } | null)?.code;
+  const errno = errnoCode(err);
   if (errno === 'ENOSPC' || errno === 'EDQUOT') {
     const why = errno === 'ENOSPC' ? 'no space left on the disk' : 'the disk quota is used up';
     return new SnapError('io', `${what}: ${why} (${errno}); nothing was committed, earlier snapshots are intact`, {

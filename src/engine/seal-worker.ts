@@ -5,6 +5,7 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import { deriveKeys, type ObjectTypeCode } from '../core/crypto.js';
 import { compressAndSeal, type SealDone, type SealJob, type SealWorkerData } from './seal.js';
+import { errnoCode } from '../core/errors.js';
 
 const data = workerData as SealWorkerData;
 const keys = deriveKeys(Buffer.from(data.master));
@@ -39,7 +40,7 @@ port.on('message', async (jobs: SealJob[]) => {
         if (sealed.byteOffset === 0 && sealed.byteLength === sealed.buffer.byteLength) transfer.push(sealed.buffer as ArrayBuffer);
       }
     } catch (err) {
-      const errno = (err as { code?: unknown }).code;
+      const errno = errnoCode(err);
       replies.push({ seq: job.seq, error: err instanceof Error ? err.message : String(err), ...(typeof errno === 'string' ? { errno } : {}) });
     }
   }

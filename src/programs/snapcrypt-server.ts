@@ -175,8 +175,9 @@ const commands: Record<string, Command> = {
   },
   status: {
     usage: `  status [--user NAME] [--json]   per user: last backup (server time), its age, snapshots, bytes
-                                  in current and the quota; overdue users (threshold: policy.json
-                                  "overdue", default 2d) in red, and exit status 3. Override: --etc DIR`,
+                                  only in snapshots, bytes in current and the quota; overdue users
+                                  (threshold: policy.json "overdue", default 2d) in red, and exit
+                                  status 3. Override: --etc DIR`,
     async run(args) {
       const { values } = parse('status', args, { user: { type: 'string' }, json: { type: 'boolean' }, etc: { type: 'string' } });
       if (values['help']) return printHelp(0);
@@ -186,16 +187,17 @@ const commands: Record<string, Command> = {
       const { formatDuration } = await import('../core/duration.js');
       const { formatBytes } = await import('../core/size.js');
       const { configFileOf } = await import('../server/seal-helper.js');
-      const rows = await status({ configFile: configFileOf(etc), ...(user === undefined ? {} : { user }) });
+      const rows = await status({ configFile: configFileOf(etc), history: true, ...(user === undefined ? {} : { user }) });
       if (values['json']) {
         for (const r of rows) process.stdout.write(`${JSON.stringify({ type: 'user', ...r })}\n`);
       } else {
         const age = (ms: number | null) => (ms === null ? 'never' : formatDuration(Math.max(0, ms - (ms % 60_000))).replace(/^((?:\d+[a-z]){1,2}).*$/, '$1'));
-        const table = [['user', 'last backup (server time)', 'age', 'snapshots', 'current (of quota)', ''], ...rows.map((r) => [
+        const table = [['user', 'last backup (server time)', 'age', 'snapshots', 'only in snapshots', 'current (of quota)', ''], ...rows.map((r) => [
           r.user,
           r.last ?? '-',
           age(r.ageMs),
           String(r.snapshots),
+          r.historyBytes === null ? '-' : formatBytes(r.historyBytes),
           r.quotaBytes === null ? formatBytes(r.currentBytes) : `${formatBytes(r.currentBytes)} of ${formatBytes(r.quotaBytes)} (${Math.round((100 * r.currentBytes) / r.quotaBytes)}%)`,
           r.overdue ? `OVERDUE (no backup for more than ${formatDuration(r.overdueAfterMs)})` : '',
         ])];

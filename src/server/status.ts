@@ -10,6 +10,7 @@ import { SnapError } from '../core/errors.js';
 import { isSnapshotName, objectBytesOf, readUsageLedger } from '../drivers/localdir.js';
 import { userAreaPaths } from './area.js';
 import { forUser, readServerFiles } from './policy.js';
+import { historyOnly } from './history.js';
 import { USER_NAME } from './seal-helper.js';
 
 export interface UserStatus {
@@ -23,13 +24,18 @@ export interface UserStatus {
   readonly currentBytes: number;
   /** The user's quota on currentBytes (policy.json "quota"), or null. */
   readonly quotaBytes: number | null;
+  /**
+   * Bytes of the objects only the user's snapshots hold, not current (history.ts): about what deleting
+   * every snapshot would give back. Null unless asked for (it reads every snapshot's index).
+   */
+  readonly historyBytes: number | null;
   readonly overdueAfterMs: number;
   /** No snapshot, or the newest is older than overdueAfterMs. */
   readonly overdue: boolean;
 }
 
 /** The status of every user that has an area or snapshots (or of one), sorted by name. */
-export async function status(opts: { configFile: string; user?: string; now?: number }): Promise<UserStatus[]> {
+export async function status(opts: { configFile: string; user?: string; now?: number; history?: boolean }): Promise<UserStatus[]> {
   const { config, policy } = await readServerFiles(opts.configFile, false);
   const now = opts.now ?? Date.now();
   let users: string[];
@@ -62,6 +68,7 @@ export async function status(opts: { configFile: string; user?: string; now?: nu
       snapshots: names?.length ?? 0,
       currentBytes: (await readUsageLedger(area.lockDir, area.current)) ?? (await objectBytesOf(area.current).catch(() => 0)),
       quotaBytes: forUser(policy.quota, user),
+      historyBytes: opts.history === true && names !== null ? (await historyOnly(names.map((n) => join(snapDir, n, 'repo')), area.current)).bytes : null,
       overdueAfterMs,
       overdue: ageMs === null || ageMs > overdueAfterMs,
     });
