@@ -2,7 +2,8 @@
  * `snapcrypt-server expire` on real btrfs: read-only snapshots named by (synthetic) server times, a
  * policy.json with a default and per-user policies; --dry-run deletes nothing; a real run deletes
  * exactly what the policy does not keep, as root, leaves the kept snapshots intact, and gives the space
- * back; and `status` on the same snapshots. Needs root and btrfs: in CI it never skips.
+ * back, and rewrites the metrics files; and `status` on the same snapshots. Needs root and btrfs: in
+ * CI it never skips.
  */
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
@@ -10,8 +11,9 @@ import { randomBytes } from 'node:crypto';
 import * as fsp from 'node:fs/promises';
 import { join } from 'node:path';
 import { before, describe, it } from 'node:test';
-import { btrfsTempDir, btrfsTestDir } from './env.js';
-import { server } from './server-fixture.js';
+import { btrfsTestDir } from './env.js';
+import { readMetrics } from './metrics-format.js';
+import { handWrittenServer, server } from './server-fixture.js';
 
 const CI = process.env['CI'] === 'true';
 const isRoot = process.getuid?.() === 0;
@@ -25,6 +27,7 @@ describe('snapcrypt-server expire and status on btrfs', { skip }, () => {
   let top = '';
   let etc = '';
   let root = '';
+  let metrics = '';
   /** The content each snapshot was taken with, by user and name. */
   const content = new Map<string, Buffer>();
   const names: Record<string, string[]> = {};
@@ -59,17 +62,7 @@ describe('snapcrypt-server expire and status on btrfs', { skip }, () => {
   };
 
   before(async () => {
-    const dir = await btrfsTempDir('expire');
-    assert.ok(dir);
-    top = dir;
-    etc = join(top, 'etc');
-    root = join(top, 'srv');
-    await fsp.mkdir(join(etc, 'snapcrypt'), { recursive: true, mode: 0o755 });
-    await fsp.writeFile(
-      join(etc, 'snapcrypt', 'server.json'),
-      JSON.stringify({ version: 1, root, group: 'snapcrypt', seal: '/usr/local/lib/snapcrypt/seal', serve: 'snapcrypt-server serve', homeBase: join(top, 'home') }),
-      { mode: 0o644 },
-    );
+    ({ top, etc, root, metrics } = await handWrittenServer('expire'));
     for (const user of ['alice', 'bob', 'carol', 'dave']) await snapshots(user);
     await fsp.writeFile(
       join(etc, 'snapcrypt', 'policy.json'),
@@ -132,11 +125,14 @@ describe('snapcrypt-server expire and status on btrfs', { skip }, () => {
     assert.equal(human.code, 0, human.stderr);
     assert.match(human.stdout, /^bob: 2 kept, 8 to delete \(dry run\)$/m);
     assert.match(human.stdout, new RegExp(`^  would delete  ${names['bob']![0]!.replace(/\./g, '\\.')}$`, 'm'));
+    assert.deepEqual(await fsp.readdir(metrics), [], 'a dry run writes no metrics');
   });
 
   it('deletes what the policies do not keep, keeps the newest always, and gives the space back', async () => {
     const before = await free();
+    const t0 = Date.now();
     const r = await server('expire', '--etc', etc);
+    const t1 = Date.now();
     assert.equal(r.code, 0, r.stderr);
     assert.match(r.stdout, /^alice: 3 kept, 7 deleted$/m);
     assert.deepEqual(await listed('alice'), names['alice']!.slice(7));
@@ -157,10 +153,30 @@ describe('snapcrypt-server expire and status on btrfs', { skip }, () => {
       gained = (await free()) - before;
     }
     assert.ok(gained >= 0.8 * 24 * 4 * MiB, `space given back: ${(gained / MiB).toFixed(1)} MiB for 24 snapshots of 4 MiB each`);
+    // the metrics files: every user's after the deletions, and the run's
+    assert.deepEqual((await fsp.readdir(metrics)).sort(), ['snapcrypt_expire.prom', ...['alice', 'bob', 'carol', 'dave'].map((u) => `snapcrypt_user_${u}.prom`)]);
+    const expected = { alice: [3, 0, null, 1], bob: [2, 12345, 1024 ** 3, 1], carol: [1, 4321, null, 1], dave: [10, 0, null, 0] } as const;
+    for (const [user, [snapshots, bytes, quota, overdue]] of Object.entries(expected)) {
+      const m = await readMetrics(join(metrics, `snapcrypt_user_${user}.prom`));
+      const l = `{user="${user}"}`;
+      assert.deepEqual(m, {
+        [`snapcrypt_current_bytes${l}`]: bytes,
+        [`snapcrypt_last_backup_timestamp_seconds${l}`]: Date.parse(names[user]![9]!) / 1000,
+        [`snapcrypt_overdue${l}`]: overdue,
+        [`snapcrypt_overdue_threshold_seconds${l}`]: (user === 'dave' ? 1000 : 2) * 86_400,
+        ...(quota === null ? {} : { [`snapcrypt_quota_bytes${l}`]: quota }),
+        [`snapcrypt_snapshots${l}`]: snapshots,
+      }, user);
+    }
+    const run = await readMetrics(join(metrics, 'snapcrypt_expire.prom'));
+    assert.equal(run['snapcrypt_expire_deleted_snapshots'], 24);
+    const at = run['snapcrypt_expire_last_run_timestamp_seconds']! * 1000;
+    assert.ok(at >= t0 && at <= t1, `last run ${at} within ${t0}..${t1}`);
     // a second run finds nothing to do
     const again = await server('expire', '--etc', etc, '--json');
     assert.equal(again.code, 0, again.stderr);
     assert.deepEqual(JSON.parse(again.stdout.trim().split('\n').at(-1)!), { type: 'summary', dryRun: false, deleted: 0 });
+    assert.equal((await readMetrics(join(metrics, 'snapcrypt_expire.prom')))['snapcrypt_expire_deleted_snapshots'], 0);
   });
 
   it('a bad policy file or user is refused with one line and changes nothing', async () => {

@@ -56,6 +56,12 @@ describe('layers', () => {
     assert.deepEqual(bad, []);
   });
 
+  it('the root seal helper imports nothing but Node\'s built-ins (install copies that one module)', () => {
+    const specs = specifiers(readFileSync(join(SRC, 'server', 'seal-helper.js'), 'utf8'));
+    assert.ok(specs.length > 0);
+    assert.deepEqual(specs.filter((spec) => !spec.startsWith('node:')), []);
+  });
+
   it('the pure core imports no fs, child_process or net', () => {
     const core = join(SRC, 'core');
     const bad: string[] = [];

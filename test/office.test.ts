@@ -3,7 +3,7 @@
  * own (small, so that it can be filled): `snapcrypt-server install` and `adduser`, a real sshd with the
  * drop-in that install writes, and workstations (this process, with their own config and cache
  * directories) that run `snapcrypt setup`, then init, backup, snapshots, restore and verify over
- * ssh://, sealed by the real sudo rule and root helper. Then the failures: the connection cut in the
+ * ssh://, sealed by the real sudo rule and root helper, which writes the user's metrics file. Then the failures: the connection cut in the
  * middle of an upload (client side and server side), two clients at once, a killed client's lock, the
  * recovery drill on a new machine, and a full disk. Needs root, btrfs and sshd: in CI it never skips.
  *
@@ -18,6 +18,7 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { assertSameTree, expectExit, jsonLines, runCli, startCli as startCliProcess, treeSnapshot } from './cli-helpers.js';
 import { btrfsTempDir, btrfsTestDir } from './env.js';
+import { readMetrics } from './metrics-format.js';
 import { type LayoutSshd, removeAccounts, run, server, startLayoutSshd } from './server-fixture.js';
 import { sshdAvailable } from './sshd.js';
 import { isSnapshotName, objectBytesOf, readUsageLedger } from '../src/drivers/localdir.js';
@@ -82,6 +83,20 @@ describe('the office: workstations back up over SSH into their accounts on a btr
   const objectsDir = () => join(root, 'users', alice, 'current', 'repo', 'objects');
   const snapshotsDir = () => join(root, 'snapshots', alice);
   const lockFile = () => join(root, 'users', alice, 'run', 'lock');
+  const metricsDir = () => join(top, 'metrics');
+  /** Alice's metrics file, parsed; and what it should say of her snapshots and her usage ledger. */
+  const aliceMetrics = () => readMetrics(join(metricsDir(), `snapcrypt_user_${alice}.prom`));
+  async function expectedMetrics(): Promise<Record<string, number>> {
+    const names = await sealed();
+    const bytes = await readUsageLedger(join(root, 'users', alice, 'run'), join(root, 'users', alice, 'current', 'repo'));
+    assert.ok(bytes !== null && bytes > 0, 'a usage ledger for the head just sealed');
+    const l = `{user="${alice}"}`;
+    return {
+      [`snapcrypt_current_bytes${l}`]: bytes,
+      [`snapcrypt_last_backup_timestamp_seconds${l}`]: Date.parse(names.at(-1)!) / 1000,
+      [`snapcrypt_snapshots${l}`]: names.length,
+    };
+  }
 
   /** Object files in alice's current (temp files excluded). */
   async function objectCount(): Promise<number> {
@@ -139,7 +154,7 @@ describe('the office: workstations back up over SSH into their accounts on a btr
     etc = join(top, 'etc');
     sshdDir = join(top, 'sshd');
     const inst = await server('install', '--root', root, '--etc', etc, '--lib-dir', join(top, 'lib'), '--sshd-config-dir', sshdDir,
-      '--home-base', join(top, 'home'), '--group', group, '--sudoers-name', `snapcrypt-office-${tag}`, '--scheduler', 'none');
+      '--home-base', join(top, 'home'), '--group', group, '--sudoers-name', `snapcrypt-office-${tag}`, '--metrics-dir', join(top, 'metrics'), '--scheduler', 'none');
     assert.equal(inst.code, 0, inst.stderr);
     const live = join(top, 'sshd-live');
     await fsp.mkdir(live);
@@ -195,6 +210,10 @@ describe('the office: workstations back up over SSH into their accounts on a btr
       assert.match((await run('btrfs', ['property', 'get', '-ts', join(snapshotsDir(), name), 'ro'])).stdout, /ro=true/);
     }
     assert.ok(Math.abs(Date.parse(names[1]!) - t0) < 60_000, `${names[1]} is the server's time of the second backup`);
+    // the seal helper wrote alice's metrics file: root's, 0644, from her snapshots and usage ledger
+    assert.deepEqual(await aliceMetrics(), await expectedMetrics());
+    const mst = await fsp.stat(join(metricsDir(), `snapcrypt_user_${alice}.prom`));
+    assert.deepEqual([mst.uid, mst.mode & 0o777], [0, 0o644]);
 
     const snaps = await runCli(['snapshots', '--repo', repo, '--json'], { env: aliceEnv, timeoutMs: RUN_TIMEOUT });
     expectExit(snaps, 'snapshots');
@@ -375,8 +394,17 @@ describe('the office: workstations back up over SSH into their accounts on a btr
       assert.deepEqual(await sealed(), before, 'no snapshot from a refused run');
     }
     await fsp.writeFile(policy, JSON.stringify({ quota: { users: { [alice]: `${used + 80 * MiB}` } } }), { mode: 0o644 });
+    // alert writes the gauges of policy.json too; the seal helper keeps them, and alice is not overdue
+    const alerted = await server('alert', '--etc', etc);
+    assert.equal(alerted.code, 0, alerted.stderr);
     expectExit(await runCli(['backup', '--repo', repo, src()], { env: aliceEnv, timeoutMs: RUN_TIMEOUT }), 'backup within the raised quota');
     assert.equal((await sealed()).length, before.length + 1);
+    assert.deepEqual(await aliceMetrics(), {
+      ...(await expectedMetrics()),
+      [`snapcrypt_overdue{user="${alice}"}`]: 0,
+      [`snapcrypt_overdue_threshold_seconds{user="${alice}"}`]: 2 * 86_400,
+      [`snapcrypt_quota_bytes{user="${alice}"}`]: used + 80 * MiB,
+    });
 
     // the documented backstop (SERVER.md): btrfs quota groups with a hard limit on current give EDQUOT, in words
     const subvolume = join(root, 'users', alice, 'current');

@@ -82,10 +82,10 @@ describe('snapcrypt-server install, adduser and the sealed user area', { skip },
 
   const installArgs = () => [
     'install', '--root', root, '--etc', etc, '--lib-dir', lib, '--sshd-config-dir', sshd, '--home-base', homeBase,
-    '--group', group, '--sudoers-name', sudoersName, '--scheduler', 'systemd', '--systemd-dir', join(top, 'systemd'),
+    '--group', group, '--sudoers-name', sudoersName, '--metrics-dir', join(top, 'metrics', 'textfile'), '--scheduler', 'systemd', '--systemd-dir', join(top, 'systemd'),
   ];
 
-  it('install sets up the layout, configuration, seal wrapper, sudoers rule, sshd drop-in and the expire and scrub timers', async () => {
+  it('install sets up the layout, configuration, seal wrapper, sudoers rule, sshd drop-in and the expire, alert and scrub timers', async () => {
     const r = await server(...installArgs());
     assert.equal(r.code, 0, r.stderr);
     assert.match(r.stdout, /wrote .*server\.json/);
@@ -94,7 +94,8 @@ describe('snapcrypt-server install, adduser and the sealed user area', { skip },
     assert.equal(config['group'], group);
     assert.equal(config['seal'], seal);
     assert.match(String(config['serve']), new RegExp(` serve --config ${configFile}$`), 'a non-default configuration is named in the forced command');
-    for (const [p, mode] of [[root, 0o755], [join(root, 'users'), 0o711], [join(root, 'snapshots'), 0o711], [seal, 0o755]] as const) {
+    assert.equal(config['metricsDir'], join(top, 'metrics', 'textfile'));
+    for (const [p, mode] of [[root, 0o755], [join(root, 'users'), 0o711], [join(root, 'snapshots'), 0o711], [seal, 0o755], [join(top, 'metrics', 'textfile'), 0o755]] as const) {
       const st = await fsp.stat(p);
       assert.equal(st.uid, 0, p);
       assert.equal(st.mode & 0o7777, mode, p);
@@ -106,25 +107,36 @@ describe('snapcrypt-server install, adduser and the sealed user area', { skip },
       assert.ok(drop.includes(line), line);
     }
     assert.equal((await run('getent', ['group', group])).code, 0);
-    // daily expiry and a monthly scrub, as systemd timers whose services run what they name
+    // daily expiry, hourly alerts and a monthly scrub, as systemd timers whose services run what they name
     const units = join(top, 'systemd');
     const expireService = await fsp.readFile(join(units, 'snapcrypt-expire.service'), 'utf8');
     const execStart = /^ExecStart=(.+)$/m.exec(expireService)?.[1] ?? '';
     assert.match(execStart, new RegExp(` expire --etc ${etc}$`));
     assert.match(await fsp.readFile(join(units, 'snapcrypt-expire.timer'), 'utf8'), /^OnCalendar=daily$/m);
+    const alertStart = /^ExecStart=(.+)$/m.exec(await fsp.readFile(join(units, 'snapcrypt-alert.service'), 'utf8'))?.[1] ?? '';
+    assert.equal(alertStart, execStart.replace(/ expire --etc /, ' alert --etc '));
+    assert.match(await fsp.readFile(join(units, 'snapcrypt-alert.timer'), 'utf8'), /^OnCalendar=hourly$/m);
     assert.match(await fsp.readFile(join(units, 'snapcrypt-scrub.service'), 'utf8'), new RegExp(`^ExecStart=/usr/bin/btrfs scrub start -B ${root}$`, 'm'));
     assert.match(await fsp.readFile(join(units, 'snapcrypt-scrub.timer'), 'utf8'), /^OnCalendar=monthly$/m);
-    assert.match(r.stdout, /enable them with: systemctl daemon-reload && systemctl enable --now snapcrypt-expire\.timer snapcrypt-scrub\.timer/);
-    const [cmd, ...cmdArgs] = execStart.split(' ');
-    const expireRun = await run(cmd!, cmdArgs);
-    assert.equal(expireRun.code, 0, expireRun.stderr);
-    // where there is no systemd: a cron.d file with the same two jobs
+    assert.match(r.stdout, /enable them with: systemctl daemon-reload && systemctl enable --now snapcrypt-expire\.timer snapcrypt-alert\.timer snapcrypt-scrub\.timer/);
+    for (const command of [execStart, alertStart]) {
+      const [cmd, ...cmdArgs] = command.split(' ');
+      const scheduled = await run(cmd!, cmdArgs);
+      assert.equal(scheduled.code, 0, `${command}: ${scheduled.stderr}`);
+    }
+    // where there is no systemd: a cron.d file with the same three jobs
     const cron = join(top, 'cron.d');
     const withCron = await server(...installArgs().slice(0, -4), '--scheduler', 'cron', '--cron-dir', cron);
     assert.equal(withCron.code, 0, withCron.stderr);
     const cronFile = await fsp.readFile(join(cron, 'snapcrypt'), 'utf8');
-    assert.ok(cronFile.includes(`root ${execStart} >/dev/null\n`), cronFile);
-    assert.ok(cronFile.includes(`root /usr/bin/btrfs scrub start -B ${root} >/dev/null\n`), cronFile);
+    assert.ok(cronFile.includes(`\n17 3 * * * root ${execStart} >/dev/null\n`), cronFile);
+    assert.ok(cronFile.includes(`\n7 * * * * root ${alertStart} >/dev/null\n`), cronFile);
+    assert.ok(cronFile.includes(`\n47 4 1 * * root /usr/bin/btrfs scrub start -B ${root} >/dev/null\n`), cronFile);
+    // --metrics-dir none: no metrics
+    const none = await server(...installArgs().slice(0, -4), '--metrics-dir', 'none', '--scheduler', 'none');
+    assert.equal(none.code, 0, none.stderr);
+    assert.equal((JSON.parse(await fsp.readFile(configFile, 'utf8')) as Record<string, unknown>)['metricsDir'], undefined);
+    assert.equal((await server(...installArgs())).code, 0);
     // idempotent: a second run changes nothing
     const again = await server(...installArgs());
     assert.equal(again.code, 0, again.stderr);

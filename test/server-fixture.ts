@@ -9,6 +9,7 @@ import * as fsp from 'node:fs/promises';
 import { chmodSync, copyFileSync, mkdtempSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { btrfsTempDir } from './env.js';
 import { freePort } from './sshd.js';
 
 export const SERVER_PROGRAM = fileURLToPath(new URL('../src/programs/snapcrypt-server.js', import.meta.url));
@@ -55,6 +56,27 @@ export function rootOwnedNode(): string {
 /** snapcrypt-server ARGS, as root with the root-owned node (else with this node). */
 export function server(...args: string[]): Promise<Result> {
   return run(process.getuid?.() === 0 ? rootOwnedNode() : process.execPath, [SERVER_PROGRAM, ...args]);
+}
+
+/**
+ * A server layout without install, for commands that only read it (status, expire, alert): a fresh
+ * directory on the btrfs test mount (root-owned all the way up, as root code wants its configuration)
+ * with etc/snapcrypt/server.json naming the root srv/ and the metrics directory metrics/ (made empty).
+ */
+export async function handWrittenServer(prefix: string): Promise<{ top: string; etc: string; root: string; metrics: string }> {
+  const top = await btrfsTempDir(prefix);
+  if (top === null) throw new Error('handWrittenServer needs SNAPCRYPT_TEST_BTRFS');
+  const etc = join(top, 'etc');
+  const root = join(top, 'srv');
+  const metrics = join(top, 'metrics');
+  await fsp.mkdir(join(etc, 'snapcrypt'), { recursive: true, mode: 0o755 });
+  await fsp.mkdir(metrics);
+  await fsp.writeFile(
+    join(etc, 'snapcrypt', 'server.json'),
+    JSON.stringify({ version: 1, root, group: 'snapcrypt', seal: '/usr/local/lib/snapcrypt/seal', serve: 'snapcrypt-server serve', homeBase: join(top, 'home'), metricsDir: metrics }),
+    { mode: 0o644 },
+  );
+  return { top, etc, root, metrics };
 }
 
 export interface LayoutSshd {

@@ -32,3 +32,16 @@ export function formatDuration(ms: number): string {
   }
   return out === '' ? '0s' : out;
 }
+
+/** A duration in its largest whole unit and the next one, for people: 273900000 → "3d4h", 259500000 → "3d", 330000 → "5m30s". */
+export function formatDurationShort(ms: number): string {
+  const units = UNITS.filter(([unit]) => unit !== 'w');
+  const rest = Math.max(0, Math.floor(ms));
+  const i = units.findIndex(([, size]) => rest >= size);
+  if (i < 0) return '0s';
+  const [unit, size] = units[i]!;
+  const n = Math.floor(rest / size);
+  const next = units[i + 1];
+  const m = next === undefined ? 0 : Math.floor((rest - n * size) / next[1]);
+  return m > 0 ? `${n}${unit}${m}${next![0]}` : `${n}${unit}`;
+}

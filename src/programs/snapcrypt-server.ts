@@ -128,9 +128,12 @@ const commands: Record<string, Command> = {
                                   seal helper, a sudoers rule and an sshd drop-in (see docs/SERVER.md);
                                   safe to run again. Overrides: --etc DIR --sudoers-dir DIR
                                   --sudoers-name NAME --sshd-config-dir DIR --lib-dir DIR --group NAME
-                                  --home-base DIR --serve-command CMD; scheduling of the daily
-                                  expire and the monthly btrfs scrub: --scheduler systemd|cron|none
-                                  (default: systemd if it runs, else cron) --systemd-dir DIR --cron-dir DIR`,
+                                  --home-base DIR --serve-command CMD; metrics for node_exporter's
+                                  textfile collector: --metrics-dir DIR|none (default
+                                  ${DEFAULTS.metricsDir}); scheduling of the daily
+                                  expire, the hourly alert and the monthly btrfs scrub: --scheduler
+                                  systemd|cron|none (default: systemd if it runs, else cron)
+                                  --systemd-dir DIR --cron-dir DIR`,
     async run(args) {
       const { values } = parse('install', args, {
         root: { type: 'string' },
@@ -145,6 +148,7 @@ const commands: Record<string, Command> = {
         scheduler: { type: 'string' },
         'systemd-dir': { type: 'string' },
         'cron-dir': { type: 'string' },
+        'metrics-dir': { type: 'string' },
       });
       const scheduler = str(values['scheduler']);
       if (scheduler !== undefined && scheduler !== 'systemd' && scheduler !== 'cron' && scheduler !== 'none') {
@@ -153,6 +157,7 @@ const commands: Record<string, Command> = {
       if (values['help']) return printHelp(0);
       const root = str(values['root']);
       if (!root) throw new SnapError('usage', 'install: --root DIR is required');
+      const metricsDir = str(values['metrics-dir']);
       const opt = <K extends string>(k: K, v: string | boolean | undefined) => (typeof v === 'string' ? { [k]: v } : {}) as Partial<Record<K, string>>;
       const { install } = await import('../server/admin.js');
       await install({
@@ -169,6 +174,7 @@ const commands: Record<string, Command> = {
         ...opt('systemdDir', values['systemd-dir']),
         ...opt('cronDir', values['cron-dir']),
         ...(scheduler === undefined ? {} : { scheduler: scheduler as 'systemd' | 'cron' | 'none' }),
+        ...(metricsDir === undefined ? {} : { metricsDir: metricsDir === 'none' ? null : metricsDir }),
       });
       return 0;
     },
@@ -184,14 +190,14 @@ const commands: Record<string, Command> = {
       const etc = str(values['etc']);
       const user = str(values['user']);
       const { status } = await import('../server/status.js');
-      const { formatDuration } = await import('../core/duration.js');
+      const { formatDuration, formatDurationShort } = await import('../core/duration.js');
       const { formatBytes } = await import('../core/size.js');
       const { configFileOf } = await import('../server/seal-helper.js');
       const rows = await status({ configFile: configFileOf(etc), history: true, ...(user === undefined ? {} : { user }) });
       if (values['json']) {
         for (const r of rows) process.stdout.write(`${JSON.stringify({ type: 'user', ...r })}\n`);
       } else {
-        const age = (ms: number | null) => (ms === null ? 'never' : formatDuration(Math.max(0, ms - (ms % 60_000))).replace(/^((?:\d+[a-z]){1,2}).*$/, '$1'));
+        const age = (ms: number | null) => (ms === null ? 'never' : formatDurationShort(Math.max(0, ms - (ms % 60_000))));
         const table = [['user', 'last backup (server time)', 'age', 'snapshots', 'only in snapshots', 'current (of quota)', ''], ...rows.map((r) => [
           r.user,
           r.last ?? '-',
@@ -215,7 +221,8 @@ const commands: Record<string, Command> = {
     usage: `  expire [--dry-run] [--user NAME] [--json]
                                   (as root) apply the retention policies of policy.json (beside
                                   server.json, see docs/SERVER.md) to the sealed snapshots: show what
-                                  is kept and why, delete the rest; the newest is always kept.
+                                  is kept and why, delete the rest; the newest is always kept; then
+                                  rewrite the metrics files (server.json "metricsDir").
                                   Override: --etc DIR`,
     async run(args) {
       const { values } = parse('expire', args, {
@@ -252,6 +259,42 @@ const commands: Record<string, Command> = {
       return 0;
     },
   },
+  alert: {
+    usage: `  alert [--dry-run] [--json]      (as root) once per change, run policy.json's alert.command with a
+                                  mail on its stdin when a user becomes overdue or is back (state in
+                                  ROOT/state/alerts.json; a failed command is retried next run, exit
+                                  9), then rewrite the metrics files. Override: --etc DIR`,
+    async run(args) {
+      const { values } = parse('alert', args, { 'dry-run': { type: 'boolean' }, json: { type: 'boolean' }, etc: { type: 'string' } });
+      if (values['help']) return printHelp(0);
+      const { configFileOf } = await import('../server/seal-helper.js');
+      const { alert } = await import('../server/alert.js');
+      const dryRun = values['dry-run'] === true;
+      const json = values['json'] === true;
+      const failed = await alert({
+        configFile: configFileOf(str(values['etc'])),
+        dryRun,
+        report(o) {
+          if (json) {
+            process.stdout.write(`${JSON.stringify({ type: 'user', ...o })}\n`);
+            return;
+          }
+          const what = {
+            unchanged: o.state === 'overdue' ? 'notified before' : 'unchanged',
+            recorded: dryRun ? 'first seen, would be recorded' : 'first seen, recorded',
+            notified: `notified: ${o.subject}`,
+            unsent: `recorded; no alert.command in policy.json, so not sent: ${o.subject}`,
+            'would-notify': `would send: ${o.subject}`,
+            failed: `the alert command failed: ${o.error}; not recorded, the next run tries again`,
+          }[o.action];
+          if (o.action === 'failed') process.stderr.write(`snapcrypt-server: ${o.user}: ${o.state}, ${what}\n`);
+          else log(`${o.user}: ${o.state}, ${what}`);
+        },
+      });
+      if (json) process.stdout.write(`${JSON.stringify({ type: 'summary', dryRun, failed })}\n`);
+      return failed > 0 ? ExitStatus.io : 0;
+    },
+  },
   adduser: {
     usage: `  adduser NAME --key FILE         (as root) create the account NAME (or add a key to it) with its
                                   area, allowed to log in with the public key in FILE only to run
@@ -282,7 +325,8 @@ ${Object.values(commands)
   .join('\n')}
 
 Exit status: 0 ok, 2 usage, 3 (status) a user is overdue, 6 (check) an object is missing or
-unreadable or an index is malformed, 7 not found, 9 I/O error, 10 protocol error.`;
+unreadable or an index is malformed, 7 not found, 9 I/O error (alert: the alert command failed),
+10 protocol error.`;
 
 }
 

@@ -54,7 +54,9 @@ export interface InstallOptions {
   readonly homeBase?: string;
   /** The command sshd forces (default: this node and this snapcrypt-server, with "serve"). */
   readonly serve?: string;
-  /** How expiry and scrubbing are scheduled: systemd timers, a cron.d file, or not at all (default: systemd when it runs, else cron). */
+  /** Where the seal helper, expire and alert write metrics for node_exporter's textfile collector (default DEFAULTS.metricsDir); null: no metrics. */
+  readonly metricsDir?: string | null;
+  /** How expiry, alerts and scrubbing are scheduled: systemd timers, a cron.d file, or not at all (default: systemd when it runs, else cron). */
   readonly scheduler?: 'systemd' | 'cron' | 'none';
   /** Where the systemd units go (default /etc/systemd/system; only there are they enabled). */
   readonly systemdDir?: string;
@@ -166,11 +168,18 @@ async function checkBtrfs(dir: string): Promise<void> {
 const SYSTEMD_DIR = '/etc/systemd/system';
 const CRON_DIR = '/etc/cron.d';
 
+/** The commands that install schedules, run as root. */
+interface ScheduledCommands {
+  readonly expire: string;
+  readonly alert: string;
+  readonly scrub: string;
+}
+
 /**
- * Schedules `expire` daily and `btrfs scrub` monthly: systemd timers (enabled when written to the
- * system's unit directory and systemd runs), else a cron.d file.
+ * Schedules `expire` daily, `alert` hourly and `btrfs scrub` monthly: systemd timers (enabled when
+ * written to the system's unit directory and systemd runs), else a cron.d file.
  */
-async function schedule(opts: InstallOptions, expireCommand: string, scrubCommand: string, log: Log): Promise<void> {
+async function schedule(opts: InstallOptions, commands: ScheduledCommands, log: Log): Promise<void> {
   const systemdRuns = existsSync('/run/systemd/system');
   const how = opts.scheduler ?? (systemdRuns ? 'systemd' : 'cron');
   if (how === 'none') return;
@@ -179,10 +188,11 @@ async function schedule(opts: InstallOptions, expireCommand: string, scrubComman
     await mkdirIfMissing(dir, log);
     await ensureFile(
       join(dir, 'snapcrypt'),
-      '# Written by snapcrypt-server install: daily expiry of old snapshots, monthly btrfs scrub.\n' +
+      '# Written by snapcrypt-server install: daily expiry of old snapshots, hourly alerts, monthly btrfs scrub.\n' +
         `PATH=${SAFE_PATH}\n` +
-        `17 3 * * * root ${expireCommand} >/dev/null\n` +
-        `47 4 1 * * root ${scrubCommand} >/dev/null\n`,
+        `17 3 * * * root ${commands.expire} >/dev/null\n` +
+        `7 * * * * root ${commands.alert} >/dev/null\n` +
+        `47 4 1 * * root ${commands.scrub} >/dev/null\n`,
       0,
       0,
       0o644,
@@ -194,8 +204,9 @@ async function schedule(opts: InstallOptions, expireCommand: string, scrubComman
   await mkdirIfMissing(dir, log);
   const unit = (description: string, body: string) => `# Written by snapcrypt-server install\n[Unit]\nDescription=${description}\n\n${body}`;
   const jobs = [
-    ['snapcrypt-expire', 'snapcrypt: delete snapshots that the retention policies do not keep', expireCommand, 'daily', '1h'],
-    ['snapcrypt-scrub', 'snapcrypt: verify every checksum of the backup file system (btrfs scrub)', scrubCommand, 'monthly', '6h'],
+    ['snapcrypt-expire', 'snapcrypt: delete snapshots that the retention policies do not keep', commands.expire, 'daily', '1h'],
+    ['snapcrypt-alert', 'snapcrypt: notify when a user becomes overdue or is back (policy.json alert.command)', commands.alert, 'hourly', '5m'],
+    ['snapcrypt-scrub', 'snapcrypt: verify every checksum of the backup file system (btrfs scrub)', commands.scrub, 'monthly', '6h'],
   ] as const;
   let changed = false;
   for (const [name, description, command, calendar, delay] of jobs) {
@@ -235,6 +246,8 @@ export async function install(opts: InstallOptions): Promise<ServerConfig> {
   const sshdDir = resolve(opts.sshdConfigDir ?? DEFAULTS.sshdConfigDir);
   const homeBase = resolve(opts.homeBase ?? DEFAULTS.homeBase);
   const configFile = configFileOf(opts.etc);
+  const metricsDir = opts.metricsDir === null ? null : resolve(opts.metricsDir ?? DEFAULTS.metricsDir);
+  if (metricsDir === '/') throw new SnapError('usage', 'Invalid --metrics-dir /: name the textfile collector\'s directory, or "none"');
   if (!GROUP_NAME.test(group)) throw new SnapError('usage', `Invalid group name ${JSON.stringify(group)}`);
   if (!PLAIN_NAME.test(sudoersName)) throw new SnapError('usage', `Invalid sudoers file name ${JSON.stringify(sudoersName)}`);
   for (const [what, p] of [['--root', root], ['--lib-dir', libDir], ['the configuration file', configFile], ['--home-base', homeBase]] as const) {
@@ -286,8 +299,12 @@ export async function install(opts: InstallOptions): Promise<ServerConfig> {
     log(`created group ${group}`);
   }
 
-  // 3. The configuration.
-  const config: ServerConfig = { version: 1, root, group, seal: join(libDir, 'seal'), serve, homeBase };
+  // 3. The configuration, and the metrics directory it names.
+  if (metricsDir !== null) {
+    await mkdirIfMissing(metricsDir, log);
+    if (!(await fsp.lstat(metricsDir)).isDirectory()) throw new SnapError('usage', `--metrics-dir ${metricsDir} exists and is not a directory; name another, or "none"`);
+  }
+  const config: ServerConfig = { version: 1, root, group, seal: join(libDir, 'seal'), serve, homeBase, ...(metricsDir === null ? {} : { metricsDir }) };
   await ensureDir(dirname(configFile), 0, 0, 0o755, log);
   await ensureFile(configFile, `${JSON.stringify(config, null, 2)}\n`, 0, 0, 0o644, log);
 
@@ -358,10 +375,13 @@ export async function install(opts: InstallOptions): Promise<ServerConfig> {
     0o644,
     log,
   );
-  // 7. Daily expiry and a monthly scrub, as root.
-  const expireCommand = `${node} ${program} expire${configFile === DEFAULT_CONFIG_FILE ? '' : ` --etc ${dirname(dirname(configFile))}`}`;
-  const scrubCommand = `/usr/bin/btrfs scrub start -B ${root}`;
-  await schedule(opts, expireCommand, scrubCommand, log);
+  // 7. Daily expiry, hourly alerts and a monthly scrub, as root.
+  const etcOption = configFile === DEFAULT_CONFIG_FILE ? '' : ` --etc ${dirname(dirname(configFile))}`;
+  await schedule(
+    opts,
+    { expire: `${node} ${program} expire${etcOption}`, alert: `${node} ${program} alert${etcOption}`, scrub: `/usr/bin/btrfs scrub start -B ${root}` },
+    log,
+  );
 
   log(`installed: root ${root}, group ${group}, configuration ${configFile}`);
   log(`check the sshd configuration with "sshd -t" and reload sshd; add users with "snapcrypt-server adduser NAME --key FILE"`);

@@ -7,4 +7,6 @@ export const DEFAULTS = {
   libDir: '/usr/local/lib/snapcrypt',
   group: 'snapcrypt',
   homeBase: '/var/lib/snapcrypt/home',
+  /** The textfile collector's directory of Debian's prometheus-node-exporter. */
+  metricsDir: '/var/lib/prometheus/node-exporter',
 } as const;

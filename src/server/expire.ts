@@ -5,6 +5,9 @@
  *
  * The policies are policy.json's "retention" (policy.ts, docs/SERVER.md "Retention"). Without
  * policy.json, or for a user without a policy and no default, nothing is deleted.
+ *
+ * Afterwards (not with dryRun), when server.json names a "metricsDir", it rewrites every user's
+ * metrics file and snapcrypt_expire.prom (metrics.ts).
  */
 import { execFile } from 'node:child_process';
 import * as fsp from 'node:fs/promises';
@@ -12,9 +15,11 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { SnapError } from '../core/errors.js';
 import { isSnapshotName } from '../drivers/localdir.js';
+import { writeExpireMetrics, writeUserMetrics } from './metrics.js';
 import { forUser, readServerFiles } from './policy.js';
 import { applyRetention, type Decision } from './retention.js';
 import { SAFE_PATH } from './seal-helper.js';
+import { status } from './status.js';
 import { serverUsers } from './users.js';
 
 const execFileAsync = promisify(execFile);
@@ -61,6 +66,10 @@ export async function expire(opts: ExpireOptions): Promise<number> {
       done.push({ ...d, deleted });
     }
     opts.report(user, done);
+  }
+  if (!opts.dryRun && config.metricsDir !== undefined) {
+    await writeUserMetrics(config.metricsDir, await status({ configFile: opts.configFile }));
+    await writeExpireMetrics(config.metricsDir, Date.now(), count);
   }
   return count;
 }

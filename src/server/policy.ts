@@ -173,9 +173,17 @@ export function parseServerPolicy(text: string, file: string): ServerPolicy {
   };
 }
 
-/** Reads policy.json beside configFile; EMPTY_POLICY when there is none. */
-export async function readServerPolicy(configFile: string): Promise<ServerPolicy> {
+/**
+ * Reads policy.json beside configFile; EMPTY_POLICY when there is none. trusted (root code: expire
+ * deletes what it says, alert runs its command): it must be a regular file owned by root and writable
+ * by root only.
+ */
+export async function readServerPolicy(configFile: string, trusted = false): Promise<ServerPolicy> {
   const file = policyFileOf(configFile);
+  const st = trusted ? await fsp.lstat(file).catch(() => null) : null;
+  if (st !== null && (!st.isFile() || st.uid !== 0 || (st.mode & 0o022) !== 0)) {
+    throw new SnapError('usage', `Refusing ${file}: root acts on it, so it must be a regular file owned by root and writable by root only (chown root ${file}; chmod 0644 ${file})`);
+  }
   let text: string;
   try {
     text = await fsp.readFile(file, 'utf8');
@@ -188,5 +196,5 @@ export async function readServerPolicy(configFile: string): Promise<ServerPolicy
 
 /** server.json (trusted: root-owned, as root code needs) and policy.json, errors as SnapErrors. */
 export async function readServerFiles(configFile: string, trusted: boolean): Promise<{ config: ServerConfig; policy: ServerPolicy }> {
-  return { config: await serverConfig(configFile, trusted), policy: await readServerPolicy(configFile) };
+  return { config: await serverConfig(configFile, trusted), policy: await readServerPolicy(configFile, trusted) };
 }

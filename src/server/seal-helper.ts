@@ -18,8 +18,16 @@
  * clock (Date.toISOString(), bumped by 1 ms while it exists), `btrfs subvolume snapshot -r current
  * snapshots/<user>/<name>`, fsync of snapshots/<user>, and the name on stdout. Any failure: one line on
  * stderr and a non-zero exit (2 usage, 1 anything else).
+ *
+ * Then, when server.json names a "metricsDir", the user's metrics file for node_exporter's textfile
+ * collector (docs/SERVER.md "Metrics and alerts"): formatUserMetrics() below is the one writer of
+ * these files, used by expire and alert too. A failure there is ignored: the snapshot exists. What
+ * the user can change (the usage ledger in run/) is only read: opened without following a link at
+ * its end and without blocking, read only when a small regular file, and believed only when it names
+ * the head of the snapshot just taken.
  */
 import { execFile } from 'node:child_process';
+import { constants as fsc } from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import { dirname, isAbsolute, join, normalize, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
@@ -54,6 +62,8 @@ export interface ServerConfig {
   readonly serve: string;
   /** Where adduser puts the accounts' home directories. */
   readonly homeBase: string;
+  /** Where the metrics files for node_exporter's textfile collector go; absent: no metrics. */
+  readonly metricsDir?: string;
 }
 
 export class HelperError extends Error {
@@ -97,6 +107,10 @@ export function parseServerConfig(text: string, file: string): ServerConfig {
   if (typeof o['serve'] !== 'string' || o['serve'] === '' || /[\n\r"]/.test(o['serve'])) {
     throw new HelperError(`${file}: invalid "serve"`);
   }
+  const metricsDir = o['metricsDir'];
+  if (metricsDir !== undefined && (typeof metricsDir !== 'string' || !isNormalAbsolute(metricsDir) || metricsDir === '/')) {
+    throw new HelperError(`${file}: "metricsDir" must be a normalized absolute path other than / (or absent: no metrics)`);
+  }
   return {
     version: 1,
     root: o['root'] as string,
@@ -104,6 +118,7 @@ export function parseServerConfig(text: string, file: string): ServerConfig {
     seal: o['seal'] as string,
     serve: o['serve'],
     homeBase: o['homeBase'] as string,
+    ...(metricsDir === undefined ? {} : { metricsDir }),
   };
 }
 
@@ -254,7 +269,182 @@ export async function sealForSudoUid(configFile: string, sudoUid: string | undef
   } finally {
     await fh.close();
   }
+  if (config.metricsDir !== undefined) {
+    await writeSealMetrics(config.metricsDir, config.root, user.name).catch(() => undefined); // the snapshot exists: never fail for this
+  }
   return name;
+}
+
+// Metrics for node_exporter's textfile collector (docs/SERVER.md "Metrics and alerts").
+
+/** One gauge family: its name, help text and samples. */
+export interface Gauge {
+  readonly name: string;
+  readonly help: string;
+  readonly samples: ReadonlyArray<{ readonly labels: Readonly<Record<string, string>>; readonly value: number }>;
+}
+
+/** A label value in the text exposition format: backslash, double quote and line feed escaped. */
+export function escapeLabelValue(v: string): string {
+  return v.replace(/\\/g, '\\\\').replace(/"/g, '\\"').replace(/\n/g, '\\n');
+}
+
+function formatSampleValue(v: number): string {
+  if (Number.isNaN(v)) return 'NaN';
+  if (!Number.isFinite(v)) return v > 0 ? '+Inf' : '-Inf';
+  return String(v);
+}
+
+const byCodeUnits = (a: string, b: string): number => (a < b ? -1 : a > b ? 1 : 0);
+
+/**
+ * Gauges in the Prometheus text exposition format, deterministically: families sorted by name, each
+ * with # HELP and # TYPE lines, samples sorted; a family without samples is left out.
+ */
+export function formatMetrics(gauges: readonly Gauge[]): string {
+  let out = '';
+  for (const g of [...gauges].filter((x) => x.samples.length > 0).sort((a, b) => byCodeUnits(a.name, b.name))) {
+    out += `# HELP ${g.name} ${g.help.replace(/\\/g, '\\\\').replace(/\n/g, '\\n')}\n# TYPE ${g.name} gauge\n`;
+    const lines = g.samples.map((s) => {
+      const labels = Object.keys(s.labels).sort(byCodeUnits).map((k) => `${k}="${escapeLabelValue(s.labels[k]!)}"`);
+      return `${g.name}${labels.length === 0 ? '' : `{${labels.join(',')}}`} ${formatSampleValue(s.value)}\n`;
+    });
+    out += lines.sort(byCodeUnits).join('');
+  }
+  return out;
+}
+
+/** What a user's metrics file says; the last three come from policy.json, so only expire and alert know them. */
+export interface UserMetrics {
+  readonly user: string;
+  /** The newest snapshot's name (its server time), or null when there is none. */
+  readonly last: string | null;
+  readonly snapshots: number;
+  /** Bytes of the objects in the user's current, or null when unknown. */
+  readonly currentBytes: number | null;
+  /** The quota on currentBytes; null: no quota; absent: not known to the writer. */
+  readonly quotaBytes?: number | null;
+  readonly overdueAfterMs?: number;
+  readonly overdue?: boolean;
+}
+
+export const USER_METRICS_PREFIX = 'snapcrypt_user_';
+
+/** The name of a user's metrics file in the metrics directory. */
+export function userMetricsFileName(user: string): string {
+  return `${USER_METRICS_PREFIX}${user}.prom`;
+}
+
+/** A user's metrics file, the one format every writer uses. */
+export function formatUserMetrics(m: UserMetrics): string {
+  const labels = { user: m.user };
+  const gauge = (name: string, help: string, value: number | null | undefined): Gauge => ({
+    name,
+    help,
+    samples: value === null || value === undefined ? [] : [{ labels, value }],
+  });
+  return formatMetrics([
+    gauge('snapcrypt_last_backup_timestamp_seconds', 'Server time of the newest snapshot, in seconds since the epoch (absent without a snapshot).', m.last === null ? null : Date.parse(m.last) / 1000),
+    gauge('snapcrypt_snapshots', 'Number of sealed snapshots.', m.snapshots),
+    gauge('snapcrypt_current_bytes', 'Bytes of the objects in current: the latest backup plus an upload in progress.', m.currentBytes),
+    gauge('snapcrypt_quota_bytes', 'Quota on snapcrypt_current_bytes from policy.json (absent without a quota).', m.quotaBytes),
+    gauge('snapcrypt_overdue_threshold_seconds', 'Age of the newest snapshot after which the user is overdue (policy.json "overdue").', m.overdueAfterMs === undefined ? undefined : m.overdueAfterMs / 1000),
+    gauge('snapcrypt_overdue', '1 when the user has no snapshot or the newest is older than the threshold, else 0.', m.overdue === undefined ? undefined : m.overdue ? 1 : 0),
+  ]);
+}
+
+/**
+ * Writes name in dir atomically: a temp file (created exclusively, so never through a link; not
+ * ending in .prom, so the collector skips it) with mode 0644, renamed over name.
+ */
+export async function writeMetricsFile(dir: string, name: string, text: string): Promise<void> {
+  const st = await fsp.lstat(dir);
+  if (!st.isDirectory()) throw new HelperError(`${dir} is not a directory`);
+  const tmp = join(dir, `.${name}.${process.pid}.tmp`);
+  try {
+    const fh = await fsp.open(tmp, 'wx', 0o644);
+    try {
+      await fh.writeFile(text);
+      await fh.chmod(0o644);
+    } finally {
+      await fh.close();
+    }
+    await fsp.rename(tmp, join(dir, name));
+  } finally {
+    await fsp.rm(tmp, { force: true });
+  }
+}
+
+const SNAPSHOT_NAME = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$/;
+
+function isSnapshotName(name: string): boolean {
+  const time = Date.parse(name);
+  return SNAPSHOT_NAME.test(name) && Number.isFinite(time) && new Date(time).toISOString() === name;
+}
+
+/** A small regular file's text, or null (missing, a link, not regular, larger than max, unreadable); never blocks on a FIFO. */
+async function readSmallFile(path: string, max = 65_536): Promise<string | null> {
+  const fh = await fsp.open(path, fsc.O_RDONLY | fsc.O_NOFOLLOW | fsc.O_NONBLOCK).catch(() => null);
+  if (fh === null) return null;
+  try {
+    const st = await fh.stat();
+    if (!st.isFile() || st.size > max) return null;
+    const buf = Buffer.alloc(max + 1);
+    const { bytesRead } = await fh.read(buf, 0, buf.length, 0);
+    return bytesRead > max ? null : buf.toString('utf8', 0, bytesRead);
+  } catch {
+    return null;
+  } finally {
+    await fh.close();
+  }
+}
+
+/** The bytes of the usage ledger (serve's `run/usage`, see drivers/localdir.ts) when it names head, else null. */
+export function ledgerBytes(ledger: string | null, head: string | null): number | null {
+  if (ledger === null || head === null) return null;
+  let v: unknown;
+  try {
+    v = JSON.parse(ledger);
+  } catch {
+    return null;
+  }
+  if (typeof v !== 'object' || v === null) return null;
+  const { version, head: named, objectBytes } = v as Record<string, unknown>;
+  if (version !== 1 || typeof named !== 'string' || !/^[0-9a-f]{64}$/.test(named) || named !== head.trim()) return null;
+  return typeof objectBytes === 'number' && Number.isSafeInteger(objectBytes) && objectBytes >= 0 ? objectBytes : null;
+}
+
+/**
+ * The policy gauges of a user's previous metrics file (written by expire or alert, which read
+ * policy.json): kept by the seal helper, which cannot read policy.json, so that they do not vanish at
+ * each backup. Just sealed, the user is not overdue.
+ */
+export function policyMetricsOf(previous: string | null, user: string): Pick<UserMetrics, 'quotaBytes' | 'overdueAfterMs' | 'overdue'> {
+  const out: { quotaBytes?: number; overdueAfterMs?: number; overdue?: boolean } = {};
+  for (const line of previous?.split('\n') ?? []) {
+    const m = /^snapcrypt_(quota_bytes|overdue_threshold_seconds)\{user="([a-z0-9_-]+)"\} (\d+(?:\.\d+)?(?:e\+\d+)?)$/.exec(line);
+    const value = Number(m?.[3]);
+    if (m === null || m[2] !== user || !Number.isFinite(value)) continue;
+    if (m[1] === 'quota_bytes') out.quotaBytes = value;
+    else {
+      out.overdueAfterMs = value * 1000;
+      out.overdue = false;
+    }
+  }
+  return out;
+}
+
+/** After a seal: the user's metrics file from the snapshots, the new snapshot's head and the usage ledger. */
+async function writeSealMetrics(metricsDir: string, root: string, user: string): Promise<void> {
+  const snapshotsDir = join(root, 'snapshots', user);
+  const names = (await fsp.readdir(snapshotsDir)).filter(isSnapshotName).sort();
+  const last = names.at(-1) ?? null;
+  // the head in the (read-only) snapshot is the one the ledger must name
+  const head = last === null ? null : await readSmallFile(join(snapshotsDir, last, 'repo', 'head'));
+  const ledger = await readSmallFile(join(root, 'users', user, 'run', 'usage'));
+  const previous = await readSmallFile(join(metricsDir, userMetricsFileName(user)));
+  const text = formatUserMetrics({ user, last, snapshots: names.length, currentBytes: ledgerBytes(ledger, head), ...policyMetricsOf(previous, user) });
+  await writeMetricsFile(metricsDir, userMetricsFileName(user), text);
 }
 
 /** The helper's whole life: returns the exit status. */
