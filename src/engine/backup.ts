@@ -16,7 +16,7 @@ import { IdList, type IdSet } from '../core/idset.js';
 import { SnapError } from '../core/errors.js';
 import type { Excluder } from '../core/excluder.js';
 import type { Repository } from './repository.js';
-import type { SealPool } from './seal.js';
+import { BufferPool, type SealPool } from './seal.js';
 import type { SourceFs, SourceStat } from './source.js';
 import type { SnapshotInfo, ObjectReader } from '../storage/types.js';
 
@@ -64,6 +64,35 @@ const display = (p: Buffer): string => p.toString('utf8');
 
 const MAX_INFLIGHT_OBJECTS = 256;
 
+/** Files are read into these below this size, so that small files do not each hold a whole chunk buffer. */
+const SMALL_READ = 64 * 1024;
+
+/**
+ * The buffers files are read into (seal.ts BufferPool): chunk-sized ones, and SMALL_READ ones for
+ * small files and file ends. Enough of them for every object the uploader lets be in flight, plus
+ * a few being read and hashed.
+ */
+export class ReadBuffers {
+  private readonly chunk: BufferPool;
+  private readonly small: BufferPool;
+  constructor(chunkSize: number, inflightBytes: number) {
+    this.chunk = new BufferPool(chunkSize, Math.ceil(inflightBytes / chunkSize) + 4);
+    this.small = new BufferPool(Math.min(SMALL_READ, chunkSize), MAX_INFLIGHT_OBJECTS + 8);
+  }
+
+  /** A buffer of exactly `size` bytes (at most the chunk size), a view of a pooled one. */
+  take(size: number): Buffer {
+    const pool = size <= this.small.size ? this.small : this.chunk;
+    return pool.take().subarray(0, size);
+  }
+
+  /** Takes back a view of one of these buffers (anything else is left to the garbage collector). */
+  give(view: Uint8Array): void {
+    if (this.small.owns(view)) this.small.give(view);
+    else this.chunk.give(view);
+  }
+}
+
 /** Stores objects that current lacks, with bounded memory in flight. */
 class Uploader {
   private inflight = 0;
@@ -86,10 +115,19 @@ class Uploader {
     this.step = step;
   }
 
-  /** Store the object unless current has it; returns once it is queued (not necessarily stored). */
-  async store(type: ObjectTypeCode, id: Buffer, plain: Buffer): Promise<void> {
-    if (this.failure) throw this.failure;
-    if (this.known.has(id)) return;
+  /**
+   * Store the object unless current has it; returns once it is queued (not necessarily stored). With
+   * reads, plain is in one of its buffers, which goes back to it once plain is no longer needed.
+   */
+  async store(type: ObjectTypeCode, id: Buffer, plain: Buffer, reads: ReadBuffers | null = null): Promise<void> {
+    if (this.failure) {
+      reads?.give(plain);
+      throw this.failure;
+    }
+    if (this.known.has(id)) {
+      reads?.give(plain);
+      return;
+    }
     this.known.add(id);
     // bounded in bytes and in count: every object in flight also holds a compressor context
     const size = plain.length; // the buffer may move to a worker thread (detached here)
@@ -101,7 +139,7 @@ class Uploader {
     this.inflightCount++;
     const p = (async () => {
       try {
-        const sealed = await this.pool.seal(type, id, plain);
+        const sealed = await this.pool.seal(type, id, plain, reads && ((b) => reads.give(b)));
         this.step(type === ObjectType.data ? 'put-chunk' : 'put-tree');
         if (typeof sealed !== 'number') await this.repo.storage.putObject(id.toString('hex'), sealed);
         this.stats.objectsAdded++;
@@ -131,6 +169,7 @@ interface Walk {
   readonly opts: BackupOptions;
   readonly fs: SourceFs;
   readonly up: Uploader;
+  readonly reads: ReadBuffers;
   readonly known: IdSet;
   readonly refs: IdList;
   readonly stats: SnapshotStats;
@@ -204,29 +243,36 @@ async function readFileChunks(w: Walk, p: Buffer, st: SourceStat): Promise<{ chu
         if (readFull(w, fd, PROBE, pos) === 0) break;
         want = cs;
       }
-      // allocUnsafeSlow: never a slice of the shared pool, so it moves to a worker thread without a copy
-      let data = Buffer.allocUnsafeSlow(want);
+      let data = w.reads.take(want);
+      let pooled = true; // data is a view of a pooled buffer (which then goes back to the pool)
       let n = readFull(w, fd, data, pos);
       if (n === want && want < cs && readFull(w, fd, PROBE, pos + n) > 0) {
         // the file grew since lstat: a short chunk is only allowed at the end
         const more = Buffer.allocUnsafeSlow(cs - want);
         const m = readFull(w, fd, more, pos + n);
         if (m > 0) {
-          data = Buffer.concat([data, more.subarray(0, m)]);
+          const grown = Buffer.concat([data, more.subarray(0, m)]);
+          w.reads.give(data);
+          data = grown;
+          pooled = false;
           n += m;
         }
       }
-      if (n === 0) break;
+      if (n === 0) {
+        if (pooled) w.reads.give(data);
+        break;
+      }
       if (n < data.length) data = data.subarray(0, n);
       pos += n;
       w.progress.bytesDone += n;
       if (isZero(data)) {
         chunks.push(ZERO_CHUNK);
+        if (pooled) w.reads.give(data);
       } else {
         const id = objectId(w.repo.keys, ObjectType.data, data);
         chunks.push(id);
         w.refs.push(id);
-        await w.up.store(ObjectType.data, id, data);
+        await w.up.store(ObjectType.data, id, data, pooled ? w.reads : null);
       }
       if (n < cs) break;
     }
@@ -485,9 +531,10 @@ export async function backup(repo: Repository, opts: BackupOptions): Promise<Bac
   const stats = newStats();
   const refs = new IdList();
   const pool = await repo.sealPool();
-  const up = new Uploader(repo, pool, known, opts.inflightBytes ?? 16 * 1024 * 1024, stats, step);
+  const inflight = opts.inflightBytes ?? 16 * 1024 * 1024;
+  const up = new Uploader(repo, pool, known, inflight, stats, step);
   try {
-    return await runBackup(repo, opts, paths, known, parent, stats, refs, up, step, started);
+    return await runBackup(repo, opts, paths, known, parent, stats, refs, up, new ReadBuffers(repo.chunkSize, inflight), step, started);
   } finally {
     await pool.close();
   }
@@ -495,9 +542,10 @@ export async function backup(repo: Repository, opts: BackupOptions): Promise<Bac
 
 async function runBackup(
   repo: Repository, opts: BackupOptions, paths: Buffer[], known: IdSet, parent: Awaited<ReturnType<Repository['currentHead']>>,
-  stats: SnapshotStats, refs: IdList, up: Uploader, step: (s: string) => void, started: Date,
+  stats: SnapshotStats, refs: IdList, up: Uploader, reads: ReadBuffers, step: (s: string) => void, started: Date,
 ): Promise<BackupResult> {
   const w: Walk = {
+    reads,
     repo, opts, fs: opts.source, up, known, refs, stats, prevReader: repo.storage, hardlinks: new Map(),
     progress: { filesDone: 0, bytesDone: 0, filesTotal: null, bytesTotal: null, currentPath: '' }, lastProgress: 0,
   };

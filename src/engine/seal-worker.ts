@@ -31,17 +31,21 @@ port.on('message', async (jobs: SealJob[]) => {
       const plain = Buffer.from(job.plain.buffer, job.plain.byteOffset, job.plain.byteLength);
       const id = Buffer.from(job.id);
       const sealed = compressAndSeal(keys, job.type as ObjectTypeCode, id, plain);
+      const back = job.recycle ? { plain: job.plain } : {};
+      if (job.recycle) transfer.push(job.plain.buffer as ArrayBuffer);
       if (write) {
         write(id.toString('hex'), sealed);
-        replies.push({ seq: job.seq, written: sealed.length });
+        replies.push({ seq: job.seq, written: sealed.length, ...back });
       } else {
-        replies.push({ seq: job.seq, sealed });
+        replies.push({ seq: job.seq, sealed, ...back });
         // sealed objects are allocated whole, so they move without a copy
         if (sealed.byteOffset === 0 && sealed.byteLength === sealed.buffer.byteLength) transfer.push(sealed.buffer as ArrayBuffer);
       }
     } catch (err) {
       const errno = errnoCode(err);
-      replies.push({ seq: job.seq, error: err instanceof Error ? err.message : String(err), ...(typeof errno === 'string' ? { errno } : {}) });
+      const back = job.recycle && !transfer.includes(job.plain.buffer as ArrayBuffer) ? { plain: job.plain } : {};
+      if (back.plain) transfer.push(job.plain.buffer as ArrayBuffer);
+      replies.push({ seq: job.seq, error: err instanceof Error ? err.message : String(err), ...(typeof errno === 'string' ? { errno } : {}), ...back });
     }
   }
   port.postMessage(replies, transfer);

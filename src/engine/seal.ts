@@ -32,6 +32,8 @@ export interface SealJob {
   readonly type: ObjectTypeCode;
   readonly id: Uint8Array;
   readonly plain: Uint8Array;
+  /** Send plain's buffer back with the reply, for the caller to read into again (BufferPool). */
+  readonly recycle: boolean;
 }
 
 export interface SealDone {
@@ -43,6 +45,8 @@ export interface SealDone {
   readonly error?: string;
   /** The errno code of a failed write (ENOSPC...), when the worker wrote the object itself. */
   readonly errno?: string;
+  /** The job's plain bytes, back to the main thread (SealJob.recycle). */
+  readonly plain?: Uint8Array;
 }
 
 export interface SealWorkerData {
@@ -59,6 +63,40 @@ export function ownedBuffer(b: Uint8Array): Uint8Array {
 const MAX_BATCH = 64;
 
 /**
+ * Read buffers of one size, reused: each goes to a seal worker and comes back with its reply, so a
+ * backup allocates a few dozen buffers instead of one per chunk. (Buffers that are dropped instead
+ * become garbage that V8 frees only after tens of MB of it, per thread; that was most of a backup's
+ * peak RSS.) The pool keeps at most `max` free buffers; it never makes anyone wait (the uploader
+ * bounds what is in flight), so a buffer lost on an error path costs an allocation, not a deadlock.
+ */
+export class BufferPool {
+  readonly size: number;
+  private readonly max: number;
+  private readonly free: Buffer[] = [];
+
+  constructor(size: number, max: number) {
+    this.size = size;
+    this.max = max;
+  }
+
+  take(): Buffer {
+    // never a slice of the shared pool: it moves to a worker whole
+    return this.free.pop() ?? Buffer.allocUnsafeSlow(this.size);
+  }
+
+  /** Takes back a buffer of this pool's size (whatever view of it; other sizes are ignored). */
+  give(view: Uint8Array): void {
+    if (!this.owns(view) || this.free.length >= this.max) return;
+    this.free.push(Buffer.from(view.buffer as ArrayBuffer, 0, this.size));
+  }
+
+  /** Whether a view lies in a whole ArrayBuffer of this pool's size (so give() keeps it). */
+  owns(view: Uint8Array): boolean {
+    return view.buffer instanceof ArrayBuffer && view.buffer.byteLength === this.size;
+  }
+}
+
+/**
  * Seals objects in worker threads, one per core beside the main thread (at most 3); with one core it
  * seals inline. Jobs go
  * to the least loaded worker in batches (one message per batch, buffers transferred, not copied).
@@ -67,7 +105,10 @@ export class SealPool {
   private readonly workers: Worker[] = [];
   private readonly load: number[] = [];
   private readonly outbox: SealJob[][] = [];
-  private readonly waiting = new Map<number, { resolve: (r: Buffer | number) => void; reject: (e: Error) => void; worker: number }>();
+  private readonly waiting = new Map<
+    number,
+    { resolve: (r: Buffer | number) => void; reject: (e: Error) => void; worker: number; recycle: ((plain: Uint8Array) => void) | null }
+  >();
   /** Whether the workers store what they seal (Storage.directWriter), instead of returning it. */
   readonly writesDirectly: boolean;
   private seq = 0;
@@ -111,6 +152,7 @@ export class SealPool {
     if (!job) return;
     this.waiting.delete(m.seq);
     this.load[worker]!--;
+    if (m.plain !== undefined) job.recycle?.(m.plain);
     if (m.sealed) job.resolve(Buffer.from(m.sealed.buffer, m.sealed.byteOffset, m.sealed.byteLength));
     else if (m.written !== undefined) job.resolve(m.written);
     else if (m.errno !== undefined) job.reject(ioFailure('Cannot store an object in the repository', Object.assign(new Error(m.error ?? m.errno), { code: m.errno })));
@@ -128,12 +170,20 @@ export class SealPool {
     this.outbox.forEach((jobs, i) => {
       if (jobs.length === 0) return;
       this.outbox[i] = [];
-      this.workers[i]!.postMessage(jobs, jobs.map((j) => j.plain.buffer as ArrayBuffer));
+      this.workers[i]!.postMessage(
+        jobs,
+        jobs.filter((j) => j.recycle || (j.plain.byteOffset === 0 && j.plain.byteLength === j.plain.buffer.byteLength)).map((j) => j.plain.buffer as ArrayBuffer),
+      );
     });
   }
 
-  /** Sealed bytes (writesDirectly false) or the number of bytes the worker stored (true). */
-  seal(type: ObjectTypeCode, id: Buffer, plain: Buffer): Promise<Buffer | number> {
+  /**
+   * Sealed bytes (writesDirectly false) or the number of bytes the worker stored (true). With recycle,
+   * plain's whole buffer is handed to recycle once sealed (from the worker, which sends it back), for
+   * the caller to reuse; without it, plain's buffer is given away (moved to the worker when it owns
+   * all of it).
+   */
+  seal(type: ObjectTypeCode, id: Buffer, plain: Buffer, recycle: ((plain: Uint8Array) => void) | null = null): Promise<Buffer | number> {
     if (this.failed) return Promise.reject(this.failed);
     if (this.workers.length === 0 && this.threads > 0) this.start();
     if (this.workers.length === 0) {
@@ -141,6 +191,8 @@ export class SealPool {
         return Promise.resolve(compressAndSeal(this.keys, type, id, plain));
       } catch (err) {
         return Promise.reject(err as Error);
+      } finally {
+        recycle?.(plain);
       }
     }
     let best = 0;
@@ -148,8 +200,9 @@ export class SealPool {
     const seq = this.seq++;
     this.load[best]!++;
     const box = this.outbox[best]!;
-    box.push({ seq, type, id: new Uint8Array(id), plain: ownedBuffer(plain) });
-    const promise = new Promise<Buffer | number>((resolve, reject) => this.waiting.set(seq, { resolve, reject, worker: best }));
+    // a recycled buffer moves whole, with its view; anything else moves when it owns its buffer
+    box.push({ seq, type, id: new Uint8Array(id), plain: recycle ? plain : ownedBuffer(plain), recycle: recycle !== null });
+    const promise = new Promise<Buffer | number>((resolve, reject) => this.waiting.set(seq, { resolve, reject, worker: best, recycle }));
     if (box.length >= MAX_BATCH) this.flush();
     else if (!this.flushScheduled) {
       this.flushScheduled = true;
