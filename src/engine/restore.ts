@@ -235,8 +235,40 @@ async function restoreEntry(c: Ctx, dest: Buffer, e: TreeEntry): Promise<void> {
   }
 }
 
+/**
+ * Files of at most one chunk restored at once. Each needs one object from the storage, so restored one
+ * after the other they wait for one round trip each (over SSH, most of a restore's time); larger files
+ * have their own read-ahead and go alone, as do hard links (their first name must be written before
+ * the others link to it) and directories (their metadata is set after their contents).
+ */
+const PARALLEL_FILES = 32;
+/** Metadata requests queued before the restore waits for them (each holds its entry and path). */
+const MAX_PENDING_META = 4096;
+
 async function restoreTree(c: Ctx, dir: Buffer, tree: TreeEntry[]): Promise<void> {
-  for (const e of tree) await restoreEntry(c, join(dir, e.name), e);
+  const running = new Set<Promise<void>>();
+  let failure: { err: unknown } | null = null;
+  const settle = async (most: number): Promise<void> => {
+    while (running.size > most) await Promise.race(running);
+  };
+  for (const e of tree) {
+    if (c.pending.length >= MAX_PENDING_META) await Promise.all(c.pending.splice(0));
+    const dest = join(dir, e.name);
+    if (e.kind === NodeKind.file && e.nlink <= 1 && e.chunks.length <= 1) {
+      const task = restoreEntry(c, dest, e).catch((err: unknown) => {
+        failure ??= { err };
+      });
+      running.add(task);
+      void task.finally(() => running.delete(task));
+      await settle(PARALLEL_FILES - 1);
+    } else {
+      await settle(0);
+      if (failure === null) await restoreEntry(c, dest, e);
+    }
+    if (failure !== null) break;
+  }
+  await settle(0);
+  if (failure !== null) throw (failure as { err: unknown }).err;
 }
 
 /**
