@@ -101,6 +101,9 @@ test('with the snapcrypt key that setup made: init, backup and snapshots through
     await fsp.writeFile(join(src, 'f'), 'through the snapcrypt key\n');
     expectExit(await runCli(['init', '--repo', repo], { env }), 'init');
     expectExit(await runCli(['backup', '--repo', repo, src], { env }), 'backup');
+    // the first backup over SSH leaves its trees in the local cache: one per directory from / to src
+    const cached = (await fsp.readdir(env.SNAPCRYPT_CACHE_DIR, { recursive: true, withFileTypes: true })).filter((e) => e.isFile());
+    assert.equal(cached.length, src.split('/').length, `${cached.length} trees cached for ${src}`);
     const snaps = await runCli(['snapshots', '--repo', repo, '--json'], { env });
     expectExit(snaps, 'snapshots');
     assert.equal(jsonLines(snaps.stdout).filter((l) => l['type'] === 'snapshot').length, 1, snaps.stdout);

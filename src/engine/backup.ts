@@ -151,7 +151,12 @@ class Uploader {
       try {
         const sealed = await this.pool.seal(type, id, plain, reads && ((b) => reads.give(b)));
         this.step(type === ObjectType.data ? 'put-chunk' : 'put-tree');
-        if (typeof sealed !== 'number') await this.repo.storage.putObject(id.toString('hex'), sealed);
+        if (typeof sealed !== 'number') {
+          // a remote target: keep the new trees in the local cache too, so that the next backup
+          // compares against them without downloading them (a local target is read cheaply anyway)
+          if (type === ObjectType.tree) this.repo.cache?.put(id, sealed);
+          await this.repo.storage.putObject(id.toString('hex'), sealed);
+        }
         this.stats.objectsAdded++;
         this.stats.bytesAdded += typeof sealed === 'number' ? sealed : sealed.length;
       } catch (err) {
