@@ -5,6 +5,8 @@
  * flag file exists. Runs the real program as root (the state file is root's); in CI it never skips.
  */
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
 import * as fsp from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
@@ -251,6 +253,26 @@ describe('snapcrypt-server alert and the metrics files', { skip }, () => {
     assert.equal((await alert()).code, 0);
     assert.deepEqual(Object.keys((await state()).users), ['alice', 'bob', 'carol']);
     assert.equal(await fsp.stat(join(metrics, 'snapcrypt_user_dave.prom')).catch(() => null), null);
+  });
+
+  it('one run at a time: the lock of a live run refuses a second (exit 5, nothing sent); a dead run\'s is taken over', async () => {
+    const lock = `${stateFile()}.lock`;
+    const before = await fsp.readFile(stateFile(), 'utf8');
+    const holder = spawn('sleep', ['30']);
+    try {
+      await fsp.writeFile(lock, `${holder.pid}\n`);
+      const r = await alert();
+      assert.equal(r.code, 5, r.stderr);
+      assert.match(r.stderr, new RegExp(`Another snapcrypt-server alert is running \\(pid ${holder.pid}, lock \\S+alerts\\.json\\.lock\\); if it is not, remove the lock`));
+      assert.equal(await fsp.readFile(stateFile(), 'utf8'), before, 'the state is untouched');
+      assert.equal(await fsp.readFile(lock, 'utf8'), `${holder.pid}\n`, 'the other run keeps its lock');
+    } finally {
+      holder.kill();
+    }
+    await once(holder, 'exit');
+    const r = await alert();
+    assert.equal(r.code, 0, r.stderr);
+    await assert.rejects(fsp.stat(lock), /ENOENT/, 'the lock is released');
   });
 
   it('refuses a policy.json that others could change, and a damaged state file, with one line', async () => {

@@ -324,9 +324,9 @@ ${Object.values(commands)
   .map((c) => c.usage)
   .join('\n')}
 
-Exit status: 0 ok, 2 usage, 3 (status) a user is overdue, 6 (check) an object is missing or
-unreadable or an index is malformed, 7 not found, 9 I/O error (alert: the alert command failed),
-10 protocol error.`;
+Exit status: 0 ok, 2 usage, 3 (status) a user is overdue, 5 (alert) another alert run is going on,
+6 (check) an object is missing or unreadable or an index is malformed, 7 not found, 9 I/O error
+(alert: the alert command failed), 10 protocol error.`;
 
 }
 

@@ -99,16 +99,59 @@ async function readAlertState(file: string): Promise<Map<string, Recorded>> {
   return out;
 }
 
-/** Writes the state atomically (temp, fsync, rename) into its directory, made root 0700 if missing. */
-async function writeAlertState(file: string, recorded: ReadonlyMap<string, Recorded>): Promise<void> {
+/** The state file's directory, made root 0700 if missing; refused unless root owns it. */
+async function stateDir(file: string): Promise<string> {
   const dir = join(file, '..');
-  const fail = (err: unknown) => new SnapError('io', `Cannot write the alert state file ${file}: ${(err as Error).message}`, { cause: err });
   await fsp.mkdir(dir, { mode: 0o700 }).catch((err: unknown) => {
-    if ((err as { code?: unknown }).code !== 'EEXIST') throw fail(err);
+    if ((err as { code?: unknown }).code !== 'EEXIST') throw new SnapError('io', `Cannot create ${dir}: ${(err as Error).message}`, { cause: err });
   });
   const st = await fsp.lstat(dir);
   if (!st.isDirectory() || st.uid !== 0) throw new SnapError('usage', `Refusing ${dir}: the alert state must be in a directory owned by root; remove it and run alert again`);
   if ((st.mode & 0o7777) !== 0o700) await fsp.chmod(dir, 0o700);
+  return dir;
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as { code?: unknown }).code === 'EPERM';
+  }
+}
+
+/**
+ * One alert run at a time, so that two runs (the hourly one and one by hand) cannot both send a
+ * notice: `<state file>.lock` holds the pid of the run that has it; a lock whose process is gone is
+ * taken over. Returns the release function.
+ */
+async function lockAlertState(file: string): Promise<() => Promise<void>> {
+  await stateDir(file);
+  const lock = `${file}.lock`;
+  for (let attempt = 0; ; attempt++) {
+    try {
+      const fh = await fsp.open(lock, 'wx', 0o600);
+      try {
+        await fh.writeFile(`${process.pid}\n`);
+      } finally {
+        await fh.close();
+      }
+      return () => fsp.rm(lock, { force: true });
+    } catch (err) {
+      if ((err as { code?: unknown }).code !== 'EEXIST') throw new SnapError('io', `Cannot create the lock ${lock}: ${(err as Error).message}`, { cause: err });
+    }
+    const pid = Number((await fsp.readFile(lock, 'utf8').catch(() => '')).trim());
+    if (attempt > 0 || (Number.isSafeInteger(pid) && pid > 0 && processAlive(pid))) {
+      throw new SnapError('locked', `Another snapcrypt-server alert is running (pid ${pid || 'unknown'}, lock ${lock}); if it is not, remove the lock`);
+    }
+    await fsp.rm(lock, { force: true }); // its process is gone
+  }
+}
+
+/** Writes the state atomically (temp, fsync, rename) into its directory, made root 0700 if missing. */
+async function writeAlertState(file: string, recorded: ReadonlyMap<string, Recorded>): Promise<void> {
+  const fail = (err: unknown) => new SnapError('io', `Cannot write the alert state file ${file}: ${(err as Error).message}`, { cause: err });
+  const dir = await stateDir(file);
   const users = Object.fromEntries([...recorded].sort(([a], [b]) => (a < b ? -1 : 1)));
   const tmp = join(dir, `.alerts.json.${process.pid}.tmp`);
   try {
@@ -215,6 +258,21 @@ export async function alert(opts: AlertOptions): Promise<number> {
   const { config, policy } = await readServerFiles(opts.configFile, !opts.dryRun);
   const rows = await status({ configFile: opts.configFile, now: opts.now ?? Date.now() });
   const file = alertStateFileOf(config.root);
+  const release = opts.dryRun ? null : await lockAlertState(file);
+  try {
+    return await alertUsers(opts, config, policy, rows, file);
+  } finally {
+    await release?.();
+  }
+}
+
+async function alertUsers(
+  opts: AlertOptions,
+  config: Awaited<ReturnType<typeof readServerFiles>>['config'],
+  policy: Awaited<ReturnType<typeof readServerFiles>>['policy'],
+  rows: UserStatus[],
+  file: string,
+): Promise<number> {
   const recorded = await readAlertState(file);
   const host = opts.host ?? hostname();
   const record = async (user: string, state: AlertState) => {
