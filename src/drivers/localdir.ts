@@ -540,7 +540,8 @@ function parseLock(text: string): LockHolder | null {
   }
 }
 
-function processAlive(pid: number): boolean {
+/** Whether a process of this host with that pid exists (a lock's holder). */
+export function processAlive(pid: number): boolean {
   try {
     process.kill(pid, 0);
     return true;

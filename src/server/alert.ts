@@ -17,6 +17,7 @@ import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { formatDuration, formatDurationShort } from '../core/duration.js';
 import { SnapError } from '../core/errors.js';
+import { processAlive } from '../drivers/localdir.js';
 import { writeUserMetrics } from './metrics.js';
 import { readServerFiles } from './policy.js';
 import { SAFE_PATH, USER_NAME } from './seal-helper.js';
@@ -109,15 +110,6 @@ async function stateDir(file: string): Promise<string> {
   if (!st.isDirectory() || st.uid !== 0) throw new SnapError('usage', `Refusing ${dir}: the alert state must be in a directory owned by root; remove it and run alert again`);
   if ((st.mode & 0o7777) !== 0o700) await fsp.chmod(dir, 0o700);
   return dir;
-}
-
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as { code?: unknown }).code === 'EPERM';
-  }
 }
 
 /**
