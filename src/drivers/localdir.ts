@@ -449,6 +449,31 @@ export class IndexCursor {
   }
 }
 
+/**
+ * One prefix's ids from an index file that is read in order, a prefix at a time (as the server does
+ * with the indexes of many snapshots at once): from byte offset `at` of its `length` whole ids, through
+ * fh when the caller keeps the file open, else through a handle opened for this call only, so that no
+ * limit on open files applies. Returns the ids and the offset where the next prefix starts.
+ */
+export async function takeIndexPrefix(
+  path: string,
+  length: number,
+  at: number,
+  prefix: number,
+  scratch: Buffer,
+  fh: fsp.FileHandle | null = null,
+): Promise<{ ids: Set<string>; next: number }> {
+  if (at >= length) return { ids: new Set(), next: at };
+  const handle = fh ?? (await fsp.open(path, 'r'));
+  try {
+    const cursor = new IndexCursor(fileSource(handle, length, path), at, scratch);
+    const ids = await cursor.take(prefix);
+    return { ids, next: cursor.offset };
+  } finally {
+    if (fh === null) await handle.close();
+  }
+}
+
 export function prefixName(p: number): string {
   return p.toString(16).padStart(2, '0');
 }

@@ -14,7 +14,7 @@ import fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import { join } from 'node:path';
 import { SnapError } from '../core/errors.js';
-import { fileSource, ID_BYTES, INDEX_CHUNK, IndexCursor, isSnapshotName, prefixName, scanIndex } from '../drivers/localdir.js';
+import { fileSource, ID_BYTES, INDEX_CHUNK, isSnapshotName, prefixName, scanIndex, takeIndexPrefix } from '../drivers/localdir.js';
 import { serverConfig, serverUsers } from './users.js';
 
 /** How many problems of each snapshot are named with their ids and paths; the counts cover all. */
@@ -171,16 +171,9 @@ function addProblem(state: State, kind: 'missing' | 'unreadable', id: string, pa
 
 /** The ids of one prefix in a state's index, from where the previous prefix ended. */
 async function takePrefix(state: State, prefix: number, scratch: Buffer): Promise<Set<string>> {
-  const indexPath = join(state.report.path, 'index');
-  const fh = state.live?.fh ?? (await fsp.open(indexPath, 'r'));
-  try {
-    const cursor = new IndexCursor(fileSource(fh, state.length, indexPath), state.offset, scratch);
-    const ids = await cursor.take(prefix);
-    state.offset = cursor.offset;
-    return ids;
-  } finally {
-    if (state.live === null) await fh.close();
-  }
+  const { ids, next } = await takeIndexPrefix(join(state.report.path, 'index'), state.length, state.offset, prefix, scratch, state.live?.fh ?? null);
+  state.offset = next;
+  return ids;
 }
 
 /** Reads a file to its end through buf; returns the bytes read. */

@@ -12,7 +12,7 @@
  */
 import * as fsp from 'node:fs/promises';
 import { join } from 'node:path';
-import { fileSource, ID_BYTES, INDEX_CHUNK, IndexCursor, prefixName } from '../drivers/localdir.js';
+import { ID_BYTES, INDEX_CHUNK, prefixName, takeIndexPrefix } from '../drivers/localdir.js';
 
 interface IndexState {
   readonly dir: string;
@@ -27,17 +27,9 @@ async function openIndex(dir: string): Promise<IndexState | null> {
 
 /** The ids of one prefix, from where the previous prefix ended (prefixes are taken in order). */
 async function take(state: IndexState, prefix: number, scratch: Buffer): Promise<Set<string>> {
-  if (state.offset >= state.length) return new Set();
-  const path = join(state.dir, 'index');
-  const fh = await fsp.open(path, 'r');
-  try {
-    const cursor = new IndexCursor(fileSource(fh, state.length, path), state.offset, scratch);
-    const ids = await cursor.take(prefix);
-    state.offset = cursor.offset;
-    return ids;
-  } finally {
-    await fh.close();
-  }
+  const { ids, next } = await takeIndexPrefix(join(state.dir, 'index'), state.length, state.offset, prefix, scratch);
+  state.offset = next;
+  return ids;
 }
 
 /**
