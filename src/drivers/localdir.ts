@@ -415,7 +415,7 @@ async function withIndexFile<T>(path: string, fn: (index: IndexSource) => Promis
  * may start at a byte offset (a whole number of ids) where an earlier cursor stopped, and read into a
  * scratch buffer of at least INDEX_CHUNK bytes that the caller reuses.
  */
-export class IndexCursor {
+class IndexCursor {
   private chunk: Buffer = Buffer.alloc(0);
   private pos = 0;
   private next: number;

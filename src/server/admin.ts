@@ -3,12 +3,10 @@
  * Both run as root, change only what differs from the wanted state (safe to run again), and report
  * every step through log().
  */
-import { execFile } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
-import { promisify } from 'node:util';
 import { SnapError } from '../core/errors.js';
 import {
   checkRootOwnedChain,
@@ -20,14 +18,14 @@ import {
   HelperError,
   isBtrfsSubvolume,
   readServerConfig,
+  RunError,
+  runSafe,
   SAFE_PATH,
   USER_NAME,
   type ServerConfig,
 } from './seal-helper.js';
 import { userAreaPaths } from './area.js';
 import { DEFAULTS } from './defaults.js';
-
-const execFileAsync = promisify(execFile);
 
 const BTRFS_SUPER_MAGIC = 0x9123683e;
 /** Paths written into sudoers, sshd_config and shell scripts: no quoting needed, nothing to misparse. */
@@ -86,13 +84,9 @@ function asSnapError(err: unknown): unknown {
 }
 
 async function run(cmd: string, args: string[]): Promise<string> {
-  try {
-    return (await execFileAsync(cmd, args, { encoding: 'utf8', env: { PATH: SAFE_PATH } })).stdout;
-  } catch (err) {
-    const e = err as { stderr?: unknown; message?: unknown };
-    const why = (typeof e.stderr === 'string' && e.stderr.trim().split('\n')[0]) || String(e.message);
-    throw new SnapError('io', `${cmd} ${args.join(' ')} failed: ${why}`, { cause: err });
-  }
+  return runSafe(cmd, args, 0).catch((err: unknown) => {
+    throw err instanceof RunError ? new SnapError('io', err.message, { cause: err.cause }) : err;
+  });
 }
 
 /** Make dir (and missing parents) and give it exactly this owner and mode; logs changes. */

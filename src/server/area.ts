@@ -15,17 +15,13 @@
  * `sudo -n <seal>` (no arguments; it learns the user from SUDO_UID) which snapshots users/<user>/current
  * into snapshots/<user>/<name> and prints the name, chosen by the server's clock.
  */
-import { execFile } from 'node:child_process';
 import * as fsp from 'node:fs/promises';
 import { userInfo } from 'node:os';
 import { join, resolve } from 'node:path';
-import { promisify } from 'node:util';
 import { SnapError } from '../core/errors.js';
 import { DirStorage, isSnapshotName } from '../drivers/localdir.js';
 import type { SnapshotInfo, Storage } from '../storage/types.js';
-import { DEFAULT_CONFIG_FILE, HelperError, readServerConfig, SAFE_PATH, USER_NAME } from './seal-helper.js';
-
-const execFileAsync = promisify(execFile);
+import { DEFAULT_CONFIG_FILE, HelperError, readServerConfig, RunError, runSafe, USER_NAME } from './seal-helper.js';
 
 export interface UserAreaOptions {
   /** The server's root directory; read from the configuration file when absent. */
@@ -78,13 +74,10 @@ class UserAreaStorage extends DirStorage {
   protected override async sealCurrent(): Promise<SnapshotInfo> {
     let stdout: string;
     try {
-      stdout = (
-        await execFileAsync('sudo', ['-n', this.sealCommand], { encoding: 'utf8', env: { PATH: SAFE_PATH }, timeout: 10 * 60_000 })
-      ).stdout;
+      stdout = await runSafe('sudo', ['-n', this.sealCommand]);
     } catch (err) {
-      const e = err as { stderr?: unknown; message?: unknown };
-      const why = (typeof e.stderr === 'string' && e.stderr.trim().split('\n')[0]) || String(e.message);
-      throw new SnapError('io', `Cannot seal the area of ${this.user}: sudo -n ${this.sealCommand} failed: ${why}`, { cause: err });
+      if (!(err instanceof RunError)) throw err;
+      throw new SnapError('io', `Cannot seal the area of ${this.user}: ${err.message}`, { cause: err.cause });
     }
     const name = stdout.endsWith('\n') ? stdout.slice(0, -1) : stdout;
     if (!isSnapshotName(name)) {

@@ -9,20 +9,16 @@
  * Afterwards (not with dryRun), when server.json names a "metricsDir", it rewrites every user's
  * metrics file and snapcrypt_expire.prom (metrics.ts).
  */
-import { execFile } from 'node:child_process';
 import * as fsp from 'node:fs/promises';
 import { join } from 'node:path';
-import { promisify } from 'node:util';
 import { SnapError } from '../core/errors.js';
 import { isSnapshotName } from '../drivers/localdir.js';
 import { writeExpireMetrics, writeUserMetrics } from './metrics.js';
 import { forUser, readServerFiles } from './policy.js';
 import { applyRetention, type Decision } from './retention.js';
-import { SAFE_PATH } from './seal-helper.js';
+import { RunError, runSafe } from './seal-helper.js';
 import { status } from './status.js';
 import { serverUsers } from './users.js';
-
-const execFileAsync = promisify(execFile);
 
 export interface ExpireOptions {
   readonly configFile: string;
@@ -55,10 +51,8 @@ export async function expire(opts: ExpireOptions): Promise<number> {
       if (!d.keep) {
         count++;
         if (!opts.dryRun) {
-          await execFileAsync('btrfs', ['subvolume', 'delete', join(dir, d.name)], { env: { PATH: SAFE_PATH }, timeout: 10 * 60_000 }).catch((err: unknown) => {
-            const e = err as { stderr?: unknown; message?: unknown };
-            const why = (typeof e.stderr === 'string' && e.stderr.trim().split('\n')[0]) || String(e.message);
-            throw new SnapError('io', `Cannot delete the snapshot ${join(dir, d.name)}: ${why}`);
+          await runSafe('btrfs', ['subvolume', 'delete', join(dir, d.name)]).catch((err: unknown) => {
+            throw err instanceof RunError ? new SnapError('io', `Cannot delete the snapshot ${join(dir, d.name)}: ${err.reason}`) : err;
           });
           deleted = true;
         }

@@ -162,14 +162,26 @@ async function checkRootOwnedDir(p: string): Promise<void> {
   }
 }
 
-async function run(cmd: string, args: string[]): Promise<string> {
+/** A program that runSafe ran failed: `reason` is the first line of its stderr, else the error's message. */
+export class RunError extends HelperError {
+  readonly reason: string;
+  constructor(cmd: string, args: readonly string[], reason: string, cause: unknown) {
+    super(`${cmd} ${args.join(' ')} failed: ${reason}`);
+    this.reason = reason;
+    this.cause = cause;
+  }
+}
+
+/**
+ * Runs a program as the server's root code does (no shell, the fixed SAFE_PATH, none of the caller's
+ * environment) and returns its stdout; a failure is a RunError. timeoutMs 0: no time limit.
+ */
+export async function runSafe(cmd: string, args: readonly string[], timeoutMs = 10 * 60_000): Promise<string> {
   try {
-    const { stdout } = await execFileAsync(cmd, args, { encoding: 'utf8', env: { PATH: SAFE_PATH }, timeout: 10 * 60_000 });
-    return stdout;
+    return (await execFileAsync(cmd, [...args], { encoding: 'utf8', env: { PATH: SAFE_PATH }, timeout: timeoutMs })).stdout;
   } catch (err) {
-    const e = err as { stderr?: unknown };
-    const stderr = typeof e.stderr === 'string' ? e.stderr.trim().split('\n')[0] : '';
-    throw new HelperError(`${cmd} ${args.join(' ')} failed: ${stderr || messageOf(err)}`);
+    const stderr = (err as { stderr?: unknown }).stderr;
+    throw new RunError(cmd, args, (typeof stderr === 'string' && stderr.trim().split('\n')[0]) || messageOf(err), err);
   }
 }
 
@@ -258,11 +270,11 @@ export async function sealForSudoUid(configFile: string, sudoUid: string | undef
   }
   const dest = join(snapshotsDir, user.name);
 
-  await run('sync', ['-f', current]);
+  await runSafe('sync', ['-f', current]);
   let time = Date.now();
   while (await pathExists(join(dest, new Date(time).toISOString()))) time++;
   const name = new Date(time).toISOString();
-  await run('btrfs', ['subvolume', 'snapshot', '-r', current, join(dest, name)]);
+  await runSafe('btrfs', ['subvolume', 'snapshot', '-r', current, join(dest, name)]);
   const fh = await fsp.open(dest, 'r');
   try {
     await fh.sync();
