@@ -248,7 +248,7 @@ export async function alert(opts: AlertOptions): Promise<number> {
     throw new SnapError('usage', 'snapcrypt-server alert keeps its state and runs the alert command as root: run it as root (or with --dry-run)');
   }
   const { config, policy } = await readServerFiles(opts.configFile, !opts.dryRun);
-  const rows = await status({ configFile: opts.configFile, now: opts.now ?? Date.now() });
+  const rows = await status({ configFile: opts.configFile, now: opts.now ?? Date.now(), files: { config, policy } });
   const file = alertStateFileOf(config.root);
   const release = opts.dryRun ? null : await lockAlertState(file);
   try {

@@ -62,7 +62,7 @@ export async function expire(opts: ExpireOptions): Promise<number> {
     opts.report(user, done);
   }
   if (!opts.dryRun && config.metricsDir !== undefined) {
-    await writeUserMetrics(config.metricsDir, await status({ configFile: opts.configFile }));
+    await writeUserMetrics(config.metricsDir, await status({ configFile: opts.configFile, files: { config, policy: policies } }));
     await writeExpireMetrics(config.metricsDir, Date.now(), count);
   }
   return count;

@@ -35,8 +35,15 @@ export interface UserStatus {
 }
 
 /** The status of every user that has an area or snapshots (or of one), sorted by name. */
-export async function status(opts: { configFile: string; user?: string; now?: number; history?: boolean }): Promise<UserStatus[]> {
-  const { config, policy } = await readServerFiles(opts.configFile, false);
+export async function status(opts: {
+  configFile: string;
+  user?: string;
+  now?: number;
+  history?: boolean;
+  /** server.json and policy.json when the caller has read them already. */
+  files?: Awaited<ReturnType<typeof readServerFiles>>;
+}): Promise<UserStatus[]> {
+  const { config, policy } = opts.files ?? (await readServerFiles(opts.configFile, false));
   const now = opts.now ?? Date.now();
   let users: string[];
   if (opts.user !== undefined) {
