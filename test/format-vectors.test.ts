@@ -21,7 +21,7 @@ import {
   type RepoConfig, type RepoSecret, type SnapshotRoot, type TreeEntry,
   DEFAULT_CHUNK_SIZE, FORMAT_NAME, FORMAT_VERSION, ID_LEN, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, NodeKind, TREE_VERSION,
   ZERO_CHUNK, decodeConfig, decodeHead, decodeKeyFile, decodeSecret, decodeSnapshotRoot, decodeTree, encodeConfig,
-  encodeHead, encodeIndex, encodeKeyFile, encodeSecret, encodeSnapshotRoot, encodeTree,
+  encodeHead, encodeIndex, encodeKeyFile, encodeSecret, encodeSnapshotRoot, encodeTree, sameEntry,
 } from '../src/core/format.js';
 import { IntegrityError, SnapError } from '../src/core/errors.js';
 import { Repository } from '../src/engine/repository.js';
@@ -350,4 +350,42 @@ test('format vectors: readers reject unknown versions', () => {
   const secret = H(V.keyFiles[0]!.secretEncoded);
   secret[0] = 2;
   assert.throws(() => decodeSecret(secret), /unknown secret version/);
+});
+
+test('sameEntry is true exactly when two entries encode to the same tree bytes', () => {
+  const base: TreeEntry = {
+    kind: NodeKind.file, name: Buffer.from('a.txt'), mode: 0o644, uid: 1000, gid: 1000, mtimeNs: 1_700_000_000_123_456_789n,
+    ctimeNs: 1_700_000_001_000_000_001n, inode: 42, nlink: 1, xattrs: [{ name: Buffer.from('user.k'), value: Buffer.from('v') }],
+    size: 5, chunks: [Buffer.alloc(32, 7)], subtree: null, target: null, rdev: 0,
+  };
+  const dir: TreeEntry = { ...base, kind: NodeKind.dir, size: 0, chunks: [], subtree: Buffer.alloc(32, 9) };
+  const link: TreeEntry = { ...base, kind: NodeKind.symlink, size: 0, chunks: [], target: Buffer.from('x') };
+  const dev: TreeEntry = { ...base, kind: NodeKind.chardev, size: 0, chunks: [], rdev: 0x0501 };
+  const variants: TreeEntry[] = [base, dir, link, dev, { ...base, kind: NodeKind.fifo, size: 0, chunks: [] }];
+  for (const e of [base, dir, link, dev]) {
+    variants.push(
+      { ...e, name: Buffer.from('b.txt') }, { ...e, mode: 0o600 }, { ...e, uid: 1 }, { ...e, gid: 1 }, { ...e, mtimeNs: e.mtimeNs + 1n },
+      { ...e, ctimeNs: e.ctimeNs + 1n }, { ...e, inode: 43 }, { ...e, nlink: 2 }, { ...e, xattrs: [] },
+      { ...e, xattrs: [{ name: Buffer.from('user.k'), value: Buffer.from('w') }] },
+      { ...e, xattrs: [{ name: Buffer.from('user.j'), value: Buffer.from('v') }] },
+      // copies with equal but distinct buffers: still the same
+      { ...e, name: Buffer.from(e.name), chunks: e.chunks.map((c) => Buffer.from(c)), xattrs: e.xattrs.map((x) => ({ ...x, value: Buffer.from(x.value) })) },
+    );
+  }
+  variants.push(
+    { ...base, size: 6 }, { ...base, chunks: [Buffer.alloc(32, 8)] }, { ...base, chunks: [Buffer.alloc(32, 7), Buffer.alloc(32, 7)] },
+    { ...dir, subtree: Buffer.alloc(32, 10) }, { ...link, target: Buffer.from('y') }, { ...link, target: Buffer.alloc(0) }, { ...link, target: null },
+    { ...dev, rdev: 0x0502 }, { ...dev, kind: NodeKind.blockdev },
+    // fields a kind does not encode do not count
+    { ...dir, size: 9 }, { ...link, rdev: 3 }, { ...base, rdev: 3 },
+  );
+  let same = 0;
+  for (const a of variants) {
+    for (const b of variants) {
+      const bytesEqual = encodeTree([a]).equals(encodeTree([b]));
+      assert.equal(sameEntry(a, b), bytesEqual, `sameEntry(${JSON.stringify(a, (_k, v: unknown) => (typeof v === 'bigint' ? String(v) : v))}, ...)`);
+      if (bytesEqual && a !== b) same++;
+    }
+  }
+  assert.ok(same >= 8, `equal encodings of distinct objects were compared (${same})`);
 });

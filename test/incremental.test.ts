@@ -15,6 +15,11 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { tempDir } from './env.js';
+import { openStorage } from '../src/drivers/open.js';
+import { openTreeCache } from '../src/drivers/cachedir.js';
+import { LocalSourceFs } from '../src/drivers/localfs.js';
+import { Repository } from '../src/engine/repository.js';
+import { backup as engineBackup } from '../src/engine/backup.js';
 import { assertSameTree, expectExit, jsonLines, makeRepo, runCli, treeSnapshot, type TestRepo } from './cli-helpers.js';
 
 const KiB = 1024;
@@ -120,4 +125,60 @@ test('only changes travel: unchanged files are not read, a small change costs on
 
   const v = await runCli(['verify', '--repo', repo.repo, '--read-data'], { env: repo.env });
   expectExit(v, 'verify --read-data at the end');
+});
+
+test('a backup takes what current holds from the index it committed last, and lists current when that index is out of date', async (t) => {
+  const repo = await makeRepo();
+  const src = await tempDir('incr-index-src');
+  for (let i = 0; i < 30; i++) fs.writeFileSync(path.join(src, `f${i}`), randomBytes(2000 + i));
+  const first = await backup(repo, src, 'first');
+  const repoId = (fs.readFileSync(path.join(repo.repo, 'current', 'config'), 'latin1').match(/[0-9a-f]{32}/) ?? [''])[0];
+  const kept = path.join(repo.cacheDir, repoId, 'index');
+  assert.ok(fs.existsSync(kept), `the committed index is kept in the cache (${kept})`);
+
+  // In-process, with the storage's listObjects counted: an unchanged backup does not list current.
+  const storage = await openStorage(repo.repo);
+  let listings = 0;
+  const counted = new Proxy(storage, {
+    get(target, prop, receiver) {
+      if (prop === 'listObjects') {
+        return () => {
+          listings++;
+          return target.listObjects();
+        };
+      }
+      const v = Reflect.get(target, prop, receiver) as unknown;
+      return typeof v === 'function' ? (v as (...a: unknown[]) => unknown).bind(target) : v;
+    },
+  });
+  const r = await Repository.open(counted, Buffer.from(repo.env['SNAPCRYPT_PASSWORD'] ?? ''), openTreeCache(repo.cacheDir));
+  const source = new LocalSourceFs();
+  const run = () => engineBackup(r, { paths: [src], source, host: 'h', user: 'u' });
+  const unchanged = await run();
+  assert.equal(listings, 0, 'an unchanged backup after this workstation\'s commit does not list current');
+  assert.equal(unchanged.root.stats.filesRead, 0);
+
+  // An object current has lost since (removed on the server): the kept index is wrong, the commit is
+  // refused, and the backup lists current and sends what is missing, in the same run.
+  const chunk = first.added.find((id) => id !== first.s.id && fs.statSync(path.join(repo.repo, 'current', 'objects', id.slice(0, 2), id)).size > 1000);
+  assert.ok(chunk, 'a chunk of the first backup');
+  fs.rmSync(path.join(repo.repo, 'current', 'objects', chunk.slice(0, 2), chunk));
+  const healed = await run();
+  assert.equal(listings, 1, 'the refused commit made the backup list current once');
+  assert.ok(healed.root.stats.filesRead >= 1, 'the file whose chunk was lost is read again');
+  assert.ok(fs.existsSync(path.join(repo.repo, 'current', 'objects', chunk.slice(0, 2), chunk)), 'the lost chunk is stored again');
+
+  // A run that uploads and does not commit leaves objects that no kept index lists: the next one lists.
+  fs.writeFileSync(path.join(src, 'new'), randomBytes(5000));
+  const crashed = engineBackup(r, { paths: [src], source, host: 'h', user: 'u', onStep: (s) => { if (s === 'commit') throw new Error('stopped before commit'); } });
+  await assert.rejects(crashed, /stopped before commit/);
+  assert.ok(!fs.existsSync(kept), 'a run that may upload forgets the kept index until it commits');
+  const resumed = await run();
+  assert.equal(listings, 2, 'the next run lists current');
+  assert.equal(resumed.root.stats.objectsAdded, 1, 'what the stopped run uploaded (the chunk, the trees) is not sent again: only the new snapshot root');
+  await source.finish();
+  await storage.close();
+  t.diagnostic(`listings: ${listings}`);
+  await assertRestores(repo, src, 'after the refused commit');
+  expectExit(await runCli(['verify', '--repo', repo.repo, '--read-data'], { env: repo.env }), 'verify --read-data');
 });

@@ -10,6 +10,8 @@ export interface Excluder {
   enter(dirRel: string, ignoreFile: string | null): void;
   leave(): void;
   isExcluded(rel: string, isDir: boolean): boolean;
+  /** Whether any rule applies in the directory entered last (if not, nothing in it is excluded). */
+  readonly active: boolean;
 }
 
 export interface ExcludeSources {
@@ -35,6 +37,9 @@ export function makeExcluder(src: ExcludeSources = {}): Excluder {
     },
     isExcluded(rel, isDir) {
       return m.isExcluded(rel, isDir);
+    },
+    get active() {
+      return m.hasRules;
     },
   };
 }

@@ -218,6 +218,41 @@ export function encodeTree(entries: readonly TreeEntry[]): Buffer {
   return w.finish();
 }
 
+/**
+ * Whether two entries encode to the same bytes (encodeTree), compared field by field without encoding:
+ * a directory whose entries all match its previous tree's keeps that tree's id.
+ */
+export function sameEntry(a: TreeEntry, b: TreeEntry): boolean {
+  if (a === b) return true;
+  if (
+    a.kind !== b.kind || a.mode !== b.mode || a.uid !== b.uid || a.gid !== b.gid || a.mtimeNs !== b.mtimeNs ||
+    a.ctimeNs !== b.ctimeNs || a.inode !== b.inode || a.nlink !== b.nlink || !a.name.equals(b.name)
+  ) {
+    return false;
+  }
+  if (a.xattrs !== b.xattrs) {
+    if (a.xattrs.length !== b.xattrs.length) return false;
+    for (let i = 0; i < a.xattrs.length; i++) {
+      if (!a.xattrs[i]!.name.equals(b.xattrs[i]!.name) || !a.xattrs[i]!.value.equals(b.xattrs[i]!.value)) return false;
+    }
+  }
+  switch (a.kind) {
+    case NodeKind.file:
+      if (a.size !== b.size || a.chunks.length !== b.chunks.length) return false;
+      return a.chunks === b.chunks || a.chunks.every((c, i) => c.equals(b.chunks[i]!));
+    case NodeKind.dir:
+      return a.subtree !== null && b.subtree !== null && a.subtree.equals(b.subtree);
+    case NodeKind.symlink:
+      return (a.target ?? EMPTY).equals(b.target ?? EMPTY);
+    case NodeKind.chardev:
+    case NodeKind.blockdev:
+      return a.rdev === b.rdev;
+    default:
+      return true;
+  }
+}
+const EMPTY = Buffer.alloc(0);
+
 export function decodeTree(buf: Buffer): TreeEntry[] {
   const r = new Reader(buf, 'tree');
   const version = r.u8();

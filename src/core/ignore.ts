@@ -130,6 +130,11 @@ export class Matcher {
     return this.stack.length;
   }
 
+  /** Whether any rule set in effect has a rule. */
+  get hasRules(): boolean {
+    return this.global.some((r) => !r.isEmpty) || this.stack.some((r) => !r.isEmpty);
+  }
+
   /** The rule deciding about `relPath` (a negated rule means: included), or undefined if none matches. */
   explain(relPath: string, isDir: boolean): IgnoreRule | undefined {
     const path = stripSlashes(relPath);

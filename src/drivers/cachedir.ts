@@ -2,7 +2,11 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import os from 'node:os';
+import { createHash } from 'node:crypto';
 import type { KeyStore, TreeCache } from '../engine/cache.js';
+
+/** First line of the kept index file; then the head (64 hex), a newline, the ids, and SHA-256 of all before. */
+const INDEX_MAGIC = 'snapcrypt-index-cache 1\n';
 
 export function defaultCacheRoot(): string {
   const env = process.env['SNAPCRYPT_CACHE_DIR'];
@@ -14,8 +18,10 @@ export function defaultCacheRoot(): string {
 export class DirTreeCache implements TreeCache {
   private readonly dir: string;
   private ok = true;
+  private readonly indexFile: string;
   constructor(root: string, repoId: string) {
     this.dir = path.join(root, repoId, 'trees');
+    this.indexFile = path.join(root, repoId, 'index');
   }
   private file(id: Buffer): string {
     const hex = id.toString('hex');
@@ -51,6 +57,40 @@ export class DirTreeCache implements TreeCache {
       fs.rmSync(this.file(id), { force: true });
     } catch {
       /* ignore */
+    }
+  }
+  getIndex(head: string): Buffer | null {
+    let data: Buffer;
+    try {
+      data = fs.readFileSync(this.indexFile);
+    } catch {
+      return null;
+    }
+    const start = INDEX_MAGIC.length + 65;
+    if (data.length < start + 32 || (data.length - start - 32) % 32 !== 0) return null;
+    if (data.toString('latin1', 0, start) !== `${INDEX_MAGIC}${head}\n`) return null;
+    const body = data.subarray(0, data.length - 32);
+    if (!createHash('sha256').update(body).digest().equals(data.subarray(data.length - 32))) return null;
+    return data.subarray(start, data.length - 32);
+  }
+  putIndex(head: string, index: Buffer): void {
+    if (!this.ok) return;
+    const tmp = `${this.indexFile}.${process.pid}.tmp`;
+    try {
+      const header = Buffer.from(`${INDEX_MAGIC}${head}\n`, 'latin1');
+      const hash = createHash('sha256').update(header).update(index).digest();
+      fs.mkdirSync(path.dirname(this.indexFile), { recursive: true, mode: 0o700 });
+      fs.writeFileSync(tmp, Buffer.concat([header, index, hash]), { mode: 0o600 });
+      fs.renameSync(tmp, this.indexFile);
+    } catch {
+      fs.rmSync(tmp, { force: true });
+    }
+  }
+  dropIndex(): void {
+    try {
+      fs.rmSync(this.indexFile, { force: true });
+    } catch {
+      /* harmless: an index left behind lacks only what a later session uploaded, which is sent again */
     }
   }
 }

@@ -9,10 +9,10 @@
 import path from 'node:path';
 import {
   type NodeKindCode, type SnapshotRoot, type SnapshotStats, type TreeEntry, type Xattr,
-  NodeKind, ZERO_CHUNK, encodeHead, encodeSnapshotRoot, encodeTree,
+  NodeKind, ZERO_CHUNK, encodeHead, encodeSnapshotRoot, encodeTree, sameEntry,
 } from '../core/format.js';
 import { ObjectType, objectId, type ObjectTypeCode } from '../core/crypto.js';
-import { IdList, type IdSet } from '../core/idset.js';
+import { IdList, IdSet } from '../core/idset.js';
 import { SnapError } from '../core/errors.js';
 import type { Excluder } from '../core/excluder.js';
 import type { Repository } from './repository.js';
@@ -191,6 +191,11 @@ interface Walk {
   readonly prevReader: ObjectReader;
   readonly hardlinks: Map<string, readonly Buffer[]>;
   readonly progress: BackupProgress;
+  /**
+   * current holds every object the previous snapshot references (known is the index committed with
+   * it), so reused chunk lists and tree ids need no lookup.
+   */
+  readonly prevComplete: boolean;
   lastProgress: number;
 }
 
@@ -349,10 +354,12 @@ async function backupNode(
       w.stats.files++;
       w.progress.filesDone++;
       tick(w, p);
-      if (sameFile(st, prev) && prev.chunks.every((c) => c.equals(ZERO_CHUNK) || w.known.has(c))) {
+      if (sameFile(st, prev) && (w.prevComplete || prev.chunks.every((c) => c.equals(ZERO_CHUNK) || w.known.has(c)))) {
         for (const c of prev.chunks) if (!c.equals(ZERO_CHUNK)) w.refs.push(c);
         w.stats.bytes += prev.size;
         w.progress.bytesDone += prev.size;
+        // the common case, nothing at all changed: the previous entry itself (no new object)
+        if (xattrs === prev.xattrs && base.mode === prev.mode && base.uid === prev.uid && base.gid === prev.gid && base.nlink === prev.nlink) return prev;
         return { ...base, kind, xattrs, size: prev.size, chunks: prev.chunks };
       }
       const hkey = st.nlink > 1 ? `${st.dev}:${st.ino}` : null;
@@ -370,7 +377,7 @@ async function backupNode(
     case NodeKind.dir: {
       w.stats.dirs++;
       const prevTree = prev?.kind === NodeKind.dir && prev.subtree ? await loadPrevTree(w, prev.subtree) : null;
-      const subtree = await backupDir(w, p, prevTree);
+      const subtree = await backupDir(w, p, prevTree, prevTree && prev!.subtree);
       return { ...base, kind, xattrs, subtree };
     }
     case NodeKind.symlink: {
@@ -408,8 +415,8 @@ function readSmallFile(fs: SourceFs, p: Buffer, max: number): Buffer | null {
   }
 }
 
-/** Back up the contents of directory p; returns the id of its tree. */
-async function backupDir(w: Walk, p: Buffer, prevTree: TreeEntry[] | null): Promise<Buffer> {
+/** Back up the contents of directory p (whose previous tree, if any, is prevTree with id prevId); returns the id of its tree. */
+async function backupDir(w: Walk, p: Buffer, prevTree: TreeEntry[] | null, prevId: Buffer | null): Promise<Buffer> {
   let names: Buffer[];
   try {
     names = w.fs.readdir(p);
@@ -418,8 +425,6 @@ async function backupDir(w: Walk, p: Buffer, prevTree: TreeEntry[] | null): Prom
     names = [];
   }
   names.sort(Buffer.compare);
-  const prevByName = new Map<string, TreeEntry>();
-  if (prevTree) for (const e of prevTree) prevByName.set(e.name.toString('latin1'), e);
   const entries: TreeEntry[] = [];
   const rel = relOf(p);
 
@@ -432,10 +437,14 @@ async function backupDir(w: Walk, p: Buffer, prevTree: TreeEntry[] | null): Prom
   if (w.opts.excluder && names.some((n) => n.toString('latin1') === IGNORE_FILE)) {
     ignoreText = readSmallFile(w.fs, joinPath(p, Buffer.from(IGNORE_FILE)), 1 << 20)?.toString('latin1') ?? null;
   }
-  w.opts.excluder?.enter(rel, ignoreText);
+  const excluder = w.opts.excluder;
+  excluder?.enter(rel, ignoreText);
   try {
+    const filtering = excluder?.active === true;
     // First stat every entry and ask for the xattrs of changed ones (pipelined), then back them up.
+    // names and prevTree are both sorted by name bytes: their entries are paired by one merge.
     const items: Array<{ name: Buffer; child: Buffer; st: SourceStat; prev: TreeEntry | undefined; xattrs: Promise<Xattr[]> | null }> = [];
+    let k = 0;
     for (const name of names) {
       const child = joinPath(p, name);
       let st: SourceStat;
@@ -445,8 +454,12 @@ async function backupDir(w: Walk, p: Buffer, prevTree: TreeEntry[] | null): Prom
         warn(w, child, err);
         continue;
       }
-      if (w.opts.excluder?.isExcluded(relOf(child), st.kind === NodeKind.dir)) continue;
-      const prev = prevByName.get(name.toString('latin1'));
+      if (filtering && excluder!.isExcluded(relOf(child), st.kind === NodeKind.dir)) continue;
+      let prev: TreeEntry | undefined;
+      if (prevTree) {
+        while (k < prevTree.length && Buffer.compare(prevTree[k]!.name, name) < 0) k++;
+        if (k < prevTree.length && prevTree[k]!.name.equals(name)) prev = prevTree[k++];
+      }
       items.push({ name, child, st, prev, xattrs: requestXattrs(w, child, st, prev) });
     }
     for (const it of items) {
@@ -459,7 +472,16 @@ async function backupDir(w: Walk, p: Buffer, prevTree: TreeEntry[] | null): Prom
       }
     }
   } finally {
-    w.opts.excluder?.leave();
+    excluder?.leave();
+  }
+  // Nothing changed in this directory: its tree encodes to the previous bytes, so it has the same id
+  // (no encoding, hashing or upload). prevTree is sorted by name, like entries.
+  if (
+    prevId !== null && prevTree !== null && entries.length === prevTree.length &&
+    entries.every((e, i) => sameEntry(e, prevTree[i]!)) && (w.prevComplete || w.known.has(prevId))
+  ) {
+    w.refs.push(prevId);
+    return prevId;
   }
   return storeTree(w, entries);
 }
@@ -541,27 +563,48 @@ export async function backup(repo: Repository, opts: BackupOptions): Promise<Bac
   const started = new Date();
   const paths = normalisePaths(opts.paths, opts.source, process.cwd());
   step('start');
-  const known = await repo.knownObjects();
   const parent = await repo.currentHead();
-  const stats = newStats();
-  const refs = new IdList();
-  const pool = await repo.sealPool();
-  const inflight = opts.inflightBytes ?? 16 * 1024 * 1024;
-  const up = new Uploader(repo, pool, known, inflight, stats, step);
-  try {
-    return await runBackup(repo, opts, paths, known, parent, stats, refs, up, new ReadBuffers(repo.chunkSize, inflight, pool.writesDirectly), step, started);
-  } finally {
-    await pool.close();
+  // What current holds: the index this workstation committed last, when current's head is still that
+  // commit's (no listing of current), else a listing. Forgotten until this run commits, since objects
+  // uploaded by a run that does not commit are in current but not in that index.
+  let cached = parent ? (repo.cache?.getIndex?.(parent.rootId) ?? null) : null;
+  repo.cache?.dropIndex?.();
+  for (;;) {
+    const known = cached ? new IdSet(cached) : await repo.knownObjects();
+    const stats = newStats();
+    const refs = new IdList();
+    const pool = await repo.sealPool();
+    const inflight = opts.inflightBytes ?? 16 * 1024 * 1024;
+    const up = new Uploader(repo, pool, known, inflight, stats, step);
+    try {
+      const reads = new ReadBuffers(repo.chunkSize, inflight, pool.writesDirectly);
+      return await runBackup(repo, opts, paths, known, cached !== null, parent, stats, refs, up, reads, step, started);
+    } catch (err) {
+      // current lacks an object the kept index lists (removed on the server since): once more with a listing
+      if (!(err instanceof CommitRefused) || cached === null) throw err instanceof CommitRefused ? err.cause : err;
+      cached = null;
+    } finally {
+      await pool.close();
+    }
+  }
+}
+
+/** The storage refused the commit as inconsistent (an indexed object is missing from current). */
+class CommitRefused extends Error {
+  override readonly cause: SnapError;
+  constructor(cause: SnapError) {
+    super(cause.message);
+    this.cause = cause;
   }
 }
 
 async function runBackup(
-  repo: Repository, opts: BackupOptions, paths: Buffer[], known: IdSet, parent: Awaited<ReturnType<Repository['currentHead']>>,
+  repo: Repository, opts: BackupOptions, paths: Buffer[], known: IdSet, prevComplete: boolean, parent: Awaited<ReturnType<Repository['currentHead']>>,
   stats: SnapshotStats, refs: IdList, up: Uploader, reads: ReadBuffers, step: (s: string) => void, started: Date,
 ): Promise<BackupResult> {
   const w: Walk = {
     reads,
-    repo, opts, fs: opts.source, up, known, refs, stats, prevReader: repo.storage, hardlinks: new Map(),
+    repo, opts, fs: opts.source, up, known, refs, stats, prevReader: repo.storage, hardlinks: new Map(), prevComplete,
     progress: { filesDone: 0, bytesDone: 0, filesTotal: null, bytesTotal: null, currentPath: '' }, lastProgress: 0,
   };
   if (opts.prescan && opts.onProgress) {
@@ -572,7 +615,7 @@ async function runBackup(
   const prevRoot = parent ? await loadPrevTree(w, Buffer.from(parent.root.tree, 'hex')) : null;
   const pathTree = buildPathTree(paths);
   // backing up "/" itself: the root tree is the root directory's own
-  const treeId = pathTree.target ? await backupDir(w, Buffer.from('/'), prevRoot) : await backupAncestors(w, Buffer.from('/'), pathTree, prevRoot);
+  const treeId = pathTree.target ? await backupDir(w, Buffer.from('/'), prevRoot, prevRoot && Buffer.from(parent!.root.tree, 'hex')) : await backupAncestors(w, Buffer.from('/'), pathTree, prevRoot);
   step('trees-done');
   await up.drain();
   step('uploaded');
@@ -594,7 +637,15 @@ async function runBackup(
   await up.store(ObjectType.snapshot, rootId, rootPlain);
   await up.drain();
   step('commit');
-  const snapshot = await repo.storage.commit(encodeHead(rootId.toString('hex')), refs.sortedUnique());
+  const index = refs.sortedUnique();
+  let snapshot: SnapshotInfo;
+  try {
+    snapshot = await repo.storage.commit(encodeHead(rootId.toString('hex')), index);
+  } catch (err) {
+    if (err instanceof SnapError && err.code === 'integrity') throw new CommitRefused(err);
+    throw err;
+  }
+  repo.cache?.putIndex?.(rootId.toString('hex'), index);
   step('committed');
   opts.onProgress?.({ ...w.progress, currentPath: '' });
   return { snapshot, rootId: rootId.toString('hex'), root };

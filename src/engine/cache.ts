@@ -7,6 +7,16 @@ export interface TreeCache {
   get(id: Buffer): Buffer | null;
   put(id: Buffer, data: Buffer): void;
   drop(id: Buffer): void;
+  /**
+   * The index this workstation committed with head `head` (sorted 32-byte ids), if the cache holds
+   * it; a backup whose current still has that head takes it as the list of objects current holds,
+   * instead of listing them. Optional: a cache without it makes every backup list current.
+   */
+  getIndex?(head: string): Buffer | null;
+  /** Keep the index just committed with `head` (replacing any other). */
+  putIndex?(head: string, index: Buffer): void;
+  /** Forget the kept index (a backup that may upload objects outside it does this first). */
+  dropIndex?(): void;
 }
 
 /**
