@@ -1,7 +1,7 @@
 /** The command line itself: help, usage errors, --json, and the progress line only on a terminal. */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { CLI_PATH, expectExit, jsonLines, makeRepo, runCli } from './cli-helpers.js';
@@ -106,4 +106,27 @@ test('backup and snapshots warn when the newest snapshot is older than SNAPCRYPT
   const bad = await runCli(['snapshots', '--repo', r.repo], { env: { ...r.env, SNAPCRYPT_WARN_AGE: 'soon' } });
   assert.equal(bad.code, 2, bad.stderr);
   assert.match(bad.stderr, /Invalid duration "soon"/);
+});
+
+test('output into a pipe whose reader has gone is dropped: the command still finishes (a backup commits), no stack trace', async () => {
+  const r = await makeRepo();
+  const src = await tempDir('cli-epipe');
+  for (let i = 0; i < 50; i++) fs.writeFileSync(path.join(src, `f${i}`), `file ${i}\n`);
+  const runClosed = (args: string[]): Promise<{ code: number | null; stderr: string }> =>
+    new Promise((resolve) => {
+      const child = spawn(process.execPath, [CLI_PATH, ...args], { env: { ...process.env, ...r.env }, stdio: ['ignore', 'pipe', 'pipe'] });
+      child.stdout.destroy(); // the reader is gone before the first line is written
+      let stderr = '';
+      child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+      child.on('close', (code) => resolve({ code, stderr }));
+    });
+  const b = await runClosed(['backup', '--repo', r.repo, '--json', src]);
+  assert.equal(b.code, 0, b.stderr);
+  assert.doesNotMatch(b.stderr, /EPIPE|Unhandled|at /);
+  const list = await runCli(['snapshots', '--repo', r.repo, '--json'], { env: r.env });
+  expectExit(list, 'snapshots');
+  assert.equal(jsonLines(list.stdout).filter((o) => o['type'] === 'snapshot').length, 1, 'the backup whose output went nowhere committed');
+  const s = await runClosed(['snapshots', '--repo', r.repo, '--json']);
+  assert.equal(s.code, 0, s.stderr);
+  assert.equal(s.stderr, '');
 });

@@ -5,6 +5,9 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { expectExit, jsonLines, makeRepo, runCli } from './cli-helpers.js';
 import { tempDir } from './env.js';
+import { DirKeyStore } from '../src/drivers/cachedir.js';
+import { openStorage } from '../src/drivers/open.js';
+import { type EarlyKeys, Repository } from '../src/engine/repository.js';
 
 /** Remove every key file of the repository, in current and in every sealed snapshot. */
 function deleteRepoKeys(repo: string): number {
@@ -51,4 +54,26 @@ test('a new machine with only the passphrase restores everything (keys from the 
   const wrong = await runCli(['snapshots', '--repo', r.repo], { env: { ...fresh, SNAPCRYPT_PASSWORD: 'not it' } });
   assert.equal(wrong.code, 4);
   assert.match(wrong.stderr, /wrong passphrase/);
+});
+
+test('the key is derived from the local key copy while the storage connects, and only used for that key file', async () => {
+  const r = await makeRepo();
+  expectExit(await runCli(['snapshots', '--repo', r.repo], { env: r.env }), 'snapshots');
+  const store = new DirKeyStore(r.env['SNAPCRYPT_CONFIG_DIR']!);
+  const id = await store.repoIdAt(r.repo);
+  assert.match(id ?? '', /^[0-9a-f]{32}$/, 'the repository id at this location is remembered');
+  const pass = Buffer.from(r.env['SNAPCRYPT_PASSWORD']!);
+  const early = await Repository.deriveEarly(store, r.repo, pass);
+  assert.equal(early.size, 1, 'one derivation started, for the one local key file');
+  const storage = await openStorage(r.repo);
+  try {
+    assert.equal((await Repository.open(storage, pass, null, store, early)).config.id, id);
+    // the early result is what opens the key file: a wrong one is not silently replaced
+    const wrong: EarlyKeys = new Map([...early.keys()].map((k) => [k, Promise.resolve(Buffer.alloc(32, 1))]));
+    await assert.rejects(Repository.open(storage, pass, null, store, wrong), /wrong passphrase/);
+    // nothing remembered for another location: nothing derived early
+    assert.equal((await Repository.deriveEarly(store, `${r.repo}-elsewhere`, pass)).size, 0);
+  } finally {
+    await storage.close();
+  }
 });

@@ -164,9 +164,14 @@ export class Ctx {
   }
 
   async openRepo(): Promise<Repository> {
-    const storage = await this.openStorage();
+    // the passphrase first, so that the KDF runs (from the local key files) while ssh connects
     const pass = await this.passphrase();
-    return Repository.open(storage, pass, openTreeCache(this.cacheRoot()), this.keyStore());
+    const keyStore = this.keyStore();
+    const early = this.storage ? null : await Repository.deriveEarly(keyStore, this.repoLocation(), pass);
+    const storage = await this.openStorage();
+    const repo = await Repository.open(storage, pass, openTreeCache(this.cacheRoot()), keyStore, early);
+    await keyStore.rememberRepoId(this.repoLocation(), repo.config.id).catch(() => undefined);
+    return repo;
   }
 
   /** Local copies of key files, in the user's configuration directory. */

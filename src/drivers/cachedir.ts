@@ -135,6 +135,25 @@ export class DirKeyStore implements KeyStore {
       return null;
     }
   }
+  private locationFile(location: string): string {
+    return path.join(this.root, 'locations', createHash('sha256').update(location).digest('hex'));
+  }
+  async repoIdAt(location: string): Promise<string | null> {
+    try {
+      const id = (await fs.promises.readFile(this.locationFile(location), 'latin1')).trim();
+      return /^[0-9a-f]{32}$/.test(id) ? id : null;
+    } catch {
+      return null;
+    }
+  }
+  async rememberRepoId(location: string, repoId: string): Promise<void> {
+    if ((await this.repoIdAt(location)) === repoId) return;
+    const file = this.locationFile(location);
+    await fs.promises.mkdir(path.dirname(file), { recursive: true, mode: 0o700 });
+    const tmp = `${file}.${process.pid}.tmp`;
+    await fs.promises.writeFile(tmp, `${repoId}\n`, { mode: 0o600 });
+    await fs.promises.rename(tmp, file);
+  }
   async write(repoId: string, name: string, data: Buffer): Promise<void> {
     if (!KEY_NAME.test(name)) return;
     const dir = this.dir(repoId);

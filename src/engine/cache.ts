@@ -28,4 +28,10 @@ export interface KeyStore {
   list(repoId: string): Promise<string[]>;
   read(repoId: string, name: string): Promise<Buffer | null>;
   write(repoId: string, name: string, data: Buffer): Promise<void>;
+  /**
+   * The id of the repository last opened at this location (a hint: it lets the key be derived from
+   * the local key files while the connection is still being made; never trusted for anything else).
+   */
+  repoIdAt?(location: string): Promise<string | null>;
+  rememberRepoId?(location: string, repoId: string): Promise<void>;
 }

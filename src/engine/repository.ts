@@ -37,6 +37,10 @@ async function makeKeyFile(secret: RepoSecret, passphrase: Buffer, kdf: KdfParam
   return encodeKeyFile({ version: 1, kdf, salt, nonce, data, created: new Date().toISOString() });
 }
 
+/** Wrapping keys being derived before the storage answered (Repository.deriveEarly), by KDF and salt. */
+export type EarlyKeys = Map<string, Promise<Buffer>>;
+const earlyKey = (kdf: KdfParams, salt: Buffer): string => `${JSON.stringify(kdf)}/${salt.toString('hex')}`;
+
 export interface SnapshotRecord {
   readonly info: SnapshotInfo;
   /** Root object id (hex); the short form (first 8 hex) is the snapshot's ID for users. */
@@ -92,11 +96,38 @@ export class Repository {
    * file already tried (same bytes, e.g. sealed unchanged into many snapshots) is not tried again, and
    * older snapshots are only read when nothing newer opened.
    */
+  /**
+   * Start deriving the wrapping keys of the local key files of the repository last opened at
+   * `location`, so that the KDF runs while the storage connects; pass the result to open(). The
+   * derived keys are only used for key files that open() reads and checks as usual.
+   */
+  static async deriveEarly(keyStore: KeyStore, location: string, passphrase: Buffer): Promise<EarlyKeys> {
+    const early: EarlyKeys = new Map();
+    const repoId = await keyStore.repoIdAt?.(location).catch(() => null);
+    if (!repoId) return early;
+    for (const name of await keyStore.list(repoId).catch(() => [])) {
+      const buf = await keyStore.read(repoId, name).catch(() => null);
+      if (!buf) continue;
+      try {
+        const kf = decodeKeyFile(buf, name);
+        const key = earlyKey(kf.kdf, kf.salt);
+        if (early.has(key)) continue;
+        const p = deriveWrapKey(passphrase, kf.kdf, kf.salt);
+        p.catch(() => undefined); // open() derives again if this failed
+        early.set(key, p);
+      } catch {
+        /* a damaged local copy: open() tries the repository's own */
+      }
+    }
+    return early;
+  }
+
   static async open(
     storage: Storage,
     passphrase: Buffer,
     cache: ((repoId: string) => TreeCache | null) | null = null,
     keyStore: KeyStore | null = null,
+    early: EarlyKeys | null = null,
   ): Promise<Repository> {
     const configBuf = await storage.readFile('config');
     if (configBuf === null) {
@@ -135,7 +166,8 @@ export class Repository {
           continue; // a damaged key file must not hide a good one
         }
         sawKey = true;
-        const wrapKey = await deriveWrapKey(passphrase, kf.kdf, kf.salt);
+        const started = early?.get(earlyKey(kf.kdf, kf.salt));
+        const wrapKey = (started && (await started.catch(() => null))) || (await deriveWrapKey(passphrase, kf.kdf, kf.salt));
         const plain = unwrapSecret(wrapKey, wrapAad(kf.kdf, kf.salt), kf.nonce, kf.data);
         if (!plain) continue;
         const secret = decodeSecret(plain);

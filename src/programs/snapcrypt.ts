@@ -73,6 +73,14 @@ function exit(code: number): never {
   process.exit(code);
 }
 
+// A reader that went away (`snapcrypt snapshots | head -1`) is not an error of the command: further
+// output is dropped, and a backup that was running still finishes and commits.
+for (const stream of [process.stdout, process.stderr]) {
+  stream.on('error', (err: NodeJS.ErrnoException) => {
+    if (err.code !== 'EPIPE' && err.code !== 'ERR_STREAM_DESTROYED') throw err;
+  });
+}
+
 for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
   process.once(sig, () => {
     // Nothing to clean up that a crash would not also leave: objects are written atomically, and the
