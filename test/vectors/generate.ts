@@ -41,10 +41,10 @@ function labelledRng(label: string): Rng {
   return (n: number) => fixedBytes(`${label}/${++calls}`, n);
 }
 
-/** What Repository.sealPlain decides: zstd level 3 when the plaintext is >= 128 bytes and it saves > 3%. */
+/** What Repository.sealPlain decides: zstd level 2 when the plaintext is >= 128 bytes and it saves > 3%. */
 function choosePayload(plain: Buffer): { compression: number; payload: Buffer } {
   if (plain.length >= 128) {
-    const z = zstdCompressSync(plain, { params: { [zc.ZSTD_c_compressionLevel]: 3 } });
+    const z = zstdCompressSync(plain, { params: { [zc.ZSTD_c_compressionLevel]: 2 } });
     if (z.length < plain.length * 0.97) return { compression: Compression.zstd, payload: z };
   }
   return { compression: Compression.none, payload: plain };
