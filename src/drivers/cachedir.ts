@@ -1,19 +1,13 @@
-/** A TreeCache in a directory: one file per tree object, written atomically. */
+/** The workstation's local state: the tree cache and kept index (DirTreeCache) and key copies (DirKeyStore). */
 import fs from 'node:fs';
 import path from 'node:path';
-import os from 'node:os';
 import { createHash } from 'node:crypto';
 import type { KeyStore, TreeCache } from '../engine/cache.js';
 
+export { defaultCacheRoot, defaultConfigRoot } from './localpaths.js';
+
 /** First line of the kept index file; then the head (64 hex), a newline, the ids, and SHA-256 of all before. */
 const INDEX_MAGIC = 'snapcrypt-index-cache 1\n';
-
-export function defaultCacheRoot(): string {
-  const env = process.env['SNAPCRYPT_CACHE_DIR'];
-  if (env) return env;
-  const xdg = process.env['XDG_CACHE_HOME'];
-  return path.join(xdg && path.isAbsolute(xdg) ? xdg : path.join(os.homedir(), '.cache'), 'snapcrypt');
-}
 
 export class DirTreeCache implements TreeCache {
   private readonly dir: string;
@@ -98,14 +92,6 @@ export class DirTreeCache implements TreeCache {
 export function openTreeCache(root: string | null): ((repoId: string) => TreeCache | null) | null {
   if (root === null) return null;
   return (repoId) => new DirTreeCache(root, repoId);
-}
-
-/** $SNAPCRYPT_CONFIG_DIR, or $XDG_CONFIG_HOME/snapcrypt, or ~/.config/snapcrypt. */
-export function defaultConfigRoot(): string {
-  const env = process.env['SNAPCRYPT_CONFIG_DIR'];
-  if (env) return env;
-  const xdg = process.env['XDG_CONFIG_HOME'];
-  return path.join(xdg && path.isAbsolute(xdg) ? xdg : path.join(os.homedir(), '.config'), 'snapcrypt');
 }
 
 const KEY_NAME = /^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$/;

@@ -42,7 +42,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { SnapError } from '../core/errors.js';
-import { defaultConfigRoot } from './cachedir.js';
+import { defaultConfigRoot } from './localpaths.js';
 
 export const ASKPASS_SECRET_ENV = 'SNAPCRYPT_ASKPASS_SECRET';
 const MAX_PASSPHRASE = 1000;

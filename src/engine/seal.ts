@@ -6,7 +6,7 @@ import { randomBytes } from 'node:crypto';
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { zstdCompressSync, constants as zc } from 'node:zlib';
-import { type Keys, type ObjectTypeCode, Compression, sealObject } from '../core/crypto.js';
+import { type Keys, type ObjectTypeCode, Compression, ObjectType, sealObject } from '../core/crypto.js';
 import type { DirectWriterSpec } from '../storage/types.js';
 import { ioFailure } from '../core/errors.js';
 
@@ -132,7 +132,7 @@ export class SealPool {
     this.writesDirectly = writer !== null && this.threads >= 1;
   }
 
-  /** Workers start with the first object to seal: a backup with no change needs none. */
+  /** Workers start with the first chunk to seal: a backup with no change needs none. */
   private start(): void {
     for (let i = 0; i < this.threads; i++) {
       const data: SealWorkerData = { master: this.master, writer: this.writer };
@@ -189,7 +189,9 @@ export class SealPool {
    */
   seal(type: ObjectTypeCode, id: Buffer, plain: Buffer, recycle: ((plain: Uint8Array) => void) | null = null): Promise<Buffer | number> {
     if (this.failed) return Promise.reject(this.failed);
-    if (this.workers.length === 0 && this.threads > 0) this.start();
+    // Trees and roots before any chunk (a backup with nothing changed has only those) are sealed
+    // inline: a few small objects are not worth starting the workers for.
+    if (this.workers.length === 0 && this.threads > 0 && type === ObjectType.data) this.start();
     if (this.workers.length === 0) {
       try {
         return Promise.resolve(compressAndSeal(this.keys, type, id, plain));
