@@ -305,16 +305,14 @@ export class Repository {
 
   /** Every snapshot, with the ones that cannot be read reported instead of stopping the listing. */
   async listSnapshotsChecked(): Promise<Array<SnapshotRecord | { info: SnapshotInfo; error: SnapError }>> {
-    const out: Array<SnapshotRecord | { info: SnapshotInfo; error: SnapError }> = [];
-    for (const info of await this.storage.listSnapshots()) {
+    return inOrder(await this.storage.listSnapshots(), async (info) => {
       try {
-        out.push(await this.readSnapshot(info));
+        return await this.readSnapshot(info);
       } catch (err) {
         if (!(err instanceof SnapError) || err.code !== 'integrity') throw err;
-        out.push({ info, error: err });
+        return { info, error: err };
       }
-    }
-    return out;
+    });
   }
 
   /** "latest", a seal name (server time), or a unique prefix (>= 4 hex) of a snapshot root id. */
@@ -327,17 +325,15 @@ export class Repository {
     if (!/^[0-9a-f]{4,64}$/.test(ref)) {
       throw new SnapError('usage', `Snapshot "${ref}" is not a snapshot ID, a time name or "latest"`, { hint: 'see "snapcrypt snapshots"' });
     }
-    const matches: SnapshotInfo[] = [];
-    for (const info of infos) {
+    const ids = await inOrder(infos, async (info) => {
       const head = await (await this.storage.openSnapshot(info.name)).readFile('head');
-      let id: string;
       try {
-        id = head ? decodeHead(head) : '';
+        return head ? decodeHead(head) : '';
       } catch {
-        continue; // a damaged head must not hide the other snapshots (verify reports it)
+        return ''; // a damaged head must not hide the other snapshots (verify reports it)
       }
-      if (id.startsWith(ref)) matches.push(info);
-    }
+    });
+    const matches = infos.filter((_info, i) => ids[i]!.startsWith(ref));
     if (matches.length === 0) throw new SnapError('not-found', `No snapshot with ID ${ref} in ${this.storage.location}`);
     if (matches.length > 1) throw new SnapError('usage', `Snapshot ID ${ref} is ambiguous (${matches.length} snapshots); give more digits`);
     return this.readSnapshot(matches[0]!);
@@ -368,6 +364,23 @@ export class Repository {
     for await (const hex of this.storage.listObjects()) list.pushHex(hex);
     return new IdSet(list.sortedUnique());
   }
+}
+
+/**
+ * fn over items with up to 16 calls in flight (over SSH each is a round trip or two, which would
+ * otherwise add up one after the other), results in the items' order.
+ */
+async function inOrder<T, R>(items: readonly T[], fn: (item: T) => Promise<R>): Promise<R[]> {
+  const out: R[] = new Array<R>(items.length);
+  let next = 0;
+  const lane = async (): Promise<void> => {
+    while (next < items.length) {
+      const i = next++;
+      out[i] = await fn(items[i]!);
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(16, items.length) }, lane));
+  return out;
 }
 
 export function hostName(): string {
