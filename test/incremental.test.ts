@@ -188,3 +188,24 @@ test('a backup takes what current holds from the index it committed last, and li
   await assertRestores(repo, src, 'after the refused commit');
   expectExit(await runCli(['verify', '--repo', repo.repo, '--read-data'], { env: repo.env }), 'verify --read-data');
 });
+
+test('a directory renamed within its parent is compared with its old tree: its files are not read again', async () => {
+  const repo = await makeRepo();
+  const src = await tempDir('incr-rename-src');
+  fs.mkdirSync(path.join(src, 'docs', 'sub'), { recursive: true });
+  for (let i = 0; i < 10; i++) fs.writeFileSync(path.join(src, 'docs', i < 5 ? '' : 'sub', `f${i}`), randomBytes(3000 + i));
+  await backup(repo, src, 'first');
+  fs.renameSync(path.join(src, 'docs'), path.join(src, 'docs-renamed'));
+  // a new directory that takes the old name is not confused with the renamed one
+  fs.mkdirSync(path.join(src, 'docs'));
+  fs.writeFileSync(path.join(src, 'docs', 'f0'), randomBytes(100));
+  const renamed = await backup(repo, src, 'after the rename');
+  assert.equal(renamed.s.filesRead, 1, 'only the new file under the old name is read; the renamed directory\'s files are not');
+  await assertRestores(repo, src, 'after the rename');
+  // a file changed under the renamed directory is still read
+  fs.appendFileSync(path.join(src, 'docs-renamed', 'sub', 'f7'), 'more');
+  fs.renameSync(path.join(src, 'docs-renamed'), path.join(src, 'docs-again'));
+  const changed = await backup(repo, src, 'after a change and another rename');
+  assert.equal(changed.s.filesRead, 1, 'the changed file is read');
+  await assertRestores(repo, src, 'after a change and another rename');
+});

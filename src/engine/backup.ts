@@ -415,6 +415,37 @@ function readSmallFile(fs: SourceFs, p: Buffer, max: number): Buffer | null {
   }
 }
 
+interface Item {
+  readonly name: Buffer;
+  readonly child: Buffer;
+  readonly st: SourceStat;
+  prev: TreeEntry | undefined;
+  readonly xattrs: Promise<Xattr[]> | null;
+}
+
+/**
+ * A directory renamed within its parent (same inode, new name, the old name gone) is compared with its
+ * old tree, so that the files below it are not read again: they still have to match that tree exactly
+ * (size, mtime, ctime, inode). Only its own entry differs (name, ctime). matched[i] is 1 for the
+ * entries of prevTree whose name still holds the same inode.
+ */
+function pairRenamedDirs(items: Item[], prevTree: readonly TreeEntry[], matched: Uint8Array): void {
+  let byInode: Map<number, TreeEntry> | null = null;
+  for (const it of items) {
+    if (it.prev !== undefined || it.st.kind !== NodeKind.dir) continue;
+    if (byInode === null) {
+      byInode = new Map();
+      prevTree.forEach((e, i) => {
+        if (matched[i] === 0 && e.kind === NodeKind.dir && e.subtree) byInode!.set(e.inode, e);
+      });
+    }
+    const old = byInode.get(it.st.ino);
+    if (old === undefined) continue;
+    byInode.delete(it.st.ino);
+    it.prev = old;
+  }
+}
+
 /** Back up the contents of directory p (whose previous tree, if any, is prevTree with id prevId); returns the id of its tree. */
 async function backupDir(w: Walk, p: Buffer, prevTree: TreeEntry[] | null, prevId: Buffer | null): Promise<Buffer> {
   let names: Buffer[];
@@ -443,8 +474,9 @@ async function backupDir(w: Walk, p: Buffer, prevTree: TreeEntry[] | null, prevI
     const filtering = excluder?.active === true;
     // First stat every entry and ask for the xattrs of changed ones (pipelined), then back them up.
     // names and prevTree are both sorted by name bytes: their entries are paired by one merge.
-    const items: Array<{ name: Buffer; child: Buffer; st: SourceStat; prev: TreeEntry | undefined; xattrs: Promise<Xattr[]> | null }> = [];
+    const items: Item[] = [];
     let k = 0;
+    const matched = prevTree ? new Uint8Array(prevTree.length) : null;
     for (const name of names) {
       const child = joinPath(p, name);
       let st: SourceStat;
@@ -458,10 +490,15 @@ async function backupDir(w: Walk, p: Buffer, prevTree: TreeEntry[] | null, prevI
       let prev: TreeEntry | undefined;
       if (prevTree) {
         while (k < prevTree.length && Buffer.compare(prevTree[k]!.name, name) < 0) k++;
-        if (k < prevTree.length && prevTree[k]!.name.equals(name)) prev = prevTree[k++];
+        if (k < prevTree.length && prevTree[k]!.name.equals(name)) {
+          prev = prevTree[k];
+          if (prev!.inode === st.ino) matched![k] = 1; // else the name went to another object, and the old one may be renamed
+          k++;
+        }
       }
       items.push({ name, child, st, prev, xattrs: requestXattrs(w, child, st, prev) });
     }
+    if (prevTree) pairRenamedDirs(items, prevTree, matched!);
     for (const it of items) {
       try {
         const e = await backupNode(w, it.child, it.name, it.st, it.prev, it.xattrs);
