@@ -67,6 +67,8 @@ const requests: Request[] = [
   { type: 'listObjects', scope: SNAP },
   { type: 'getObject', scope: null, id: ID },
   { type: 'getObject', scope: SNAP, id: ID },
+  { type: 'getObjects', scope: null, ids: [ID] },
+  { type: 'getObjects', scope: SNAP, ids: Array.from({ length: 1024 }, (_, i) => i.toString(16).padStart(64, '0')) },
   { type: 'putObject', id: ID, data: Buffer.alloc(1000, 3) },
   { type: 'putObject', id: ID, data: Buffer.alloc(0) },
   { type: 'indexPart', offset: 0, ids: Buffer.from(ID, 'hex') },
@@ -94,6 +96,8 @@ const responses: Response[] = [
   { type: 'snapshot', info: { name: SNAP, time: Date.parse(SNAP) } },
   { type: 'snapshots', infos: [{ name: SNAP, time: Date.parse(SNAP) }, { name: '2027-01-01T00:00:00.000Z', time: 5 }] },
   { type: 'lockToken', token: 7 },
+  { type: 'objects', first: 0, objects: [Buffer.from('one'), null, Buffer.alloc(0)] },
+  { type: 'objects', first: 1023, objects: [null] },
 ];
 
 describe('protocol codec', () => {
@@ -424,22 +428,76 @@ describe('server loop', () => {
     assert.equal(status, ExitStatus.protocol);
     const e = decodeError(out.at(-1)!.payload);
     assert.equal(e.code, 'unsupported-version');
-    assert.match(e.message, /version 1 is not supported .* speaks version 2/);
+    assert.match(e.message, /version 1 is not supported .* speaks versions 2 to 3/);
     assert.match(e.hint ?? '', /update the older one/);
-    // A version 1 server answers a version 2 HELLO with ERROR unsupported-version (and no hint).
+    // An older server answers a newer HELLO with ERROR unsupported-version (and no hint).
     const up = new PassThrough();
     const down = new PassThrough();
     up.once('data', () => {
-      for (const p of encodeFrame(Msg.ERROR, 0, encodeError({ code: 'unsupported-version', message: 'Protocol version 2 is not supported by this server (it speaks version 1)', hint: undefined }))) down.write(p);
+      for (const p of encodeFrame(Msg.ERROR, 0, encodeError({ code: 'unsupported-version', message: 'Protocol version 3 is not supported by this server (it speaks version 2)', hint: undefined }))) down.write(p);
       down.end();
     });
     const transport = { readable: down, writable: up, describe: () => 'old server', close: async () => void up.end() };
     await assert.rejects(RemoteStorage.open(transport, 'ssh://old/'), (err: unknown) => {
       assert.ok(isSnapError(err, 'unsupported-version'), String(err));
-      assert.match(err.message, /ssh:\/\/old\/: the server ended the session: Protocol version 2 is not supported/);
-      assert.match(err.hint ?? '', /speaks protocol version 2: update the side that is older/);
+      assert.match(err.message, /ssh:\/\/old\/: the server ended the session: Protocol version 3 is not supported/);
+      assert.match(err.hint ?? '', /speaks protocol version 3: update the side that is older/);
       return true;
     });
+  });
+
+  it('GET_OBJECTS answers every object in order, whole or absent, across OBJECTS frames; GET_OBJECT too', async () => {
+    const root = await tempDir('serve-get-objects');
+    const storage = new LocalDirStorage(join(root, 'area'));
+    await storage.init(Buffer.from('c'));
+    const rnd = prng(11);
+    const ids: string[] = [];
+    const expected: Array<Buffer | null> = [];
+    for (let i = 0; i < 300; i++) {
+      const id = (i + 1).toString(16).padStart(64, '0');
+      ids.push(id);
+      if (i % 17 === 5) {
+        expected.push(null); // never stored
+        continue;
+      }
+      // mostly small objects, some larger than a send buffer (256 KiB), one larger than all of them (4 MiB)
+      const size = i === 150 ? 5 * 1024 * 1024 : i % 40 === 0 ? 300_000 + i : 1 + Math.floor(rnd() * 9000);
+      const data = Buffer.alloc(size, i & 0xff);
+      data.writeUInt32BE(i, 0);
+      await storage.putObject(id, data);
+      expected.push(data);
+    }
+    const { remote } = await inProcessRemote(storage, 'ssh://test/');
+    try {
+      const got: Array<Buffer | null> = [];
+      await remote.getObjects(ids, (i, data) => {
+        assert.equal(i, got.length, 'in order');
+        got.push(data === null ? null : Buffer.from(data)); // (a view of memory reused for the next frame)
+      });
+      assert.equal(got.length, ids.length);
+      for (const [i, data] of expected.entries()) assert.deepEqual(got[i], data, `object ${i}`);
+      // more than one request's worth, concurrently with single objects
+      const many = Array.from({ length: 2500 }, (_, i) => ids[i % ids.length]!);
+      const seen = new Set<number>();
+      const singles = Promise.all(ids.slice(0, 20).map(async (id, i) => (expected[i] ? assert.ok((await remote.getObject(id)).equals(expected[i]!)) : undefined)));
+      await remote.getObjects(many, (i, data) => {
+        assert.ok(!seen.has(i), `object ${i} once`); // (in order within each request of 1024)
+        seen.add(i);
+        assert.deepEqual(data, expected[i % ids.length]);
+      });
+      await singles;
+      assert.equal(seen.size, many.length);
+      assert.ok((await remote.getObject(ids[150]!)).equals(expected[150]!), 'a large object through GET_OBJECT');
+    } finally {
+      await remote.close();
+    }
+    // A version 2 session may not ask for it.
+    const v2 = bytesOf(encodeFrame(Msg.HELLO, 1, encodeHello({ version: 2, wish: 'serve' })));
+    const get = encodeRequest({ type: 'getObjects', scope: null, ids: [ids[0]!] });
+    const { status, out } = await session(storage, [v2, bytesOf(encodeFrame(get.type, 2, get.payload))]);
+    assert.deepEqual(decodeHelloOk(out[0]!.payload).version, 2, 'a version 2 client is served as version 2');
+    assert.equal(status, ExitStatus.protocol);
+    assert.equal(decodeError(out.at(-1)!.payload).code, 'protocol');
   });
 
   it('a listing waiting for LIST_CONTINUE ends with the input, and streams batches on CONTINUE', async () => {

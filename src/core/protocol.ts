@@ -15,8 +15,12 @@ export const PROTOCOL_MAGIC = 'snapcrypt';
 /**
  * Version 2: COMMIT carries the index length, the index itself travels before it in INDEX_PART frames
  * (version 1 sent the index inside COMMIT, which limited it to one frame: about 1 Mi ids).
+ * Version 3: GET_OBJECTS asks for many objects at once, answered by OBJECTS frames. A version 3
+ * server also serves version 2 clients (version 3 only adds messages).
  */
-export const PROTOCOL_VERSION = 2;
+export const PROTOCOL_VERSION = 3;
+/** Oldest client version a server still serves. */
+export const MIN_PROTOCOL_VERSION = 2;
 /** Largest payload of one frame: a padded 16 MiB chunk (about 16.5 MiB) with room to spare. */
 export const MAX_PAYLOAD = 32 * 1024 * 1024 + 64 * 1024;
 /** Bytes of type + request id, counted in the length field. */
@@ -27,6 +31,11 @@ export const MAX_FRAME_LENGTH = MAX_PAYLOAD + FRAME_HEAD;
 export const MAX_IN_FLIGHT = 64;
 /** Object ids per ID_BATCH frame. */
 export const LIST_BATCH = 4096;
+/** Object ids one GET_OBJECTS may ask for. */
+export const MAX_GET_OBJECTS = 1024;
+/** Bytes an OBJECTS payload spends before its objects (u32 index of the first) and per object (flag, u32 length). */
+export const OBJECTS_HEAD = 4;
+export const OBJECT_ENTRY_HEAD = 5;
 /** Longest error message or hint carried (longer ones are cut). */
 export const MAX_MESSAGE = 4096;
 /** Longest owner string of LOCK. */
@@ -62,6 +71,7 @@ export const Msg = {
   LOCK: 0x1b,
   UNLOCK: 0x1c,
   INDEX_PART: 0x1d,
+  GET_OBJECTS: 0x1e,
   // responses
   OK: 0x40,
   BOOL: 0x41,
@@ -72,6 +82,7 @@ export const Msg = {
   SNAPSHOT: 0x46,
   SNAPSHOTS: 0x47,
   LOCK_TOKEN: 0x48,
+  OBJECTS: 0x49,
 } as const;
 
 /** Error codes on the wire, by index. Never reorder; append only. */
@@ -108,6 +119,8 @@ export type Request =
   | { readonly type: 'listKeys'; readonly scope: Scope }
   | { readonly type: 'listObjects'; readonly scope: Scope }
   | { readonly type: 'getObject'; readonly scope: Scope; readonly id: string }
+  /** 1 .. MAX_GET_OBJECTS objects, answered in order by OBJECTS frames. */
+  | { readonly type: 'getObjects'; readonly scope: Scope; readonly ids: readonly string[] }
   | { readonly type: 'putObject'; readonly id: string; readonly data: Buffer }
   /** The next slice of the index of the coming COMMIT; offset is the number of index bytes sent before it. */
   | { readonly type: 'indexPart'; readonly offset: number; readonly ids: Buffer }
@@ -124,6 +137,8 @@ export type Response =
   | { readonly type: 'data'; readonly data: Buffer | null }
   | { readonly type: 'names'; readonly names: string[] }
   | { readonly type: 'ids'; readonly ids: string[] }
+  /** The next objects of a GET_OBJECTS, from its first-th id on (null: not in the store). */
+  | { readonly type: 'objects'; readonly first: number; readonly objects: Array<Buffer | null> }
   | { readonly type: 'listEnd' }
   | { readonly type: 'snapshot'; readonly info: SnapshotInfo }
   | { readonly type: 'snapshots'; readonly infos: SnapshotInfo[] }
@@ -186,8 +201,17 @@ export class FrameDecoder {
   private have = 0;
   private failed = false;
   private readonly maxLength: number;
-  constructor(maxLength = MAX_FRAME_LENGTH) {
+  /** Where frames of the `transient` types that span chunks are put together (reused). */
+  private scratch: Buffer | null = null;
+  private readonly transient: ReadonlySet<number>;
+  /**
+   * transient: message types whose payloads the caller of pushEach is done with when its onFrame
+   * returns; such a frame spanning several chunks is put together in memory reused for the next one,
+   * instead of a Buffer of its own.
+   */
+  constructor(maxLength = MAX_FRAME_LENGTH, transient: ReadonlySet<number> = new Set()) {
     this.maxLength = maxLength;
+    this.transient = transient;
   }
 
   /** Bytes held for a frame not yet complete. */
@@ -196,12 +220,22 @@ export class FrameDecoder {
   }
 
   push(bytes: Buffer): Frame[] {
+    const frames: Frame[] = [];
+    this.decode(bytes, (f) => frames.push(f), false);
+    return frames;
+  }
+
+  /** Like push, but hands each frame to onFrame as soon as it is complete (see the constructor). */
+  pushEach(bytes: Buffer, onFrame: (f: Frame) => void): void {
+    this.decode(bytes, onFrame, true);
+  }
+
+  private decode(bytes: Buffer, onFrame: (f: Frame) => void, reuse: boolean): void {
     if (this.failed) throw protocolError('input after a framing error');
     if (bytes.length > 0) {
       this.chunks.push(bytes);
       this.have += bytes.length;
     }
-    const frames: Frame[] = [];
     for (;;) {
       if (this.have < 4) break;
       const len = this.peekLength();
@@ -214,15 +248,24 @@ export class FrameDecoder {
         );
       }
       if (this.have < 4 + len) break;
-      const frame = this.take(4 + len);
-      frames.push({ type: frame[4]!, id: frame.readUInt32BE(5), payload: frame.subarray(4 + FRAME_HEAD) });
+      const frame = this.take(4 + len, reuse);
+      onFrame({ type: frame[4]!, id: frame.readUInt32BE(5), payload: frame.subarray(4 + FRAME_HEAD) });
     }
-    return frames;
   }
 
   /** Whether the input so far ended on a frame boundary. */
   get atBoundary(): boolean {
     return this.have === 0;
+  }
+
+  /** The type byte of the next frame (its 4 length bytes and the type are in). */
+  private typeOfNext(): number {
+    let off = 4;
+    for (const c of this.chunks) {
+      if (off < c.length) return c[off]!;
+      off -= c.length;
+    }
+    return -1;
   }
 
   private peekLength(): number {
@@ -238,7 +281,7 @@ export class FrameDecoder {
   }
 
   /** Removes and returns the next n bytes (n <= have, checked by the caller against the limit). */
-  private take(n: number): Buffer {
+  private take(n: number, reuse: boolean): Buffer {
     const first = this.chunks[0]!;
     if (first.length >= n) {
       const out = first.subarray(0, n);
@@ -247,7 +290,13 @@ export class FrameDecoder {
       this.have -= n;
       return out;
     }
-    const out = Buffer.allocUnsafe(n);
+    let out: Buffer;
+    if (reuse && this.transient.has(this.typeOfNext())) {
+      if (this.scratch === null || this.scratch.length < n) this.scratch = Buffer.allocUnsafeSlow(Math.max(n, 256 * 1024));
+      out = this.scratch.subarray(0, n);
+    } else {
+      out = Buffer.allocUnsafe(n);
+    }
     let off = 0;
     while (off < n) {
       const c = this.chunks[0]!;
@@ -363,6 +412,68 @@ export class IdBatchBuilder {
     this.n = 0;
     return out;
   }
+}
+
+/**
+ * One OBJECTS frame built in place in a caller's buffer (the server reads each object straight into
+ * it): begin(), then absent() or present(n) per object in request order, then finish() gives the
+ * frame's bytes (a view of the buffer).
+ */
+export class ObjectsFrameWriter {
+  private buf: Buffer = Buffer.alloc(0);
+  private pos = 0;
+  private n = 0;
+  /** Bytes of the frame head and the OBJECTS head. */
+  static readonly HEAD = 4 + FRAME_HEAD + OBJECTS_HEAD;
+
+  /** Starts a frame answering request `id` from its first-th object on; buf must hold at least HEAD bytes. */
+  begin(buf: Buffer, id: number, first: number): void {
+    if (buf.length < ObjectsFrameWriter.HEAD) throw new RangeError('buffer too small for an OBJECTS frame');
+    this.buf = buf;
+    buf.writeUInt8(Msg.OBJECTS, 4);
+    buf.writeUInt32BE(id, 5);
+    buf.writeUInt32BE(first, 9);
+    this.pos = ObjectsFrameWriter.HEAD;
+    this.n = 0;
+  }
+  /** Objects in the frame so far. */
+  get count(): number {
+    return this.n;
+  }
+  /** Whether an object of n bytes (n < 0: an absent one) still fits. */
+  fits(n: number): boolean {
+    return this.buf.length - this.pos >= (n < 0 ? 1 : OBJECT_ENTRY_HEAD + n) && this.pos - 4 + OBJECT_ENTRY_HEAD + Math.max(n, 0) <= MAX_FRAME_LENGTH;
+  }
+  absent(): void {
+    this.buf[this.pos++] = 0;
+    this.n++;
+  }
+  /** Room for the next object's n bytes, to be filled by the caller before finish(). */
+  present(n: number): Buffer {
+    this.buf[this.pos] = 1;
+    this.buf.writeUInt32BE(n, this.pos + 1);
+    const at = this.pos + OBJECT_ENTRY_HEAD;
+    this.pos = at + n;
+    this.n++;
+    return this.buf.subarray(at, at + n);
+  }
+  /** The frame's bytes. */
+  finish(): Buffer {
+    this.buf.writeUInt32BE(this.pos - 4, 0);
+    return this.buf.subarray(0, this.pos);
+  }
+}
+
+/**
+ * Writes the head of a DATA frame carrying n bytes of data (present) into buf; the data goes at the
+ * returned offset, and the frame is buf[0, offset + n).
+ */
+export function writeDataFrameHead(buf: Buffer, id: number, n: number): number {
+  buf.writeUInt32BE(FRAME_HEAD + 1 + n, 0);
+  buf.writeUInt8(Msg.DATA, 4);
+  buf.writeUInt32BE(id, 5);
+  buf.writeUInt8(1, 9);
+  return 10;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -586,6 +697,11 @@ export function encodeRequest(req: Request): { type: number; payload: Buffer[] }
       return { type: Msg.LIST_OBJECTS, payload: scopeParts(req.scope) };
     case 'getObject':
       return { type: Msg.GET_OBJECT, payload: [...scopeParts(req.scope), idBytes(req.id)] };
+    case 'getObjects':
+      if (req.ids.length === 0 || req.ids.length > MAX_GET_OBJECTS) {
+        throw new SnapError('usage', `GET_OBJECTS asks for 1 to ${MAX_GET_OBJECTS} objects, not ${req.ids.length}`);
+      }
+      return { type: Msg.GET_OBJECTS, payload: [...scopeParts(req.scope), idsBytes(req.ids)] };
     case 'putObject':
       return { type: Msg.PUT_OBJECT, payload: [idBytes(req.id), req.data] };
     case 'indexPart': {
@@ -646,6 +762,15 @@ export function decodeRequest(frame: Frame): Request {
     case Msg.GET_OBJECT: {
       const scope = readScope(r);
       req = { type: 'getObject', scope, id: r.id() };
+      break;
+    }
+    case Msg.GET_OBJECTS: {
+      const scope = readScope(r);
+      const n = r.remaining / ID_BYTES;
+      if (!Number.isInteger(n) || n === 0 || n > MAX_GET_OBJECTS) r.fail(`${r.remaining} bytes of ids`);
+      const ids: string[] = [];
+      for (let i = 0; i < n; i++) ids.push(r.id());
+      req = { type: 'getObjects', scope, ids };
       break;
     }
     case Msg.PUT_OBJECT: {
@@ -711,6 +836,11 @@ export function encodeResponse(res: Response): { type: number; payload: Buffer[]
       return { type: Msg.ID_BATCH, payload: [idsBytes(res.ids)] };
     case 'listEnd':
       return { type: Msg.LIST_END, payload: [] };
+    case 'objects': {
+      const parts: Buffer[] = [u32(res.first)];
+      for (const o of res.objects) parts.push(...(o === null ? [u8(0)] : [u8(1), u32(o.length), o]));
+      return { type: Msg.OBJECTS, payload: parts };
+    }
     case 'snapshot':
       return { type: Msg.SNAPSHOT, payload: snapshotParts(res.info) };
     case 'snapshots': {
@@ -731,6 +861,8 @@ export function expectedResponses(req: Request['type']): readonly Response['type
     case 'readFile':
     case 'getObject':
       return ['data'];
+    case 'getObjects':
+      return ['objects'];
     case 'listKeys':
       return ['names'];
     case 'listObjects':
@@ -782,6 +914,14 @@ export function decodeResponse(frame: Frame): Response {
     case Msg.LIST_END:
       res = { type: 'listEnd' };
       break;
+    case Msg.OBJECTS: {
+      const first = r.u32();
+      const objects: Array<Buffer | null> = [];
+      while (r.remaining > 0) objects.push(r.bool() ? r.raw(r.u32()) : null);
+      if (objects.length === 0 || first + objects.length > MAX_GET_OBJECTS) r.fail(`objects ${first} to ${first + objects.length}`);
+      res = { type: 'objects', first, objects };
+      break;
+    }
     case Msg.SNAPSHOT:
       res = { type: 'snapshot', info: readSnapshot(r) };
       break;

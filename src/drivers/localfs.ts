@@ -8,6 +8,9 @@ import { FsMeta } from './fsmeta.js';
 
 const execFileAsync = promisify(execFile);
 const S_IFMT = 0o170000;
+const NS_PER_S = 1_000_000_000n;
+/** Whole seconds that fs.futimes passes on exactly (a double, and libuv's conversion to a timespec). */
+const MAX_EXACT_SECONDS = BigInt(Number.MAX_SAFE_INTEGER);
 const MKFIFO = 'POSIX::mkfifo(pack("H*", $ARGV[0]), oct($ARGV[1])) or die "mkfifo: $!\\n"';
 
 function kindOfMode(mode: number): NodeKindCode {
@@ -145,6 +148,28 @@ export class LocalTargetFs implements TargetFs {
   }
   chmod(p: Buffer, mode: number): void {
     fs.chmodSync(p, mode);
+  }
+  /** Skipped when the file already has that owner (an fstat costs far less than a chown on btrfs). */
+  fchown(fd: number, uid: number, gid: number): void {
+    const st = fs.fstatSync(fd);
+    if (st.uid !== uid || st.gid !== gid) fs.fchownSync(fd, uid, gid);
+  }
+  fchmod(fd: number, mode: number): void {
+    fs.fchmodSync(fd, mode);
+  }
+  setTimesOpen(fd: number, atimeNs: bigint, mtimeNs: bigint): boolean {
+    const exact = (ns: bigint) => ns >= 0n && ns % NS_PER_S === 0n && ns / NS_PER_S <= MAX_EXACT_SECONDS;
+    if (!exact(atimeNs) || !exact(mtimeNs)) return false;
+    fs.futimesSync(fd, Number(atimeNs / NS_PER_S), Number(mtimeNs / NS_PER_S));
+    return true;
+  }
+  isEmptyDir(p: Buffer): boolean {
+    const dir = fs.opendirSync(p);
+    try {
+      return dir.readSync() === null;
+    } finally {
+      dir.closeSync();
+    }
   }
   setXattr(p: Buffer, x: Xattr): Promise<void> {
     return this.fsmeta.setXattr(p, x.name, x.value);

@@ -15,6 +15,7 @@ import {
   FrameDecoder,
   LIST_BATCH,
   MAX_FRAME_LENGTH,
+  MAX_GET_OBJECTS,
   MAX_INDEX_BYTES,
   MAX_IN_FLIGHT,
   Msg,
@@ -105,10 +106,13 @@ interface Pending {
   reject(err: Error): void;
   /** For listings: called with each batch; the id stays pending until LIST_END. */
   onBatch?(ids: string[]): void;
+  /** For GET_OBJECTS: called with each OBJECTS frame; true once the last object arrived. */
+  onObjects?(res: Extract<Response, { type: 'objects' }>): boolean;
 }
 
 class Connection {
-  private readonly decoder = new FrameDecoder(MAX_FRAME_LENGTH);
+  /** OBJECTS frames are handed to getObjects' callback and done with when it returns. */
+  private readonly decoder = new FrameDecoder(MAX_FRAME_LENGTH, new Set([Msg.OBJECTS]));
   private readonly pending = new Map<number, Pending>();
   private nextId = 1;
   private slots = MAX_IN_FLIGHT;
@@ -171,16 +175,12 @@ class Connection {
 
   private onData(b: Buffer): void {
     if (this.failure) return;
-    let frames: Frame[];
     try {
-      frames = this.decoder.push(b);
+      this.decoder.pushEach(b, (f) => {
+        if (!this.failure) this.onFrame(f);
+      });
     } catch (err) {
       this.fail(new SnapError('protocol', `${this.location}: ${(err as Error).message}`), '');
-      return;
-    }
-    for (const f of frames) {
-      if (this.failure) return;
-      this.onFrame(f);
     }
   }
 
@@ -223,6 +223,15 @@ class Connection {
     if (res.type === 'ids') {
       p.onBatch?.(res.ids);
       return;
+    }
+    if (res.type === 'objects') {
+      let last: boolean;
+      try {
+        last = p.onObjects!(res);
+      } catch (err) {
+        return void this.protocolFailure((err as Error).message);
+      }
+      if (!last) return;
     }
     this.done(f.id);
     p.resolve(res);
@@ -301,7 +310,12 @@ class Connection {
   }
 
   /** Sends one request and resolves with its (single) response; onSent runs once it is written. */
-  async call(req: Request, onBatch?: (ids: string[], id: number) => void, onSent?: () => void): Promise<Response> {
+  async call(
+    req: Request,
+    onBatch?: (ids: string[], id: number) => void,
+    onSent?: () => void,
+    onObjects?: (res: Extract<Response, { type: 'objects' }>) => boolean,
+  ): Promise<Response> {
     const { type, payload } = encodeRequest(req); // validates arguments before anything is sent
     if (this.failure) throw this.failure;
     await this.acquire();
@@ -314,6 +328,7 @@ class Connection {
     return new Promise<Response>((resolve, reject) => {
       const p: Pending = { request: req.type, resolve, reject };
       if (onBatch) p.onBatch = (ids) => onBatch(ids, id);
+      if (onObjects) p.onObjects = onObjects;
       this.pending.set(id, p);
       this.write(encodeFrame(type, id, payload));
       onSent?.();
@@ -353,6 +368,38 @@ class RemoteReader implements ObjectReader {
     const res = expect(await this.conn.call({ type: 'getObject', scope: this.scope, id }), 'data');
     if (res.data === null) throw new SnapError('protocol', `${this.conn.location}: protocol error: no data for object ${id}`);
     return res.data;
+  }
+  /**
+   * GET_OBJECTS in requests of at most MAX_GET_OBJECTS ids; each object is handed to `each` as its
+   * OBJECTS frame arrives (a view of the received bytes), so nothing of it is held.
+   */
+  async getObjects(ids: readonly string[], each: (index: number, data: Buffer | null) => void): Promise<void> {
+    let failure: { err: unknown } | null = null;
+    const parts: Promise<void>[] = [];
+    for (let start = 0; start < ids.length; start += MAX_GET_OBJECTS) {
+      const slice = ids.slice(start, start + MAX_GET_OBJECTS);
+      let next = 0;
+      const onObjects = (res: Extract<Response, { type: 'objects' }>): boolean => {
+        if (res.first !== next || next + res.objects.length > slice.length) {
+          throw new Error(`objects ${res.first} to ${res.first + res.objects.length - 1} of ${slice.length}, expected ${next} next`);
+        }
+        for (const data of res.objects) {
+          if (failure === null) {
+            try {
+              each(start + next, data);
+            } catch (err) {
+              failure = { err };
+            }
+          }
+          next++;
+        }
+        return next === slice.length;
+      };
+      const part = this.conn.call({ type: 'getObjects', scope: this.scope, ids: slice }, undefined, undefined, onObjects);
+      parts.push(part.then(() => undefined, (err: unknown) => void (failure ??= { err })));
+    }
+    await Promise.all(parts);
+    if (failure !== null) throw (failure as { err: unknown }).err;
   }
   async readFile(name: string): Promise<Buffer | null> {
     return expect(await this.conn.call({ type: 'readFile', scope: this.scope, name }), 'data').data;

@@ -238,14 +238,20 @@ export class Repository {
     return this.openData(id, type, data);
   }
 
-  openData(id: Buffer, type: ObjectTypeCode, data: Buffer): Buffer {
+  /**
+   * expectedLength (when the caller knows it, e.g. a chunk's): decompress into one buffer of that size
+   * (+1, so that a longer plaintext shows), not in 16 KiB pieces concatenated at the end.
+   */
+  openData(id: Buffer, type: ObjectTypeCode, data: Buffer, expectedLength?: number): Buffer {
     const hex = id.toString('hex');
     const o = openObject(this.keys, id, data);
     if (o.type !== type) throw new IntegrityError(hex, `Object ${hex} has type ${o.type}, expected ${type}`);
     let plain: Buffer;
     if (o.compression === Compression.zstd) {
       try {
-        plain = zstdDecompressSync(o.payload, { maxOutputLength: type === ObjectType.data ? MAX_CHUNK_SIZE : MAX_TREE_SIZE });
+        const maxOutputLength = type === ObjectType.data ? MAX_CHUNK_SIZE : MAX_TREE_SIZE;
+        const chunkSize = expectedLength === undefined ? undefined : Math.max(64, Math.min(expectedLength + 1, maxOutputLength));
+        plain = zstdDecompressSync(o.payload, chunkSize === undefined ? { maxOutputLength } : { maxOutputLength, chunkSize });
       } catch {
         throw new IntegrityError(hex, `Object ${hex} does not decompress`);
       }

@@ -1,8 +1,15 @@
 /**
  * Restore: one file, one directory or a whole snapshot, straight from the snapshot's own trees and
- * chunks (no chains). Every chunk is authenticated before a byte of it is written, and a file is
- * written under a temporary name and renamed only once all of it authenticated (I3). Metadata is set
- * in the order that keeps it: owner, xattrs, mode, then times; directories after their contents (I10).
+ * chunks (no chains). Every chunk is authenticated before a byte of it is written. A file is written
+ * under a temporary name and renamed once all of it authenticated, except a file of one chunk in a
+ * directory this restore created (or found empty): its content is authenticated whole before the file
+ * is created under its final name (DESIGN.md 6). Metadata is set in the order that keeps it: owner,
+ * xattrs, mode, then times; directories after their contents (I10).
+ *
+ * Files of one chunk are fetched in batches (Storage.getObjects: one round trip for many objects) and
+ * written as their objects arrive; larger files, symlinks and directories are restored in tree order
+ * meanwhile. What must follow a batched file (its directory's metadata, a hard link to it) waits for
+ * the batch.
  */
 import { createHash } from 'node:crypto';
 import { type TreeEntry, NodeKind, ZERO_CHUNK } from '../core/format.js';
@@ -10,6 +17,7 @@ import { ObjectType } from '../core/crypto.js';
 import { SnapError, IntegrityError } from '../core/errors.js';
 import type { Repository, SnapshotRecord } from './repository.js';
 import type { TargetFs } from './source.js';
+import { getObjects } from '../storage/types.js';
 
 export interface RestoreOptions {
   readonly target: Buffer;
@@ -33,12 +41,43 @@ interface Ctx {
   readonly opts: RestoreOptions;
   readonly fs: TargetFs;
   readonly result: RestoreResult;
-  /** linkKey() -> restored path, for entries with nlink > 1 */
-  readonly links: Map<string, Buffer>;
+  /** linkKey() -> the first name restored for it (entries with nlink > 1) */
+  readonly links: Map<string, FirstName>;
   readonly pending: Array<Promise<void>>;
   lastProgress: number;
   /** Counter for temporary file names. */
   tmpSeq: number;
+  /** Files of one chunk waiting to be fetched. */
+  batch: Batch;
+  /** Batches being fetched, oldest first. */
+  readonly inflight: Array<{ readonly done: Promise<void>; readonly after: Array<() => void> }>;
+}
+
+/** The first name of a hard-linked inode; the later names link to it once it is written. */
+interface FirstName {
+  readonly path: Buffer;
+  /** null while it is being restored or once it was; the error if it failed. */
+  failure: unknown;
+}
+
+interface FileJob {
+  readonly dest: Buffer;
+  readonly e: TreeEntry;
+  /** dest is in a directory this restore created or found empty: nothing is in the way. */
+  readonly fresh: boolean;
+  readonly first: FirstName | null;
+}
+
+interface Batch {
+  readonly ids: string[];
+  readonly jobs: FileJob[];
+  bytes: number;
+  /** Runs once this batch and every earlier one are written. */
+  readonly after: Array<() => void>;
+}
+
+function newBatch(): Batch {
+  return { ids: [], jobs: [], bytes: 0, after: [] };
 }
 
 function join(dir: Buffer, name: Buffer): Buffer {
@@ -117,62 +156,181 @@ function linkKey(e: TreeEntry): string {
   return `${e.inode}:${e.ctimeNs}:${e.mtimeNs}:${e.uid}:${e.gid}:${e.mode}:${e.size}:${h.digest('base64')}`;
 }
 
-async function restoreFile(c: Ctx, dest: Buffer, e: TreeEntry): Promise<void> {
-  if (e.nlink > 1) {
-    const first = c.links.get(linkKey(e));
-    if (first) {
-      replaceExisting(c, dest);
-      c.fs.link(first, dest);
-      c.result.files++;
-      return;
-    }
+/** A file of several chunks: written under a temporary name, chunk by chunk, then renamed. */
+async function restoreFile(c: Ctx, dest: Buffer, e: TreeEntry, first: FirstName | null): Promise<void> {
+  try {
+    await restoreChunks(c, dest, e);
+  } catch (err) {
+    if (first) first.failure = err;
+    throw err;
   }
+}
+
+async function restoreChunks(c: Ctx, dest: Buffer, e: TreeEntry): Promise<void> {
   const tmp = partialName(c, dest);
   c.fs.remove(tmp);
   const fd = c.fs.create(tmp);
   let ok = false;
-  try {
-    const cs = c.snap.root.chunkSize;
-    const ahead = c.opts.readAhead ?? 8;
-    const fetches: Array<Promise<Buffer> | null> = [];
-    const fetch = (i: number): Promise<Buffer> | null => {
-      const id = e.chunks[i];
-      if (!id || id.equals(ZERO_CHUNK)) return null;
-      return c.snap.reader.getObject(id.toString('hex')).catch((err: unknown) => {
-        if (err instanceof SnapError && err.code === 'not-found') throw new IntegrityError(id.toString('hex'), `Chunk ${id.toString('hex')} is missing`);
-        throw err;
-      });
-    };
-    for (let i = 0; i < Math.min(ahead, e.chunks.length); i++) fetches.push(fetch(i));
-    for (let i = 0; i < e.chunks.length; i++) {
+  // Chunks are fetched in groups, two groups at a time, and written as they arrive (each at its
+  // offset, so in any order); every group has settled before the file is closed.
+  const cs = c.snap.root.chunkSize;
+  const group = Math.max(1, Math.floor((c.opts.readAhead ?? 8) / 2));
+  const inflight: Array<Promise<void>> = [];
+  let failure: { err: unknown } | null = null;
+  const fetchGroup = (indexes: number[]): Promise<void> => {
+    const ids = indexes.map((i) => e.chunks[i]!.toString('hex'));
+    const each = (k: number, data: Buffer | null): void => {
+      if (failure !== null) return;
+      const i = indexes[k]!;
       const id = e.chunks[i]!;
-      const pending = fetches[i] ?? null;
-      if (i + ahead < e.chunks.length) fetches.push(fetch(i + ahead));
-      if (pending === null) continue; // a hole
-      pending.catch(() => {});
-      const plain = c.repo.openData(id, ObjectType.data, await pending);
+      if (data === null) throw new IntegrityError(id.toString('hex'), `Chunk ${id.toString('hex')} is missing`);
       const expected = Math.min(cs, e.size - i * cs);
+      const plain = c.repo.openData(id, ObjectType.data, data, expected);
       if (plain.length !== expected) throw new IntegrityError(id.toString('hex'), `Chunk ${id.toString('hex')} has ${plain.length} bytes, expected ${expected}`);
       c.fs.write(fd, plain, i * cs);
       c.result.bytes += plain.length;
-      fetches[i] = null;
+    };
+    return getObjects(c.snap.reader, ids, each).catch((err: unknown) => {
+      failure ??= { err };
+    });
+  };
+  try {
+    let indexes: number[] = [];
+    for (let i = 0; i <= e.chunks.length && failure === null; i++) {
+      const id = e.chunks[i];
+      if (id !== undefined && !id.equals(ZERO_CHUNK)) indexes.push(i); // (ZERO_CHUNKs stay holes)
+      if (indexes.length === group || (i === e.chunks.length && indexes.length > 0)) {
+        if (inflight.length >= 2) await inflight.shift();
+        inflight.push(fetchGroup(indexes));
+        indexes = [];
+      }
     }
-    for (const f of fetches) f?.catch(() => {});
+    await Promise.all(inflight);
+    if (failure !== null) throw (failure as { err: unknown }).err;
     c.fs.truncate(fd, e.size);
     ok = true;
   } finally {
+    await Promise.all(inflight);
     c.fs.close(fd);
     if (!ok) c.fs.remove(tmp);
   }
   replaceExisting(c, dest);
   c.fs.rename(tmp, dest);
-  if (e.nlink > 1) c.links.set(linkKey(e), dest);
   c.result.files++;
   queueMeta(c, dest, e);
+  progress(c);
+}
+
+function progress(c: Ctx): void {
+  if (!c.opts.onProgress) return;
   const now = Date.now();
-  if (c.opts.onProgress && now - c.lastProgress > 200) {
+  if (now - c.lastProgress > 200) {
     c.lastProgress = now;
     c.opts.onProgress({ files: c.result.files, bytes: c.result.bytes, bytesTotal: null });
+  }
+}
+
+/**
+ * A file of at most one chunk whose content (null: none, all zeros) is authenticated. In a fresh
+ * directory it is created under its final name (O_EXCL: nothing can be in the way, and a name that
+ * appears twice fails), elsewhere under a temporary name renamed over what is there. Owner and mode
+ * are set on the open file (owner first: chown clears setuid/setgid); a file with xattrs gets them
+ * and its mode by path, as queueMeta sets them. Then its times.
+ */
+function writeSmall(c: Ctx, job: FileJob, plain: Buffer | null): void {
+  const { dest, e, fresh } = job;
+  const name = fresh ? dest : partialName(c, dest);
+  if (!fresh) c.fs.remove(name);
+  const fd = c.fs.create(name);
+  let ok = false;
+  let timesSet = false;
+  try {
+    if (plain !== null && plain.length > 0) c.fs.write(fd, plain, 0);
+    if ((plain?.length ?? 0) !== e.size) c.fs.truncate(fd, e.size);
+    if (c.fs.isRoot) c.fs.fchown(fd, e.uid, e.gid);
+    if (e.xattrs.length === 0) {
+      c.fs.fchmod(fd, e.mode);
+      timesSet = c.fs.setTimesOpen(fd, e.mtimeNs, e.mtimeNs);
+    }
+    ok = true;
+  } finally {
+    c.fs.close(fd);
+    if (!ok) c.fs.remove(name);
+  }
+  if (!fresh) {
+    replaceExisting(c, dest);
+    c.fs.rename(name, dest);
+  }
+  c.result.files++;
+  c.result.bytes += plain?.length ?? 0;
+  if (e.xattrs.length === 0) {
+    if (!timesSet) c.pending.push(c.fs.setTimes(dest, e.mtimeNs, e.mtimeNs).catch((err: unknown) => fail(c, dest, err)));
+  } else {
+    c.pending.push(setXattrsModeTimes(c, dest, e).catch((err: unknown) => fail(c, dest, err)));
+  }
+  progress(c);
+}
+
+async function setXattrsModeTimes(c: Ctx, p: Buffer, e: TreeEntry): Promise<void> {
+  for (const x of e.xattrs) await c.fs.setXattr(p, x);
+  c.fs.chmod(p, e.mode);
+  await c.fs.setTimes(p, e.mtimeNs, e.mtimeNs);
+}
+
+/** Runs action once every file batched so far is written (at once when none is waiting). */
+function afterBatched(c: Ctx, action: () => void): void {
+  if (c.batch.jobs.length > 0) c.batch.after.push(action);
+  else if (c.inflight.length > 0) c.inflight[c.inflight.length - 1]!.after.push(action);
+  else action();
+}
+
+/** Adds a file of one chunk to the batch; sends the batch when it is full. */
+async function addToBatch(c: Ctx, job: FileJob): Promise<void> {
+  const b = c.batch;
+  b.ids.push(job.e.chunks[0]!.toString('hex'));
+  b.jobs.push(job);
+  b.bytes += job.e.size;
+  if (b.jobs.length >= BATCH_FILES || b.bytes >= BATCH_BYTES) await sendBatch(c);
+}
+
+/** Starts fetching the batch; waits while too many are being fetched. */
+async function sendBatch(c: Ctx): Promise<void> {
+  const b = c.batch;
+  if (b.jobs.length === 0) return;
+  c.batch = newBatch();
+  const handled = new Uint8Array(b.jobs.length);
+  const each = (i: number, data: Buffer | null): void => {
+    handled[i] = 1;
+    const job = b.jobs[i]!;
+    try {
+      const id = job.e.chunks[0]!;
+      if (data === null) throw new IntegrityError(id.toString('hex'), `Chunk ${id.toString('hex')} is missing`);
+      const plain = c.repo.openData(id, ObjectType.data, data, job.e.size);
+      if (plain.length !== job.e.size) throw new IntegrityError(id.toString('hex'), `Chunk ${id.toString('hex')} has ${plain.length} bytes, expected ${job.e.size}`);
+      writeSmall(c, job, plain);
+    } catch (err) {
+      if (job.first) job.first.failure = err;
+      fail(c, job.dest, err);
+    }
+  };
+  const done = getObjects(c.snap.reader, b.ids, each).catch((err: unknown) => {
+    const missing = err instanceof SnapError && err.code === 'not-found' ? new IntegrityError('', err.message) : err;
+    for (const [i, job] of b.jobs.entries()) {
+      if (handled[i]) continue;
+      if (job.first) job.first.failure = missing;
+      fail(c, job.dest, missing);
+    }
+  });
+  c.inflight.push({ done, after: b.after });
+  await settleBatches(c, BATCHES_IN_FLIGHT - 1);
+}
+
+/** Waits until at most `most` batches are being fetched, running what waited for each. */
+async function settleBatches(c: Ctx, most: number): Promise<void> {
+  while (c.inflight.length > most) {
+    const f = c.inflight.shift()!;
+    await f.done;
+    for (const action of f.after) action();
   }
 }
 
@@ -193,15 +351,20 @@ function replaceExisting(c: Ctx, dest: Buffer): void {
   c.fs.unlink(dest);
 }
 
-async function restoreEntry(c: Ctx, dest: Buffer, e: TreeEntry): Promise<void> {
+/** Restores one entry into dest; `fresh`: its directory was created by this restore, or found empty. */
+async function restoreEntry(c: Ctx, dest: Buffer, e: TreeEntry, fresh: boolean): Promise<void> {
   try {
     switch (e.kind) {
       case NodeKind.dir: {
-        const st = c.fs.lstat(dest);
+        const st = fresh ? null : c.fs.lstat(dest);
+        let empty = true;
         if (st === null) c.fs.mkdir(dest);
         else if (st.kind !== NodeKind.dir) throw new SnapError('io', `Cannot restore directory ${dest.toString('utf8')}: a file is in the way`);
-        // restoring over an earlier restore: a read-only directory must take its entries (its own mode comes last)
-        else if (!c.fs.isRoot && (st.mode & 0o700) !== 0o700) c.fs.chmod(dest, (st.mode & 0o7777) | 0o700);
+        else {
+          // restoring over an earlier restore: a read-only directory must take its entries (its own mode comes last)
+          if (!c.fs.isRoot && (st.mode & 0o700) !== 0o700) c.fs.chmod(dest, (st.mode & 0o7777) | 0o700);
+          empty = c.fs.isEmptyDir(dest);
+        }
         c.result.dirs++;
         let tree: TreeEntry[];
         try {
@@ -210,20 +373,42 @@ async function restoreEntry(c: Ctx, dest: Buffer, e: TreeEntry): Promise<void> {
           fail(c, dest, err);
           return;
         }
-        await restoreTree(c, dest, tree);
-        queueMeta(c, dest, e);
+        await restoreTree(c, dest, tree, empty);
+        afterBatched(c, () => queueMeta(c, dest, e));
         return;
       }
-      case NodeKind.file:
-        await restoreFile(c, dest, e);
+      case NodeKind.file: {
+        let first: FirstName | null = null;
+        if (e.nlink > 1) {
+          const key = linkKey(e);
+          const earlier = c.links.get(key);
+          if (earlier) {
+            afterBatched(c, () => linkTo(c, earlier, dest, fresh));
+            return;
+          }
+          first = { path: dest, failure: null };
+          c.links.set(key, first);
+        }
+        if (e.chunks.length === 1 && !e.chunks[0]!.equals(ZERO_CHUNK)) return await addToBatch(c, { dest, e, fresh, first });
+        if (e.chunks.every((id) => id.equals(ZERO_CHUNK)) && e.chunks.length <= 1) {
+          try {
+            writeSmall(c, { dest, e, fresh, first }, null);
+          } catch (err) {
+            if (first) first.failure = err;
+            throw err;
+          }
+          return;
+        }
+        await restoreFile(c, dest, e, first);
         return;
+      }
       case NodeKind.symlink:
-        replaceExisting(c, dest);
+        if (!fresh) replaceExisting(c, dest);
         c.fs.symlink(e.target ?? Buffer.alloc(0), dest);
         queueMeta(c, dest, e);
         return;
       case NodeKind.fifo:
-        replaceExisting(c, dest);
+        if (!fresh) replaceExisting(c, dest);
         await c.fs.mkfifo(dest, e.mode);
         queueMeta(c, dest, e);
         return;
@@ -235,40 +420,34 @@ async function restoreEntry(c: Ctx, dest: Buffer, e: TreeEntry): Promise<void> {
   }
 }
 
+/** A later name of a hard-linked inode, once its first name is written. */
+function linkTo(c: Ctx, first: FirstName, dest: Buffer, fresh: boolean): void {
+  try {
+    if (first.failure !== null) throw first.failure;
+    if (!fresh) replaceExisting(c, dest);
+    c.fs.link(first.path, dest);
+    c.result.files++;
+  } catch (err) {
+    fail(c, dest, err);
+  }
+}
+
 /**
- * Files of at most one chunk restored at once. Each needs one object from the storage, so restored one
- * after the other they wait for one round trip each (over SSH, most of a restore's time); larger files
- * have their own read-ahead and go alone, as do hard links (their first name must be written before
- * the others link to it) and directories (their metadata is set after their contents).
+ * Files of one chunk are fetched BATCH_FILES (or BATCH_BYTES of content) at a time, BATCHES_IN_FLIGHT
+ * batches at once: one after the other they would each wait for a round trip to the server (over
+ * SSH, most of a restore's time). Larger files have their own read-ahead.
  */
-const PARALLEL_FILES = 32;
+const BATCH_FILES = 256;
+const BATCH_BYTES = 2 * 1024 * 1024;
+const BATCHES_IN_FLIGHT = 4;
 /** Metadata requests queued before the restore waits for them (each holds its entry and path). */
 const MAX_PENDING_META = 4096;
 
-async function restoreTree(c: Ctx, dir: Buffer, tree: TreeEntry[]): Promise<void> {
-  const running = new Set<Promise<void>>();
-  let failure: { err: unknown } | null = null;
-  const settle = async (most: number): Promise<void> => {
-    while (running.size > most) await Promise.race(running);
-  };
+async function restoreTree(c: Ctx, dir: Buffer, tree: TreeEntry[], fresh: boolean): Promise<void> {
   for (const e of tree) {
     if (c.pending.length >= MAX_PENDING_META) await Promise.all(c.pending.splice(0));
-    const dest = join(dir, e.name);
-    if (e.kind === NodeKind.file && e.nlink <= 1 && e.chunks.length <= 1) {
-      const task = restoreEntry(c, dest, e).catch((err: unknown) => {
-        failure ??= { err };
-      });
-      running.add(task);
-      void task.finally(() => running.delete(task));
-      await settle(PARALLEL_FILES - 1);
-    } else {
-      await settle(0);
-      if (failure === null) await restoreEntry(c, dest, e);
-    }
-    if (failure !== null) break;
+    await restoreEntry(c, join(dir, e.name), e, fresh);
   }
-  await settle(0);
-  if (failure !== null) throw (failure as { err: unknown }).err;
 }
 
 /**
@@ -277,13 +456,21 @@ async function restoreTree(c: Ctx, dir: Buffer, tree: TreeEntry[]): Promise<void
  */
 export async function restore(repo: Repository, snap: SnapshotRecord, subpath: Buffer | null, opts: RestoreOptions): Promise<RestoreResult> {
   const result: RestoreResult = { files: 0, dirs: 0, bytes: 0, errors: [] };
-  const c: Ctx = { repo, snap, opts, fs: opts.fs, result, links: new Map(), pending: [], lastProgress: 0, tmpSeq: 0 };
+  const c: Ctx = { repo, snap, opts, fs: opts.fs, result, links: new Map(), pending: [], lastProgress: 0, tmpSeq: 0, batch: newBatch(), inflight: [] };
   const st = opts.fs.lstat(opts.target);
   if (st === null) opts.fs.mkdir(opts.target);
   else if (st.kind !== NodeKind.dir) throw new SnapError('usage', `Restore target ${opts.target.toString('utf8')} is not a directory`);
+  const fresh = st === null || opts.fs.isEmptyDir(opts.target);
   const { entry, tree } = await lookup(repo, snap, subpath ?? Buffer.alloc(0));
-  if (entry === null) await restoreTree(c, opts.target, tree);
-  else await restoreEntry(c, join(opts.target, entry.name), entry);
+  try {
+    if (entry === null) await restoreTree(c, opts.target, tree, fresh);
+    else await restoreEntry(c, join(opts.target, entry.name), entry, fresh);
+    await sendBatch(c);
+    await settleBatches(c, 0);
+  } finally {
+    await Promise.allSettled(c.inflight.map((f) => f.done));
+    await Promise.allSettled(c.pending);
+  }
   await Promise.all(c.pending);
   await opts.fs.finish();
   return result;

@@ -49,6 +49,16 @@ export interface TargetFs {
   /** Owner (only when running as root), then mode, then xattrs. */
   chown(path: Buffer, uid: number, gid: number): void;
   chmod(path: Buffer, mode: number): void;
+  /** Owner and mode of an open file. */
+  fchown(fd: number, uid: number, gid: number): void;
+  fchmod(fd: number, mode: number): void;
+  /**
+   * atime and mtime of an open file, if they can be set exactly that way (else false, and nothing is
+   * set): node:fs takes seconds as a double, exact for whole seconds only.
+   */
+  setTimesOpen(fd: number, atimeNs: bigint, mtimeNs: bigint): boolean;
+  /** Whether a directory has no entries. */
+  isEmptyDir(path: Buffer): boolean;
   setXattr(path: Buffer, x: Xattr): Promise<void>;
   /** atime and mtime with nanoseconds, not following symlinks. */
   setTimes(path: Buffer, atimeNs: bigint, mtimeNs: bigint): Promise<void>;

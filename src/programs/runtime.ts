@@ -51,7 +51,16 @@ export function finish(code: number, name: string): void {
  *   produces objects several times slower than the server stores them.
  */
 export function lowMemoryServer(): void {
-  v8.setFlagsFromString('--semi-space-growth-factor=1');
+  smallYoungGeneration();
   v8.setFlagsFromString('--no-maglev');
   v8.setFlagsFromString('--no-turbofan');
+}
+
+/**
+ * The young generation keeps its starting size instead of growing to 32 MiB per semi-space. For a
+ * restore, which allocates a few short-lived objects per file (crypto, zstd, paths): peak RSS of a
+ * restore of the benchmark corpus's tree 152 MB instead of 227 MB, for about 1 s more CPU in 17 s.
+ */
+export function smallYoungGeneration(): void {
+  v8.setFlagsFromString('--semi-space-growth-factor=1');
 }

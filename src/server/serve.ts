@@ -27,7 +27,10 @@ import {
   MAX_INDEX_BYTES,
   MAX_IN_FLIGHT,
   MAX_PAYLOAD,
+  MIN_PROTOCOL_VERSION,
   Msg,
+  OBJECT_ENTRY_HEAD,
+  ObjectsFrameWriter,
   PROTOCOL_VERSION,
   decodeContinue,
   decodeEmpty,
@@ -38,6 +41,7 @@ import {
   encodeHelloOk,
   encodeResponse,
   protocolError,
+  writeDataFrameHead,
 } from '../core/protocol.js';
 import type { Frame, Request, Response, Scope } from '../core/protocol.js';
 import { UploadGuard, type UploadLimits } from './limits.js';
@@ -56,6 +60,15 @@ const PAYLOAD_BUDGET = 1024 * 1024;
 /** Bytes of one read of a reusedBufferInput. */
 const READ_SIZE = 64 * 1024;
 const EMPTY = Buffer.alloc(0);
+/**
+ * Bytes of a send buffer: objects are read from the Storage straight into one (OBJECTS frames are cut
+ * at about this size; an object that does not fit gets a buffer of its own size), which is reused once
+ * the output has taken it. A fresh Buffer per object sent would pile up as garbage until V8 collects
+ * it (tens of MB of external memory) and leave the C heap at that high-water mark.
+ */
+const SEND_BUFFER_SIZE = 256 * 1024;
+/** Bytes of all send buffers of a session. */
+const SEND_BUDGET = 4 * 1024 * 1024;
 /** Locks one session may hold. */
 const MAX_LOCKS = 16;
 /**
@@ -213,6 +226,39 @@ export function refuse(out: Writable, code: SnapError['code'], message: string):
   });
 }
 
+/**
+ * Send buffers, reused once the output has taken what was written from them. Together they hold at
+ * most SEND_BUDGET bytes: take() waits for a buffer to come back rather than allocate beyond it (a
+ * larger object waits until no other buffer is in use, and its buffer is dropped after use).
+ */
+class SendBuffers {
+  private readonly free: Buffer[] = [];
+  private allocated = 0;
+  private readonly waiters: Array<() => void> = [];
+
+  /** A buffer of at least n bytes. */
+  async take(n: number): Promise<Buffer> {
+    for (;;) {
+      const i = this.free.findIndex((b) => b.length >= n);
+      if (i >= 0) return this.free.splice(i, 1)[0]!;
+      const size = Math.max(SEND_BUFFER_SIZE, n);
+      if (this.allocated + size <= SEND_BUDGET || this.allocated === 0) {
+        this.allocated += size;
+        return Buffer.allocUnsafeSlow(size);
+      }
+      const small = this.free.shift();
+      if (small !== undefined) this.allocated -= small.length; // too small for n: make room
+      else await new Promise<void>((resolve) => this.waiters.push(resolve));
+    }
+  }
+
+  give(b: Buffer): void {
+    if (this.allocated > SEND_BUDGET) this.allocated -= b.length; // (an oversized one: dropped)
+    else this.free.push(b);
+    this.waiters.shift()?.();
+  }
+}
+
 interface Listing {
   /** Resolves with the client's answer to the last batch sent. */
   waiting: ((more: boolean) => void) | null;
@@ -249,6 +295,9 @@ export function serve(input: Readable | ReusedBufferInput, output: Writable, sto
 class Session {
   private readonly frameReader = new FrameReader((type, length) => this.admit(type, length), MAX_FRAME_LENGTH);
   private readonly arena = new Arena(ARENA_SIZE);
+  private readonly sendBuffers = new SendBuffers();
+  /** The protocol version of the session (from HELLO). */
+  private version = PROTOCOL_VERSION;
   /** Input bytes the reader has not taken yet (it waits for memory); the input is paused meanwhile. */
   private carry: Buffer | null = null;
   /** Where carried bytes of a borrowed chunk are copied. */
@@ -479,6 +528,7 @@ class Session {
     if (this.running.has(f.id)) return this.fatal(protocolError(`request id ${f.id} is already in use`));
     let req: Request;
     try {
+      if (f.type === Msg.GET_OBJECTS && this.version < 3) throw protocolError(`GET_OBJECTS in a session of protocol version ${this.version}`);
       req = decodeRequest(f);
     } catch (err) {
       return this.fatal(err);
@@ -517,16 +567,17 @@ class Session {
     } catch (err) {
       return this.fatal(err);
     }
-    if (hello.version !== PROTOCOL_VERSION) {
+    if (hello.version < MIN_PROTOCOL_VERSION || hello.version > PROTOCOL_VERSION) {
       return this.fatal(
-        new SnapError('unsupported-version', `Protocol version ${hello.version} is not supported by this server (it speaks version ${PROTOCOL_VERSION})`, {
+        new SnapError('unsupported-version', `Protocol version ${hello.version} is not supported by this server (it speaks versions ${MIN_PROTOCOL_VERSION} to ${PROTOCOL_VERSION})`, {
           hint: 'snapcrypt (on the workstation) and snapcrypt-server (on the server) must speak the same protocol version: update the older one',
         }),
       );
     }
     if (!isAcceptedWish(hello.wish)) return this.fatal(protocolError(`unknown wish ${JSON.stringify(hello.wish)}`));
     this.greeted = true;
-    void this.send(Msg.HELLO_OK, f.id, encodeHelloOk({ version: PROTOCOL_VERSION, maxFrameLength: MAX_FRAME_LENGTH, maxInFlight: this.maxInFlight }));
+    this.version = hello.version;
+    void this.send(Msg.HELLO_OK, f.id, encodeHelloOk({ version: hello.version, maxFrameLength: MAX_FRAME_LENGTH, maxInFlight: this.maxInFlight }));
   }
 
   private maybeFinish(): void {
@@ -559,18 +610,98 @@ class Session {
     const parts = encodeFrame(type, id, payload);
     let ok = true;
     for (const p of parts) ok = this.output.write(p);
-    if (!ok && !this.outputBroken) {
-      await new Promise<void>((resolve) => {
-        const done = () => {
-          this.output.off('drain', done);
-          this.output.off('close', done);
-          this.output.off('error', done);
-          resolve();
-        };
-        this.output.on('drain', done);
-        this.output.on('close', done);
-        this.output.on('error', done);
+    if (!ok && !this.outputBroken) await this.drained();
+  }
+
+  /** Writes a frame held in a send buffer, which is given back once the output has taken it. */
+  private async sendFromBuffer(frame: Buffer, buf: Buffer): Promise<void> {
+    if (this.closed) return this.sendBuffers.give(buf);
+    const ok = this.output.write(frame, () => this.sendBuffers.give(buf));
+    if (!ok && !this.outputBroken) await this.drained();
+  }
+
+  /** Resolves once the output drained (or closed, or failed). */
+  private async drained(): Promise<void> {
+    await new Promise<void>((resolve) => {
+      const done = () => {
+        this.output.off('drain', done);
+        this.output.off('close', done);
+        this.output.off('error', done);
+        resolve();
+      };
+      this.output.on('drain', done);
+      this.output.on('close', done);
+      this.output.on('error', done);
+    });
+  }
+
+  /** Reads an object into a send buffer (objects the Storage can only hand over as a Buffer are copied). */
+  private async readInto(reader: ObjectReader, objectId: string, into: (size: number) => Promise<Buffer>): Promise<void> {
+    if (reader.readObjectInto) return reader.readObjectInto(objectId, into);
+    const data = await reader.getObject(objectId);
+    data.copy(await into(data.length));
+  }
+
+  /** GET_OBJECT: one DATA frame, built in a send buffer. */
+  private async sendObject(id: number, reader: ObjectReader, objectId: string): Promise<void> {
+    let buf: Buffer | null = null;
+    let end = 0;
+    try {
+      await this.readInto(reader, objectId, async (size) => {
+        if (size > MAX_PAYLOAD - 1) throw new SnapError('io', `Object ${objectId} (${size} bytes) is too large to send`);
+        const b = await this.sendBuffers.take(10 + size);
+        buf = b;
+        const at = writeDataFrameHead(b, id, size);
+        end = at + size;
+        return b.subarray(at, end);
       });
+    } catch (err) {
+      if (buf !== null) this.sendBuffers.give(buf);
+      throw err;
+    }
+    const b = buf as Buffer | null;
+    if (b !== null) await this.sendFromBuffer(b.subarray(0, end), b);
+  }
+
+  /**
+   * GET_OBJECTS: the objects in order, read straight into send buffers, as OBJECTS frames of about
+   * SEND_BUFFER_SIZE each; an absent object is marked absent. Another failure ends the answer with an
+   * ERROR for the request (the client drops the objects it did not receive).
+   */
+  private async sendObjects(id: number, reader: ObjectReader, ids: readonly string[]): Promise<void> {
+    const w = new ObjectsFrameWriter();
+    let buf: Buffer | null = null;
+    /** Sends the frame in progress, if any. */
+    const flush = async (): Promise<void> => {
+      const b = buf;
+      buf = null;
+      if (b !== null) await this.sendFromBuffer(w.finish(), b);
+    };
+    /** Makes room in the frame for the next object of n bytes (n < 0: an absent one). */
+    const room = async (i: number, n: number): Promise<void> => {
+      if (buf !== null && w.fits(n)) return;
+      await flush();
+      const need = ObjectsFrameWriter.HEAD + OBJECT_ENTRY_HEAD + Math.max(n, 0);
+      if (need - 4 > MAX_FRAME_LENGTH) throw new SnapError('io', `Object ${ids[i]} (${n} bytes) is too large to send`);
+      buf = await this.sendBuffers.take(need);
+      w.begin(buf, id, i);
+    };
+    try {
+      for (let i = 0; i < ids.length && !this.closed; i++) {
+        try {
+          await this.readInto(reader, ids[i]!, async (size) => {
+            await room(i, size);
+            return w.present(size);
+          });
+        } catch (err) {
+          if (!(err instanceof SnapError && err.code === 'not-found')) throw err;
+          await room(i, -1);
+          w.absent();
+        }
+      }
+      await flush();
+    } finally {
+      if (buf !== null) this.sendBuffers.give(buf);
     }
   }
 
@@ -632,7 +763,11 @@ class Session {
         return this.list(id, await this.reader(req.scope));
       case 'getObject': {
         const reader = await this.reader(req.scope);
-        return this.heavily(async () => this.respond(id, { type: 'data', data: await reader.getObject(req.id) }));
+        return this.heavily(() => this.sendObject(id, reader, req.id));
+      }
+      case 'getObjects': {
+        const reader = await this.reader(req.scope);
+        return this.heavily(() => this.sendObjects(id, reader, req.ids));
       }
       case 'putObject':
         await this.guard.admit(req.data.length, true, () => this.heavily(() => s.putObject(req.id, req.data)));

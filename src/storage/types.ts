@@ -46,6 +46,18 @@ export interface SnapshotInfo {
 export interface ObjectReader {
   /** Bytes of one object; SnapError('not-found') if absent. */
   getObject(id: string): Promise<Buffer>;
+  /**
+   * Optional: many objects at once (fewer round trips to a remote store). each(i, data) is called once
+   * for every ids[i] (not necessarily in order), with its bytes or null if it is absent; data is only
+   * valid during the call (its memory may be reused). A failure other than an absent object rejects, and the objects
+   * not yet given to each are not given.
+   */
+  getObjects?(ids: readonly string[], each: (index: number, data: Buffer | null) => void): Promise<void>;
+  /**
+   * Optional (directory stores, for the server): reads one object into the memory that into(size)
+   * gives (exactly size bytes) instead of a Buffer of its own; SnapError('not-found') if absent.
+   */
+  readObjectInto?(id: string, into: (size: number) => Promise<Buffer>): Promise<void>;
   /** One of the small files (config, head, index, keys/NAME); null if absent. */
   readFile(name: string): Promise<Buffer | null>;
   /** Names of files under keys/. */
@@ -126,4 +138,26 @@ export function isValidFileName(name: string): boolean {
 
 export function isValidObjectId(id: string): boolean {
   return /^[0-9a-f]{64}$/.test(id);
+}
+
+/**
+ * getObjects on any reader: its own where it has one, else getObject one id after the other (an id
+ * that is not-found is handed over as null).
+ */
+export async function getObjects(reader: ObjectReader, ids: readonly string[], each: (index: number, data: Buffer | null) => void): Promise<void> {
+  if (reader.getObjects) return reader.getObjects(ids, each);
+  return getObjectsOneByOne(reader, ids, each);
+}
+
+export async function getObjectsOneByOne(reader: ObjectReader, ids: readonly string[], each: (index: number, data: Buffer | null) => void): Promise<void> {
+  for (const [i, id] of ids.entries()) {
+    let data: Buffer | null;
+    try {
+      data = await reader.getObject(id);
+    } catch (err) {
+      if ((err as { code?: unknown } | null)?.code !== 'not-found') throw err;
+      data = null;
+    }
+    each(i, data);
+  }
 }
