@@ -18,8 +18,9 @@
 # Steps: `snapcrypt init`, a first backup of the corpus (page cache dropped first when run as root),
 # then NOCHANGE_RUNS (default 3) backups with nothing changed, all to ssh://USER@127.0.0.1:PORT/.
 # Prints a markdown table: per step the client's wall time, CPU and peak RSS and the server's CPU and
-# peak RSS; then the server's peak RSS over all serve processes. SERVE_NODE_ARGS (split on white space)
-# adds node options to the server's command line, for experiments. Passphrase: SNAPCRYPT_PASSWORD
+# peak RSS; then the server's peak RSS over all serve processes. SERVE_NODE_ARGS and CLIENT_NODE_ARGS
+# (split on white space) add node options to the server's and the client's command lines, for
+# experiments (e.g. CLIENT_NODE_ARGS="--import /path/memsample.mjs"). Passphrase: SNAPCRYPT_PASSWORD
 # (default "bench"), with the normal KDF. Run it as root, so that it can drop the page cache and delete
 # the area's subvolumes. Needs: sshd, ssh, ssh-keygen, GNU time, btrfs-progs; dist/ built.
 set -euo pipefail
@@ -121,7 +122,7 @@ drop_caches() { sync; if [ "$(id -u)" = 0 ]; then echo 3 > /proc/sys/vm/drop_cac
 measure() { # step run snapcrypt-args...
   local step=$1 run=$2; shift 2
   : > "$SERVE_CSV"
-  /usr/bin/time -f "%e,%U,%S,%M" -o "$T/client.time" "$NODE" "$CLIENT_JS" "$@" > "$OUT/$step-$run.log" 2>&1 \
+  /usr/bin/time -f "%e,%U,%S,%M" -o "$T/client.time" "$NODE" ${CLIENT_NODE_ARGS:-} "$CLIENT_JS" "$@" > "$OUT/$step-$run.log" 2>&1 \
     || { echo "snapcrypt $1 failed:" >&2; cat "$OUT/$step-$run.log" "$T/client.time" >&2; exit 1; }
   # The serve process has exited when ssh has (sshd waits for it), so its line is written.
   local serve

@@ -15,6 +15,7 @@
  */
 import { type KeyObject, argon2, createCipheriv, createDecipheriv, createHmac, createSecretKey, hkdfSync, scrypt, timingSafeEqual } from 'node:crypto';
 import { SnapError, IntegrityError } from './errors.js';
+import { release } from './memory.js';
 
 export type Rng = (n: number) => Buffer;
 
@@ -74,9 +75,30 @@ function objectSubkey(keys: Keys, id: Buffer, salt: Buffer): KeyObject {
   return createSecretKey(createHmac('sha256', keys.encKeyObject).update(OBJECT_LABEL).update(id).update(salt).digest());
 }
 
+/** The inner plaintext's prefix: type, compression and the payload's length (varint). */
+function innerPrefix(type: number, compression: number, payloadLen: number): number[] {
+  const prefix = [type, compression];
+  let n = payloadLen;
+  while (n >= 0x80) {
+    prefix.push((n % 0x80) | 0x80);
+    n = Math.floor(n / 0x80);
+  }
+  prefix.push(n);
+  return prefix;
+}
+
+/** Size of the object sealObject makes of a payload of this many bytes. */
+export function sealedSize(payloadLen: number): number {
+  return paddedObjectSize(innerPrefix(0, 0, payloadLen).length + payloadLen);
+}
+
+/** Bytes of payload encrypted per cipher call in sealObject (each call returns a fresh buffer). */
+const SEAL_PIECE = 64 * 1024;
+
 /**
  * Encrypt one object. `payload` is what is stored (already compressed if compression != none);
- * the id was computed over the uncompressed plaintext.
+ * the id was computed over the uncompressed plaintext. With `into` (at least sealedSize bytes), the
+ * object is written there and a view of it returned; else into a new buffer.
  */
 export function sealObject(
   keys: Keys,
@@ -85,17 +107,12 @@ export function sealObject(
   compression: number,
   payload: Uint8Array,
   rng: Rng,
+  into?: Buffer,
 ): Buffer {
-  const prefix = [type, compression];
-  let n = payload.length;
-  while (n >= 0x80) {
-    prefix.push((n % 0x80) | 0x80);
-    n = Math.floor(n / 0x80);
-  }
-  prefix.push(n);
+  const prefix = innerPrefix(type, compression, payload.length);
   const innerLen = prefix.length + payload.length;
   const total = paddedObjectSize(innerLen);
-  const out = Buffer.allocUnsafe(total);
+  const out = into && into.length >= total ? into.subarray(0, total) : Buffer.allocUnsafe(total);
   out[0] = OBJECT_VERSION;
   rng(SALT_LEN).copy(out, 1);
   rng(NONCE_LEN).copy(out, 1 + SALT_LEN);
@@ -105,12 +122,24 @@ export function sealObject(
   const cipher = createCipheriv('aes-256-gcm', objectSubkey(keys, id, salt), nonce, { authTagLength: TAG_LEN });
   cipher.setAAD(Buffer.concat([header, id]));
   // GCM is a stream mode: encrypting the inner plaintext piece by piece (prefix, payload, zero
-  // padding) gives the same bytes as encrypting it whole, without first copying it together.
+  // padding) gives the same bytes as encrypting it whole, without first copying it together. The
+  // payload goes in pieces whose outputs are copied and freed at once: one output of the whole
+  // payload would be ~1 MiB of garbage per chunk.
   let off = OBJECT_HEADER_LEN;
   off += cipher.update(Uint8Array.from(prefix)).copy(out, off);
-  off += cipher.update(payload).copy(out, off);
+  for (let p = 0; p < payload.length; p += SEAL_PIECE) {
+    const enc = cipher.update(payload.subarray(p, Math.min(payload.length, p + SEAL_PIECE)));
+    off += enc.copy(out, off);
+    release(enc);
+  }
   const pad = total - OBJECT_OVERHEAD - innerLen;
-  if (pad > 0) off += cipher.update(pad <= ZERO_PAD.length ? ZERO_PAD.subarray(0, pad) : Buffer.alloc(pad)).copy(out, off);
+  for (let done = 0; done < pad; ) {
+    const len = Math.min(pad - done, ZERO_PAD.length);
+    const enc = cipher.update(ZERO_PAD.subarray(0, len));
+    off += enc.copy(out, off);
+    release(enc);
+    done += len;
+  }
   off += cipher.final().copy(out, off);
   cipher.getAuthTag().copy(out, off);
   return out;

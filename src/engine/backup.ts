@@ -12,6 +12,7 @@ import {
   NodeKind, ZERO_CHUNK, encodeHead, encodeSnapshotRoot, encodeTree, sameEntry,
 } from '../core/format.js';
 import { ObjectType, objectId, type ObjectTypeCode } from '../core/crypto.js';
+import { release } from '../core/memory.js';
 import { IdList, IdSet } from '../core/idset.js';
 import { SnapError } from '../core/errors.js';
 import type { Excluder } from '../core/excluder.js';
@@ -46,7 +47,10 @@ export interface BackupOptions {
   readonly prescan?: boolean;
   /** Test hook: called at named points of the run (crash tests). */
   readonly onStep?: (step: string) => void;
-  /** Maximum bytes of chunks being compressed/encrypted/uploaded at once. */
+  /**
+   * Maximum bytes of memory held by objects being compressed/encrypted/uploaded at once (default
+   * 8 MiB: 16 measured no faster over SSH, and costs its size in RSS).
+   */
   readonly inflightBytes?: number;
 }
 
@@ -64,42 +68,34 @@ const display = (p: Buffer): string => p.toString('utf8');
 
 const MAX_INFLIGHT_OBJECTS = 256;
 
-/** Files are read into these below this size, so that small files do not each hold a whole chunk buffer. */
+/** Files are read into buffers of their own size up to this size, into pooled chunk buffers above it. */
 const SMALL_READ = 64 * 1024;
 
 /**
- * The buffers files are read into (seal.ts BufferPool): chunk-sized ones, and SMALL_READ ones for
- * small files and file ends. Enough of them for every object the uploader lets be in flight, plus
- * a few being read and hashed.
+ * The buffers files are read into. Reads above SMALL_READ go into chunk-sized buffers that are
+ * reused (seal.ts BufferPool): each goes to a seal worker and comes back with its reply. Smaller
+ * reads get a buffer of their own size, which is freed (core/memory.ts release) once it comes back: a
+ * pool of buffers as large as the largest small file would hold MAX_INFLIGHT_OBJECTS of them.
+ * Dropping either kind to the garbage collector instead lets tens of MB pile up per thread.
  */
 export class ReadBuffers {
   private readonly chunk: BufferPool;
-  private readonly small: BufferPool;
-  /**
-   * Only when the seal workers store objects themselves (a local target). Over SSH the sealed objects
-   * come back to the main thread anyway, and keeping the pools there measured worse (bench/server-rss.sh:
-   * 330 MiB peak against 298 without them), so every read gets a fresh buffer that moves to a worker.
-   */
-  readonly recycling: boolean;
-  constructor(chunkSize: number, inflightBytes: number, recycling: boolean) {
-    this.recycling = recycling;
-    // as many free buffers kept as can be in flight, or the rest would be garbage again
-    this.chunk = new BufferPool(chunkSize, Math.ceil(inflightBytes / chunkSize) + 4);
-    this.small = new BufferPool(Math.min(SMALL_READ, chunkSize), MAX_INFLIGHT_OBJECTS + 8);
+  constructor(chunkSize: number, inflightBytes: number) {
+    // as many free buffers kept as can be in flight: when sealing is the slowest step, all of them
+    // come back in turn
+    this.chunk = new BufferPool(chunkSize, Math.ceil(inflightBytes / chunkSize));
   }
 
   /** A buffer of exactly `size` bytes (at most the chunk size), a view of a pooled one. */
   take(size: number): Buffer {
-    if (!this.recycling) return Buffer.allocUnsafeSlow(size); // whole, so it moves to a worker without a copy
-    const pool = size <= this.small.size ? this.small : this.chunk;
-    return pool.take().subarray(0, size);
+    // small ones whole, so that they move to a worker without a copy
+    return size <= SMALL_READ ? Buffer.allocUnsafeSlow(size) : this.chunk.take().subarray(0, size);
   }
 
-  /** Takes back a view of one of these buffers (anything else is left to the garbage collector). */
+  /** Takes back a buffer from take() (any view of it) once its bytes are no longer needed. */
   give(view: Uint8Array): void {
-    if (!this.recycling) return;
-    if (this.small.owns(view)) this.small.give(view);
-    else this.chunk.give(view);
+    if (this.chunk.owns(view)) this.chunk.give(view);
+    else release(view);
   }
 }
 
@@ -139,8 +135,10 @@ class Uploader {
       return;
     }
     this.known.add(id);
-    // bounded in bytes and in count: every object in flight also holds a compressor context
-    const size = plain.length; // the buffer may move to a worker thread (detached here)
+    // bounded in bytes and in count. The bytes are those of the memory the object holds (a pooled
+    // read buffer is a whole chunk's, and so is the buffer it is sealed into), not its length: else
+    // 8 MiB of 100 KB files would hold 80 chunk buffers. Taken now: the buffer may move to a worker.
+    const size = plain.buffer.byteLength;
     while (this.inflight > 0 && (this.inflight + size > this.limit || this.inflightCount >= MAX_INFLIGHT_OBJECTS)) {
       await new Promise<void>((resolve) => this.waiters.push(resolve));
       if (this.failure) throw this.failure;
@@ -151,14 +149,16 @@ class Uploader {
       try {
         const sealed = await this.pool.seal(type, id, plain, reads && ((b) => reads.give(b)));
         this.step(type === ObjectType.data ? 'put-chunk' : 'put-tree');
+        const bytes = typeof sealed === 'number' ? sealed : sealed.length;
         if (typeof sealed !== 'number') {
           // a remote target: keep the new trees in the local cache too, so that the next backup
           // compares against them without downloading them (a local target is read cheaply anyway)
           if (type === ObjectType.tree) this.repo.cache?.put(id, sealed);
           await this.repo.storage.putObject(id.toString('hex'), sealed);
+          this.pool.stored(sealed); // the storage is done with it (Storage contract): reused
         }
         this.stats.objectsAdded++;
-        this.stats.bytesAdded += typeof sealed === 'number' ? sealed : sealed.length;
+        this.stats.bytesAdded += bytes;
       } catch (err) {
         this.failure ??= err;
       } finally {
@@ -264,7 +264,7 @@ async function readFileChunks(w: Walk, p: Buffer, st: SourceStat): Promise<{ chu
         want = cs;
       }
       let data = w.reads.take(want);
-      let pooled = w.reads.recycling; // data is a view of a pooled buffer (which then goes back to the pool)
+      let pooled = true; // data is from w.reads (and goes back to it)
       let n = readFull(w, fd, data, pos);
       if (n === want && want < cs && readFull(w, fd, PROBE, pos + n) > 0) {
         // the file grew since lstat: a short chunk is only allowed at the end
@@ -611,10 +611,10 @@ export async function backup(repo: Repository, opts: BackupOptions): Promise<Bac
     const stats = newStats();
     const refs = new IdList();
     const pool = await repo.sealPool();
-    const inflight = opts.inflightBytes ?? 16 * 1024 * 1024;
+    const inflight = opts.inflightBytes ?? 8 * 1024 * 1024;
     const up = new Uploader(repo, pool, known, inflight, stats, step);
     try {
-      const reads = new ReadBuffers(repo.chunkSize, inflight, pool.writesDirectly);
+      const reads = new ReadBuffers(repo.chunkSize, inflight);
       return await runBackup(repo, opts, paths, known, cached !== null, parent, stats, refs, up, reads, step, started);
     } catch (err) {
       // current lacks an object the kept index lists (removed on the server since): once more with a listing

@@ -222,7 +222,7 @@ export class Repository {
   /** A pool of worker threads that seal objects, and store them where the storage allows (the caller closes it). */
   async sealPool(): Promise<SealPool> {
     const writer = (await this.storage.directWriter?.()) ?? null;
-    return new SealPool(this.secret.master, this.keys, writer);
+    return new SealPool(this.secret.master, this.keys, this.chunkSize, writer);
   }
 
   /** Decrypt, decompress and authenticate one object. */

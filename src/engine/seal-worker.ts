@@ -1,21 +1,26 @@
 /**
  * Worker thread of SealPool: compresses and encrypts batches of objects with keys from workerData,
- * and, when the storage offers a direct writer, stores them itself.
+ * and, when the storage offers a direct writer, stores them itself. Memory is reused, not left to the
+ * garbage collector: sealed objects go into the Sealer's buffers (written here, or sent to the main
+ * thread, which sends them back once stored), and plain buffers are sent back (SealJob.recycle) or
+ * freed as soon as they are sealed.
  */
 import { parentPort, workerData } from 'node:worker_threads';
 import { deriveKeys, type ObjectTypeCode } from '../core/crypto.js';
-import { compressAndSeal, type SealDone, type SealJob, type SealWorkerData } from './seal.js';
+import { release } from '../core/memory.js';
+import { Sealer, type SealBatch, type SealDone, type SealWorkerData } from './seal.js';
 import { errnoCode } from '../core/errors.js';
 
 const data = workerData as SealWorkerData;
-const keys = deriveKeys(Buffer.from(data.master));
+const sealer = new Sealer(deriveKeys(Buffer.from(data.master)), data.chunkSize);
 const port = parentPort!;
 type Write = (id: string, bytes: Uint8Array) => void;
 const writer: Promise<Write | null> = data.writer
   ? import(data.writer.module).then((m: { createWriter: (arg: unknown) => Write }) => m.createWriter(data.writer!.arg))
   : Promise.resolve(null);
 
-port.on('message', async (jobs: SealJob[]) => {
+port.on('message', async ({ jobs, stored }: SealBatch) => {
+  for (const b of stored) sealer.reuse(b);
   let write: Write | null = null;
   let setupError: string | null = null;
   try {
@@ -28,18 +33,23 @@ port.on('message', async (jobs: SealJob[]) => {
   for (const job of jobs) {
     try {
       if (setupError) throw new Error(setupError);
-      const plain = Buffer.from(job.plain.buffer, job.plain.byteOffset, job.plain.byteLength);
       const id = Buffer.from(job.id);
-      const sealed = compressAndSeal(keys, job.type as ObjectTypeCode, id, plain);
+      const sealed = sealer.seal(job.type as ObjectTypeCode, id, job.plain);
       const back = job.recycle ? { plain: job.plain } : {};
       if (job.recycle) transfer.push(job.plain.buffer as ArrayBuffer);
+      else release(job.plain); // moved or copied here: nobody else has it
       if (write) {
-        write(id.toString('hex'), sealed);
-        replies.push({ seq: job.seq, written: sealed.length, ...back });
+        const written = sealed.length;
+        try {
+          write(id.toString('hex'), sealed);
+        } finally {
+          sealer.reuse(sealed);
+        }
+        replies.push({ seq: job.seq, written, ...back });
       } else {
         replies.push({ seq: job.seq, sealed, ...back });
-        // sealed objects are allocated whole, so they move without a copy
-        if (sealed.byteOffset === 0 && sealed.byteLength === sealed.buffer.byteLength) transfer.push(sealed.buffer as ArrayBuffer);
+        // sealed objects lie in buffers of their own, so they move without a copy
+        transfer.push(sealed.buffer as ArrayBuffer);
       }
     } catch (err) {
       const errno = errnoCode(err);

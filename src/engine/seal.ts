@@ -5,8 +5,9 @@
 import { randomBytes } from 'node:crypto';
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
-import { zstdCompressSync, constants as zc } from 'node:zlib';
-import { type Keys, type ObjectTypeCode, Compression, ObjectType, sealObject } from '../core/crypto.js';
+import { ZstdCompress, zstdCompressSync, constants as zc } from 'node:zlib';
+import { type Keys, type ObjectTypeCode, Compression, ObjectType, sealObject, sealedSize } from '../core/crypto.js';
+import { release } from '../core/memory.js';
 import type { DirectWriterSpec } from '../storage/types.js';
 import { ioFailure } from '../core/errors.js';
 
@@ -17,17 +18,120 @@ import { ioFailure } from '../core/errors.js';
  */
 export const ZSTD_LEVEL = 2;
 const MIN_COMPRESS = 128;
+const ZSTD_OPTIONS = { params: { [zc.ZSTD_c_compressionLevel]: ZSTD_LEVEL } };
 
-export function compressAndSeal(keys: Keys, type: ObjectTypeCode, id: Buffer, plain: Buffer): Buffer {
-  let payload: Buffer = plain;
-  let compression: number = Compression.none;
-  if (plain.length >= MIN_COMPRESS) {
-    const z = zstdCompressSync(plain, { params: { [zc.ZSTD_c_compressionLevel]: ZSTD_LEVEL } });
-    if (z.length < plain.length * 0.97) {
-      payload = z;
-      compression = Compression.zstd;
+/** What node:zlib's ZstdCompress keeps inside: the native stream and where it reports progress. */
+interface ZstdInternals extends ZstdCompress {
+  readonly _handle?: {
+    writeSync(flush: number, input: Uint8Array, inOff: number, inLen: number, out: Uint8Array, outOff: number, outLen: number): void;
+  };
+  /** [bytes of output space left, bytes of input left] after writeSync. */
+  readonly _writeState?: Uint32Array;
+}
+
+/**
+ * zstd with one compression context and one output buffer for all calls. zstdCompressSync makes a
+ * context (a few MB of native memory), output buffers of 16 KiB and their concatenation per call:
+ * about 2 MB of allocations per chunk, most of it garbage that is freed late. This drives node:zlib's
+ * native stream directly (one ZSTD_e_end call per object, which writes the same frame as the one-shot
+ * function); should that internal interface be missing, it falls back to zstdCompressSync.
+ */
+export class Compressor {
+  private stream: ZstdInternals | null = null;
+  private error: Error | null = null;
+  private out = Buffer.alloc(0);
+  private fallback = false;
+
+  /** The compressed bytes: a view of this compressor's buffer, valid until the next call. */
+  compress(plain: Uint8Array): Buffer {
+    const bound = plain.length + (plain.length >>> 7) + 4096; // > ZSTD_compressBound
+    if (this.fallback) return zstdCompressSync(plain, { ...ZSTD_OPTIONS, chunkSize: bound });
+    if (this.out.length < bound) {
+      release(this.out);
+      this.out = Buffer.allocUnsafeSlow(bound);
+    }
+    try {
+      if (!this.stream) {
+        const z = new ZstdCompress(ZSTD_OPTIONS) as ZstdInternals;
+        z.on('error', (err: Error) => (this.error = err)); // the native side reports errors this way
+        this.stream = z;
+      }
+      const { _handle: handle, _writeState: state } = this.stream;
+      if (!handle || !state) {
+        this.fallback = true;
+        return this.compress(plain);
+      }
+      handle.writeSync(zc.ZSTD_e_end, plain, 0, plain.length, this.out, 0, this.out.length);
+      const outLeft = state[0]!;
+      if (this.error) throw this.error;
+      if (state[1] !== 0 || outLeft === 0) throw new Error(`zstd did not finish an object of ${plain.length} bytes`);
+      return this.out.subarray(0, this.out.length - outLeft);
+    } catch (err) {
+      this.stream = null; // a context in an unknown state is not used again
+      this.error = null;
+      throw err;
     }
   }
+}
+
+/** Objects of at least this size are sealed into pooled buffers (Sealer); smaller ones get their own. */
+const POOLED_OBJECT = 64 * 1024;
+
+/**
+ * Compress-then-encrypt for one thread, with reused memory: one zstd context and output buffer
+ * (Compressor), and a pool of output buffers for chunk-sized objects that come back (reuse) once
+ * they are stored. `chunkSize` sizes the pooled buffers to hold any object sealed from a chunk.
+ */
+export class Sealer {
+  private readonly keys: Keys;
+  private readonly compressor = new Compressor();
+  /** Size of each pooled output buffer. */
+  readonly outputSize: number;
+  private readonly free: Buffer[] = [];
+  private readonly maxFree: number;
+
+  constructor(keys: Keys, chunkSize: number, maxFree = 4) {
+    this.keys = keys;
+    // the stored payload is at most the chunk (else it is stored uncompressed)
+    this.outputSize = sealedSize(chunkSize);
+    this.maxFree = maxFree;
+  }
+
+  /**
+   * The sealed object. It lies in a buffer of its own (whole, so that it can move to another thread
+   * without a copy): a pooled one of outputSize bytes for large objects, to be given back with
+   * reuse() once stored, else one of the object's size.
+   */
+  seal(type: ObjectTypeCode, id: Buffer, plain: Uint8Array): Buffer {
+    const { payload, compression } = storedForm(plain, (p) => this.compressor.compress(p));
+    const size = sealedSize(payload.length);
+    const into = size >= POOLED_OBJECT && size <= this.outputSize ? (this.free.pop() ?? Buffer.allocUnsafeSlow(this.outputSize)) : Buffer.allocUnsafeSlow(size);
+    return sealObject(this.keys, id, type, compression, payload, pooledRandom, into);
+  }
+
+  /** Takes back an object seal() returned, once it is stored; anything else is freed. */
+  reuse(sealed: Uint8Array): void {
+    const ab = sealed.buffer;
+    if (ab instanceof ArrayBuffer && ab.byteLength === this.outputSize && sealed.byteOffset === 0 && this.free.length < this.maxFree) {
+      this.free.push(Buffer.from(ab, 0, this.outputSize));
+    } else if (sealed.byteOffset === 0 && (sealed.byteLength === ab.byteLength || ab.byteLength === this.outputSize)) {
+      release(new Uint8Array(ab)); // its own buffer (never a view of a shared pool)
+    }
+  }
+}
+
+/** What is stored of plain: its zstd form (from compress) when that is at least 3% smaller, else plain. */
+function storedForm(plain: Uint8Array, compress: (plain: Uint8Array) => Uint8Array): { payload: Uint8Array; compression: number } {
+  if (plain.length >= MIN_COMPRESS) {
+    const z = compress(plain);
+    if (z.length < plain.length * 0.97) return { payload: z, compression: Compression.zstd };
+  }
+  return { payload: plain, compression: Compression.none };
+}
+
+/** One object sealed without reused memory (objects written outside a backup's SealPool). */
+export function compressAndSeal(keys: Keys, type: ObjectTypeCode, id: Buffer, plain: Buffer): Buffer {
+  const { payload, compression } = storedForm(plain, (p) => zstdCompressSync(p, ZSTD_OPTIONS));
   return sealObject(keys, id, type, compression, payload, pooledRandom);
 }
 
@@ -70,8 +174,15 @@ export interface SealDone {
   readonly plain?: Uint8Array;
 }
 
+/** What the main thread sends a worker: objects to seal, and sealed objects it has stored (Sealer.reuse). */
+export interface SealBatch {
+  readonly jobs: SealJob[];
+  readonly stored: Uint8Array[];
+}
+
 export interface SealWorkerData {
   readonly master: Uint8Array;
+  readonly chunkSize: number;
   readonly writer: DirectWriterSpec | null;
 }
 
@@ -107,8 +218,9 @@ export class BufferPool {
 
   /** Takes back a buffer of this pool's size (whatever view of it; other sizes are ignored). */
   give(view: Uint8Array): void {
-    if (!this.owns(view) || this.free.length >= this.max) return;
-    this.free.push(Buffer.from(view.buffer as ArrayBuffer, 0, this.size));
+    if (!this.owns(view)) return;
+    if (this.free.length >= this.max) release(new Uint8Array(view.buffer as ArrayBuffer)); // freed now, not when V8 collects
+    else this.free.push(Buffer.from(view.buffer as ArrayBuffer, 0, this.size));
   }
 
   /** Whether a view lies in a whole ArrayBuffer of this pool's size (so give() keeps it). */
@@ -119,13 +231,17 @@ export class BufferPool {
 
 /**
  * Seals objects in worker threads, one per core beside the main thread (at most 3); with one core it
- * seals inline. Jobs go
- * to the least loaded worker in batches (one message per batch, buffers transferred, not copied).
+ * seals inline. Jobs go to the least loaded worker in batches (one message per batch, buffers
+ * transferred, not copied). Sealed objects that come back to the main thread (writesDirectly false)
+ * should be handed to stored() once the storage is done with them: they go back to a worker, which
+ * seals into them again, instead of becoming garbage.
  */
 export class SealPool {
   private readonly workers: Worker[] = [];
   private readonly load: number[] = [];
   private readonly outbox: SealJob[][] = [];
+  /** Stored objects on their way back to the workers (with the next batch). */
+  private readonly returning: Uint8Array[] = [];
   private readonly waiting = new Map<
     number,
     { resolve: (r: Buffer | number) => void; reject: (e: Error) => void; worker: number; recycle: ((plain: Uint8Array) => void) | null }
@@ -138,22 +254,29 @@ export class SealPool {
   private flushScheduled = false;
 
   private readonly master: Buffer;
+  private readonly chunkSize: number;
   private readonly writer: DirectWriterSpec | null;
   private readonly threads: number;
+  /** Seals inline when there are no worker threads. */
+  private readonly inline: Sealer;
 
-  constructor(master: Buffer, keys: Keys, writer: DirectWriterSpec | null = null, threads = Math.min(availableParallelism() - 1, 3)) {
+  constructor(
+    master: Buffer, keys: Keys, chunkSize: number, writer: DirectWriterSpec | null = null, threads = Math.min(availableParallelism() - 1, 3),
+  ) {
     this.keys = keys;
     this.master = master;
+    this.chunkSize = chunkSize;
     this.writer = writer;
     this.threads = Math.max(0, threads);
     this.writesDirectly = writer !== null && this.threads >= 1;
+    this.inline = new Sealer(keys, chunkSize);
   }
 
   /** Workers start with the first chunk to seal: a backup with no change needs none. */
   private start(): void {
     for (let i = 0; i < this.threads; i++) {
-      const data: SealWorkerData = { master: this.master, writer: this.writer };
-      // a small young generation: garbage (and the native zstd contexts it holds) is freed sooner
+      const data: SealWorkerData = { master: this.master, chunkSize: this.chunkSize, writer: this.writer };
+      // a small young generation: garbage is freed sooner
       const w = new Worker(new URL('./seal-worker.js', import.meta.url), { workerData: data, resourceLimits: { maxYoungGenerationSizeMb: 4 } });
       w.on('message', (batch: SealDone[]) => {
         for (const m of batch) this.done(i, m);
@@ -191,11 +314,27 @@ export class SealPool {
     this.outbox.forEach((jobs, i) => {
       if (jobs.length === 0) return;
       this.outbox[i] = [];
-      this.workers[i]!.postMessage(
-        jobs,
-        jobs.filter((j) => j.recycle || (j.plain.byteOffset === 0 && j.plain.byteLength === j.plain.buffer.byteLength)).map((j) => j.plain.buffer as ArrayBuffer),
-      );
+      // as many stored objects back as this batch will seal, so that the worker need not allocate
+      const stored = this.returning.splice(0, jobs.length);
+      const batch: SealBatch = { jobs, stored };
+      this.workers[i]!.postMessage(batch, [
+        ...jobs.filter((j) => j.recycle || (j.plain.byteOffset === 0 && j.plain.byteLength === j.plain.buffer.byteLength)).map((j) => j.plain.buffer as ArrayBuffer),
+        ...stored.map((b) => b.buffer as ArrayBuffer),
+      ]);
     });
+  }
+
+  /**
+   * Takes back a sealed object (from seal()) once the storage is done with it: its memory goes back
+   * to a worker for the next objects, or is freed now.
+   */
+  stored(sealed: Buffer): void {
+    if (this.workers.length === 0) return this.inline.reuse(sealed);
+    const whole = sealed.buffer instanceof ArrayBuffer && sealed.byteOffset === 0 && !sealed.buffer.detached;
+    if (!whole) return;
+    // a whole buffer: its own ArrayBuffer, sent back as it is (pooled, or freed there)
+    if (sealed.buffer.byteLength === this.inline.outputSize && this.returning.length < 4) this.returning.push(new Uint8Array(sealed.buffer));
+    else release(new Uint8Array(sealed.buffer));
   }
 
   /**
@@ -211,7 +350,7 @@ export class SealPool {
     if (this.workers.length === 0 && this.threads > 0 && type === ObjectType.data) this.start();
     if (this.workers.length === 0) {
       try {
-        return Promise.resolve(compressAndSeal(this.keys, type, id, plain));
+        return Promise.resolve(this.inline.seal(type, id, plain));
       } catch (err) {
         return Promise.reject(err as Error);
       } finally {

@@ -1,0 +1,134 @@
+/**
+ * Sealing with reused memory (engine/seal.ts Compressor and Sealer, core/memory.ts release, the
+ * sealObject `into` buffer) and the compact id structures (core/idset.ts): the same bytes as the
+ * one-shot paths, buffers that come back are used again, and nothing that is still in use is freed.
+ */
+import assert from 'node:assert/strict';
+import { createHash, randomBytes } from 'node:crypto';
+import { describe, it } from 'node:test';
+import { constants as zc, zstdCompressSync, zstdDecompressSync } from 'node:zlib';
+import { Compression, ObjectType, deriveKeys, objectId, openObject, sealObject, sealedSize, type Rng } from '../src/core/crypto.js';
+import { IdList, IdSet } from '../src/core/idset.js';
+import { release } from '../src/core/memory.js';
+import { Compressor, Sealer, ZSTD_LEVEL } from '../src/engine/seal.js';
+
+const keys = deriveKeys(Buffer.alloc(64, 7));
+
+/** Bytes that compress a little (text-like) or not at all (random). */
+function sample(len: number, random: boolean, seed: number): Buffer {
+  if (random) return randomBytes(len);
+  const words = ['alpha', 'beta', 'gamma', 'delta', 'epsilon', String(seed)];
+  let s = '';
+  for (let i = 0; s.length < len; i++) s += words[(i * 7 + seed) % words.length] + (i % 13 === 0 ? '\n' : ' ');
+  return Buffer.from(s.slice(0, len));
+}
+
+/** A deterministic rng: SHA-256 of a label and a counter. */
+function counterRng(label: string): Rng {
+  let n = 0;
+  return (len) => {
+    const out = Buffer.alloc(len);
+    for (let off = 0; off < len; off += 32) createHash('sha256').update(`${label}/${n++}`).digest().copy(out, off);
+    return out;
+  };
+}
+
+describe('Compressor', () => {
+  it('writes the same frames as zstdCompressSync, call after call, growing its buffer for larger inputs', () => {
+    const c = new Compressor();
+    const opts = { params: { [zc.ZSTD_c_compressionLevel]: ZSTD_LEVEL } };
+    const sizes = [200, 70_000, 1 << 20, 5000, (1 << 20) + 12_345, 3 << 20, 129];
+    sizes.forEach((len, i) => {
+      for (const random of [false, true]) {
+        const plain = sample(len, random, i);
+        const z = c.compress(plain);
+        assert.deepEqual(z, zstdCompressSync(plain, opts), `${len} bytes, random ${random}`);
+        assert.deepEqual(zstdDecompressSync(z), plain);
+      }
+    });
+  });
+});
+
+describe('Sealer', () => {
+  it('seals objects that open to their plaintext; large ones into pooled buffers that reuse() hands out again', () => {
+    const chunk = 1 << 20;
+    const s = new Sealer(keys, chunk);
+    assert.equal(s.outputSize, sealedSize(chunk));
+    let pooled: ArrayBuffer | null = null;
+    for (const [i, len] of [chunk, 300, chunk, 100_000, 64 * 1024 - 100, chunk].entries()) {
+      const plain = sample(len, i % 2 === 1, i);
+      const id = objectId(keys, ObjectType.data, plain);
+      const sealed = s.seal(ObjectType.data, id, plain);
+      const o = openObject(keys, id, sealed);
+      const body = o.compression === Compression.zstd ? zstdDecompressSync(o.payload) : o.payload;
+      assert.deepEqual(body, plain);
+      // always a buffer of its own (whole), so that it moves to another thread without a copy
+      assert.equal(sealed.byteOffset, 0);
+      if (sealed.buffer.byteLength === s.outputSize) {
+        if (pooled) assert.equal(sealed.buffer, pooled, 'a pooled buffer given back is used again');
+        pooled = sealed.buffer as ArrayBuffer;
+      } else {
+        assert.equal(sealed.byteLength, sealed.buffer.byteLength);
+      }
+      s.reuse(sealed);
+      if (sealed.buffer.byteLength !== s.outputSize) assert.equal(sealed.length, 0, 'a buffer of its own is freed on reuse()');
+    }
+    assert.ok(pooled);
+  });
+
+  it('sealObject into a given buffer writes the same bytes as into a new one', () => {
+    for (const len of [0, 10, 5000, 200_000]) {
+      const payload = sample(len, true, len);
+      const id = objectId(keys, ObjectType.tree, payload);
+      const a = sealObject(keys, id, ObjectType.tree, Compression.none, payload, counterRng('x'));
+      const into = Buffer.alloc(sealedSize(len) + 1000, 0xee);
+      const b = sealObject(keys, id, ObjectType.tree, Compression.none, payload, counterRng('x'), into);
+      assert.equal(a.length, sealedSize(len));
+      assert.deepEqual(b, a);
+      assert.equal(b.buffer, into.buffer);
+    }
+  });
+});
+
+describe('release', () => {
+  it('frees a buffer that is all of its ArrayBuffer, and leaves views into larger ones alone', () => {
+    const own = Buffer.allocUnsafeSlow(1000);
+    release(own);
+    assert.equal(own.length, 0);
+    const shared = Buffer.from('small'); // a view of Node's shared pool
+    release(shared);
+    assert.equal(shared.toString(), 'small');
+    const big = Buffer.alloc(100);
+    const part = big.subarray(10, 20);
+    release(part);
+    assert.equal(big.length, 100);
+    release(own); // twice: no error
+  });
+});
+
+describe('IdList and IdSet', () => {
+  const ids = Array.from({ length: 70_000 }, () => randomBytes(32)); // more than two blocks of 32,768 ids
+  it('IdList.sortedUnique sorts and de-duplicates across blocks', () => {
+    const l = new IdList();
+    for (const id of ids) l.push(id);
+    for (let i = 0; i < ids.length; i += 97) l.push(ids[i]!);
+    const expected = [...new Set(ids.map((b) => b.toString('hex')))].sort().join('');
+    assert.equal(l.sortedUnique().toString('hex'), expected);
+    assert.equal(new IdList().sortedUnique().length, 0);
+  });
+  it('IdSet finds the sorted ids and the added ones, and nothing else', () => {
+    const base = new IdList();
+    for (const id of ids.slice(0, 30_000)) base.push(id);
+    const set = new IdSet(base.sortedUnique());
+    for (const id of ids.slice(30_000)) set.add(id);
+    set.add(ids[40_000]!); // again: no change
+    set.add(ids[5]!); // already in the sorted part
+    assert.equal(set.size, ids.length);
+    for (const id of ids) assert.ok(set.has(id));
+    for (let i = 0; i < 20_000; i++) {
+      const other = Buffer.from(ids[i]!);
+      other[31] = other[31]! ^ 1; // differs in the last byte only
+      assert.equal(set.has(other), false);
+    }
+  });
+});
