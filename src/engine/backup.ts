@@ -420,8 +420,11 @@ interface Item {
   readonly child: Buffer;
   readonly st: SourceStat;
   prev: TreeEntry | undefined;
-  readonly xattrs: Promise<Xattr[]> | null;
+  xattrs: Promise<Xattr[]> | null;
 }
+
+/** How many entries ahead of the one being backed up have their xattrs requested. */
+const XATTRS_AHEAD = 256;
 
 /**
  * A directory renamed within its parent (same inode, new name, the old name gone) is compared with its
@@ -472,7 +475,7 @@ async function backupDir(w: Walk, p: Buffer, prevTree: TreeEntry[] | null, prevI
   excluder?.enter(rel, ignoreText);
   try {
     const filtering = excluder?.active === true;
-    // First stat every entry and ask for the xattrs of changed ones (pipelined), then back them up.
+    // First stat every entry, then back them up (asking for the xattrs of changed ones a little ahead).
     // names and prevTree are both sorted by name bytes: their entries are paired by one merge.
     const items: Item[] = [];
     let k = 0;
@@ -496,10 +499,18 @@ async function backupDir(w: Walk, p: Buffer, prevTree: TreeEntry[] | null, prevI
           k++;
         }
       }
-      items.push({ name, child, st, prev, xattrs: requestXattrs(w, child, st, prev) });
+      items.push({ name, child, st, prev, xattrs: null });
     }
     if (prevTree) pairRenamedDirs(items, prevTree, matched!);
-    for (const it of items) {
+    let asked = 0;
+    for (let i = 0; i < items.length; i++) {
+      // xattrs are asked for XATTRS_AHEAD entries ahead (pipelined through the helper), not for the
+      // whole directory at once: 17,916 pending requests held about 20 MB in one directory of the corpus
+      for (; asked < Math.min(items.length, i + XATTRS_AHEAD); asked++) {
+        const next = items[asked]!;
+        next.xattrs = requestXattrs(w, next.child, next.st, next.prev);
+      }
+      const it = items[i]!;
       try {
         const e = await backupNode(w, it.child, it.name, it.st, it.prev, it.xattrs);
         if (e) entries.push(e);
