@@ -47,7 +47,7 @@ import * as fsp from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { join, resolve } from 'node:path';
 import { IntegrityError, ioFailure, SnapError } from '../core/errors.js';
-import { getObjectsOneByOne, isValidFileName, isValidObjectId } from '../storage/types.js';
+import { isValidFileName, isValidObjectId } from '../storage/types.js';
 import type { DirectWriterSpec, Lock, ObjectReader, SnapshotInfo, StagedIndex, Storage } from '../storage/types.js';
 
 export interface DirStorageOptions {
@@ -511,10 +511,6 @@ class DirReader implements ObjectReader {
       if (errnoOf(err) === 'ENOENT') throw new SnapError('not-found', `Object ${id} is not in ${this.label}`);
       throw ioError(`Cannot read object ${id} in ${this.label}`, err);
     }
-  }
-
-  getObjects(ids: readonly string[], each: (index: number, data: Buffer | null) => void): Promise<void> {
-    return getObjectsOneByOne(this, ids, each);
   }
 
   /** open, fstat, read into the caller's memory, close: no Buffer of its own per object. */

@@ -91,12 +91,6 @@ export class Repository {
   }
 
   /**
-   * Open with a passphrase: try every key file of current, then of the newest snapshot, then of older
-   * snapshots (a passphrase changed since still opens the snapshots sealed while it was valid). A key
-   * file already tried (same bytes, e.g. sealed unchanged into many snapshots) is not tried again, and
-   * older snapshots are only read when nothing newer opened.
-   */
-  /**
    * Start deriving the wrapping keys of the local key files of the repository last opened at
    * `location`, so that the KDF runs while the storage connects; pass the result to open(). The
    * derived keys are only used for key files that open() reads and checks as usual.
@@ -122,6 +116,12 @@ export class Repository {
     return early;
   }
 
+  /**
+   * Open with a passphrase: try every key file of current, then of the newest snapshot, then of older
+   * snapshots (a passphrase changed since still opens the snapshots sealed while it was valid). A key
+   * file already tried (same bytes, e.g. sealed unchanged into many snapshots) is not tried again, and
+   * older snapshots are only read when nothing newer opened.
+   */
   static async open(
     storage: Storage,
     passphrase: Buffer,

@@ -156,6 +156,15 @@ function linkKey(e: TreeEntry): string {
   return `${e.inode}:${e.ctimeNs}:${e.mtimeNs}:${e.uid}:${e.gid}:${e.mode}:${e.size}:${h.digest('base64')}`;
 }
 
+/** The authenticated plaintext of a chunk from its stored bytes (null: absent), which must be `expected` long. */
+function openChunk(c: Ctx, id: Buffer, data: Buffer | null, expected: number): Buffer {
+  const hex = id.toString('hex');
+  if (data === null) throw new IntegrityError(hex, `Chunk ${hex} is missing`);
+  const plain = c.repo.openData(id, ObjectType.data, data, expected);
+  if (plain.length !== expected) throw new IntegrityError(hex, `Chunk ${hex} has ${plain.length} bytes, expected ${expected}`);
+  return plain;
+}
+
 /** A file of several chunks: written under a temporary name, chunk by chunk, then renamed. */
 async function restoreFile(c: Ctx, dest: Buffer, e: TreeEntry, first: FirstName | null): Promise<void> {
   try {
@@ -182,11 +191,7 @@ async function restoreChunks(c: Ctx, dest: Buffer, e: TreeEntry): Promise<void> 
     const each = (k: number, data: Buffer | null): void => {
       if (failure !== null) return;
       const i = indexes[k]!;
-      const id = e.chunks[i]!;
-      if (data === null) throw new IntegrityError(id.toString('hex'), `Chunk ${id.toString('hex')} is missing`);
-      const expected = Math.min(cs, e.size - i * cs);
-      const plain = c.repo.openData(id, ObjectType.data, data, expected);
-      if (plain.length !== expected) throw new IntegrityError(id.toString('hex'), `Chunk ${id.toString('hex')} has ${plain.length} bytes, expected ${expected}`);
+      const plain = openChunk(c, e.chunks[i]!, data, Math.min(cs, e.size - i * cs));
       c.fs.write(fd, plain, i * cs);
       c.result.bytes += plain.length;
     };
@@ -303,11 +308,7 @@ async function sendBatch(c: Ctx): Promise<void> {
     handled[i] = 1;
     const job = b.jobs[i]!;
     try {
-      const id = job.e.chunks[0]!;
-      if (data === null) throw new IntegrityError(id.toString('hex'), `Chunk ${id.toString('hex')} is missing`);
-      const plain = c.repo.openData(id, ObjectType.data, data, job.e.size);
-      if (plain.length !== job.e.size) throw new IntegrityError(id.toString('hex'), `Chunk ${id.toString('hex')} has ${plain.length} bytes, expected ${job.e.size}`);
-      writeSmall(c, job, plain);
+      writeSmall(c, job, openChunk(c, job.e.chunks[0]!, data, job.e.size));
     } catch (err) {
       if (job.first) job.first.failure = err;
       fail(c, job.dest, err);

@@ -146,10 +146,6 @@ export function isValidObjectId(id: string): boolean {
  */
 export async function getObjects(reader: ObjectReader, ids: readonly string[], each: (index: number, data: Buffer | null) => void): Promise<void> {
   if (reader.getObjects) return reader.getObjects(ids, each);
-  return getObjectsOneByOne(reader, ids, each);
-}
-
-export async function getObjectsOneByOne(reader: ObjectReader, ids: readonly string[], each: (index: number, data: Buffer | null) => void): Promise<void> {
   for (const [i, id] of ids.entries()) {
     let data: Buffer | null;
     try {
