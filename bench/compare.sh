@@ -84,6 +84,7 @@
 # python3, pgrep, and each chosen tool (dist/ built for snapcrypt).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")/.." && pwd)
+. "$HERE/bench/sshd-lib.sh"
 USAGE="usage: bench/compare.sh CORPUS_DIR WORK_DIR"
 die() { echo "compare.sh: $*" >&2; exit 1; }
 [ $# = 2 ] || die "$USAGE"
@@ -270,37 +271,10 @@ for t in $TOOLS; do
   echo "restrict,command=\"$cmd\" $(cat "$T/key-$t.pub")" >> "$T/authorized_keys"
 done
 chmod 600 "$T/authorized_keys"
-mkdir -p /run/sshd && chmod 755 /run/sshd
 PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-cat > "$T/sshd_config" << EOF
-Port $PORT
-ListenAddress 127.0.0.1
-HostKey $T/host_key
-PidFile none
-AuthorizedKeysFile $T/authorized_keys
-StrictModes no
-UsePAM no
-PubkeyAuthentication yes
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PermitRootLogin forced-commands-only
-AllowUsers $USER_NAME
-PrintMotd no
-PrintLastLog no
-MaxStartups 50
-# needed for the subsystem request to be accepted at all; the forced command replaces it
-Subsystem sftp /usr/lib/openssh/sftp-server
-LogLevel INFO
-EOF
-/usr/sbin/sshd -D -e -f "$T/sshd_config" 2> "$OUT/sshd.log" &
-SSHD_PID=$!
-for _ in $(seq 100); do
-  grep -q "Server listening on 127.0.0.1 port" "$OUT/sshd.log" && break
-  kill -0 "$SSHD_PID" 2> /dev/null || { cat "$OUT/sshd.log" >&2; die "sshd did not start"; }
-  sleep 0.1
-done
-grep -q "Server listening" "$OUT/sshd.log" || die "sshd did not start (see $OUT/sshd.log)"
-echo "[127.0.0.1]:$PORT $(cut -d' ' -f1,2 "$T/host_key.pub")" > "$T/known_hosts"
+# (Subsystem: needed for the subsystem request to be accepted at all; the forced command replaces it)
+bench_sshd_start "$T" "$PORT" "$OUT/sshd.log" "MaxStartups 50
+Subsystem sftp /usr/lib/openssh/sftp-server" || die "sshd did not start (see $OUT/sshd.log)"
 # Each client's ssh reads only its own config file (restic splits -o values on commas, so the cipher
 # list cannot be given on its command line).
 for t in $TOOLS; do

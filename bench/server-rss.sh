@@ -25,6 +25,7 @@
 # the area's subvolumes. Needs: sshd, ssh, ssh-keygen, GNU time, btrfs-progs; dist/ built.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")/.." && pwd)
+. "$HERE/bench/sshd-lib.sh"
 USAGE="usage: bench/server-rss.sh CORPUS_DIR WORK_DIR"
 CORPUS=$(realpath "${1:?$USAGE}")
 WORK=$(realpath -m "${2:?$USAGE}")
@@ -77,35 +78,8 @@ SERVE_CSV=$T/serve.csv
 serve_cmd="/usr/bin/time -a -o $SERVE_CSV -f serve,%e,%U,%S,%M $NODE ${SERVE_NODE_ARGS:-} $SERVER_JS serve --area $AREA"
 echo "restrict,command=\"$serve_cmd\" $(cat "$T/client_key.pub")" > "$T/authorized_keys"
 chmod 600 "$T/authorized_keys"
-if [ "$(id -u)" = 0 ]; then mkdir -p /run/sshd && chmod 755 /run/sshd; fi
-
 PORT=$("$NODE" -e "const s=require('net').createServer();s.listen(0,'127.0.0.1',()=>{console.log(s.address().port);s.close()})")
-cat > "$T/sshd_config" << EOF
-Port $PORT
-ListenAddress 127.0.0.1
-HostKey $T/host_key
-PidFile none
-AuthorizedKeysFile $T/authorized_keys
-StrictModes no
-UsePAM no
-PubkeyAuthentication yes
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PermitRootLogin forced-commands-only
-AllowUsers $USER_NAME
-PrintMotd no
-PrintLastLog no
-LogLevel INFO
-EOF
-/usr/sbin/sshd -D -e -f "$T/sshd_config" 2> "$OUT/sshd.log" &
-SSHD_PID=$!
-for _ in $(seq 100); do
-  grep -q "Server listening on 127.0.0.1 port" "$OUT/sshd.log" && break
-  kill -0 "$SSHD_PID" 2> /dev/null || { cat "$OUT/sshd.log" >&2; exit 1; }
-  sleep 0.1
-done
-grep -q "Server listening" "$OUT/sshd.log" || { echo "sshd did not start" >&2; cat "$OUT/sshd.log" >&2; exit 1; }
-echo "[127.0.0.1]:$PORT $(cut -d' ' -f1,2 "$T/host_key.pub")" > "$T/known_hosts"
+bench_sshd_start "$T" "$PORT" "$OUT/sshd.log" || exit 1
 
 # --- the client ---------------------------------------------------------------------------------------
 export SNAPCRYPT_PASSWORD=${SNAPCRYPT_PASSWORD:-bench}
