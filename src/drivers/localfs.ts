@@ -73,6 +73,12 @@ export class LocalSourceFs implements SourceFs {
   close(fd: number): void {
     fs.closeSync(fd);
   }
+  // node:fs's callback call: far less CPU per call than node:fs/promises' FileHandles
+  readAsync(fd: number, buf: Buffer, position: number): Promise<number> {
+    return new Promise((resolve, reject) => {
+      fs.read(fd, buf, 0, buf.length, position, (err, n) => (err ? reject(err) : resolve(n)));
+    });
+  }
   xattrs(p: Buffer): Promise<Xattr[]> {
     return this.fsmeta.listXattrs(p);
   }

@@ -19,6 +19,7 @@ import type { Excluder } from '../core/excluder.js';
 import type { Repository } from './repository.js';
 import { BufferPool, type SealPool } from './seal.js';
 import type { SourceFs, SourceStat } from './source.js';
+import { type AheadFile, type AsyncSource, ReadAhead, asyncSource, readFullAsync } from './readahead.js';
 import type { SnapshotInfo, ObjectReader } from '../storage/types.js';
 
 
@@ -185,6 +186,9 @@ interface Walk {
   readonly fs: SourceFs;
   readonly up: Uploader;
   readonly reads: ReadBuffers;
+  /** The source's asynchronous calls, when it has them: files are then read ahead (ahead). */
+  readonly async: AsyncSource | null;
+  readonly ahead: ReadAhead | null;
   readonly known: IdSet;
   readonly refs: IdList;
   readonly stats: SnapshotStats;
@@ -245,15 +249,39 @@ function readFull(w: Walk, fd: number, buf: Buffer, pos: number): number {
   return n;
 }
 
-async function readFileChunks(w: Walk, p: Buffer, st: SourceStat): Promise<{ chunks: Buffer[]; size: number }> {
+/** Whether a file's previous chunk list can be taken as it is (the file is not read). */
+function reusable(w: Walk, st: SourceStat, prev: TreeEntry | undefined): prev is TreeEntry {
+  return sameFile(st, prev) && (w.prevComplete || prev.chunks.every((c) => c.equals(ZERO_CHUNK) || w.known.has(c)));
+}
+
+/** Whether the walk asks for a file ahead: one it will read, and not a hard link (read once, by its first name). */
+function readsAhead(w: Walk, st: SourceStat, prev: TreeEntry | undefined): boolean {
+  return st.kind === NodeKind.file && st.size > 0 && st.nlink === 1 && !reusable(w, st, prev);
+}
+
+/**
+ * Reads a file in chunks, stores the ones current lacks, returns its chunk list. The first chunk may
+ * have been read ahead (ahead); with an asynchronous source, each next chunk of a large file is read
+ * while the one before is hashed and stored.
+ */
+async function readFileChunks(w: Walk, p: Buffer, st: SourceStat, ahead: AheadFile | null): Promise<{ chunks: Buffer[]; size: number }> {
   const cs = w.repo.chunkSize;
   const chunks: Buffer[] = [];
   let pos = 0;
-  if (st.size === 0) {
+  if (st.size === 0 && ahead === null) {
     w.stats.filesRead++;
     return { chunks, size: 0 };
   }
-  const fd = w.fs.open(p);
+  // a read in flight: its buffer, the bytes it asked for, and the promise of the bytes it got
+  let next: { data: Buffer; want: number; n: Promise<number> } | null = null;
+  let fd: number;
+  if (ahead !== null) {
+    const first = await w.ahead!.take(ahead);
+    fd = first.fd;
+    next = { data: first.data, want: ahead.want, n: Promise.resolve(first.n) };
+  } else {
+    fd = w.fs.open(p);
+  }
   try {
     for (;;) {
       // buffers sized by what lstat said is left, so small files do not pin a whole chunk each
@@ -263,9 +291,18 @@ async function readFileChunks(w: Walk, p: Buffer, st: SourceStat): Promise<{ chu
         if (readFull(w, fd, PROBE, pos) === 0) break;
         want = cs;
       }
-      let data = w.reads.take(want);
+      let data: Buffer;
+      let n: number;
+      if (next !== null && next.want === want) {
+        data = next.data;
+        const got = next.n;
+        next = null;
+        n = await got;
+      } else {
+        data = w.reads.take(want);
+        n = w.async ? await readFullAsync(w.async, fd, data, pos) : readFull(w, fd, data, pos);
+      }
       let pooled = true; // data is from w.reads (and goes back to it)
-      let n = readFull(w, fd, data, pos);
       if (n === want && want < cs && readFull(w, fd, PROBE, pos + n) > 0) {
         // the file grew since lstat: a short chunk is only allowed at the end
         const more = Buffer.allocUnsafeSlow(cs - want);
@@ -285,6 +322,14 @@ async function readFileChunks(w: Walk, p: Buffer, st: SourceStat): Promise<{ chu
       if (n < data.length) data = data.subarray(0, n);
       pos += n;
       w.progress.bytesDone += n;
+      // the next chunk is read while this one is hashed and stored
+      const after = Math.min(cs, st.size - pos);
+      if (n === cs && after > 0 && w.async) {
+        const buf = w.reads.take(after);
+        const got = readFullAsync(w.async, fd, buf, pos);
+        got.catch(() => {}); // handled where it is awaited; not an unhandled rejection meanwhile
+        next = { data: buf, want: after, n: got };
+      }
       if (isZero(data)) {
         chunks.push(ZERO_CHUNK);
         if (pooled) w.reads.give(data);
@@ -297,6 +342,11 @@ async function readFileChunks(w: Walk, p: Buffer, st: SourceStat): Promise<{ chu
       if (n < cs) break;
     }
   } finally {
+    if (next !== null) {
+      // a read still in flight must end before its descriptor is closed (the number could be reused)
+      await next.n.catch(() => 0);
+      w.reads.give(next.data);
+    }
     w.fs.close(fd);
   }
   w.stats.filesRead++;
@@ -330,7 +380,7 @@ function requestXattrs(w: Walk, p: Buffer, st: SourceStat, prev: TreeEntry | und
 
 /** Back up one file system object; returns its tree entry, or null if it was skipped. */
 async function backupNode(
-  w: Walk, p: Buffer, name: Buffer, st: SourceStat, prev: TreeEntry | undefined, xattrsP: Promise<Xattr[]> | null,
+  w: Walk, p: Buffer, name: Buffer, st: SourceStat, prev: TreeEntry | undefined, xattrsP: Promise<Xattr[]> | null, ahead: AheadFile | null = null,
 ): Promise<TreeEntry | null> {
   const base = {
     name,
@@ -354,7 +404,8 @@ async function backupNode(
       w.stats.files++;
       w.progress.filesDone++;
       tick(w, p);
-      if (sameFile(st, prev) && (w.prevComplete || prev.chunks.every((c) => c.equals(ZERO_CHUNK) || w.known.has(c)))) {
+      // (a file asked for ahead is read: it was not reusable then, and reading it is right anyway)
+      if (ahead === null && reusable(w, st, prev)) {
         for (const c of prev.chunks) if (!c.equals(ZERO_CHUNK)) w.refs.push(c);
         w.stats.bytes += prev.size;
         w.progress.bytesDone += prev.size;
@@ -369,7 +420,7 @@ async function backupNode(
         w.stats.bytes += st.size;
         return { ...base, kind, xattrs, size: st.size, chunks: linked };
       }
-      const { chunks, size } = await readFileChunks(w, p, st);
+      const { chunks, size } = await readFileChunks(w, p, st, ahead);
       if (hkey) w.hardlinks.set(hkey, chunks);
       w.stats.bytes += size;
       return { ...base, kind, xattrs, size, chunks };
@@ -421,6 +472,8 @@ interface Item {
   readonly st: SourceStat;
   prev: TreeEntry | undefined;
   xattrs: Promise<Xattr[]> | null;
+  /** The file's first chunk, asked for ahead (ReadAhead). */
+  ahead: AheadFile | null;
 }
 
 /** How many entries ahead of the one being backed up have their xattrs requested. */
@@ -499,26 +552,41 @@ async function backupDir(w: Walk, p: Buffer, prevTree: TreeEntry[] | null, prevI
           k++;
         }
       }
-      items.push({ name, child, st, prev, xattrs: null });
+      items.push({ name, child, st, prev, xattrs: null, ahead: null });
     }
     if (prevTree) pairRenamedDirs(items, prevTree, matched!);
+    // Everything but directories first, then the directories: the files read ahead for this directory
+    // are all taken before the walk goes down into a subdirectory (which asks for its own).
+    const order = items.map((it, i) => ({ it, i })).filter((x) => x.it.st.kind !== NodeKind.dir);
+    if (order.length < items.length) for (let i = 0; i < items.length; i++) if (items[i]!.st.kind === NodeKind.dir) order.push({ it: items[i]!, i });
+    const done: (TreeEntry | null)[] = new Array<TreeEntry | null>(items.length).fill(null);
     let asked = 0;
-    for (let i = 0; i < items.length; i++) {
-      // xattrs are asked for XATTRS_AHEAD entries ahead (pipelined through the helper), not for the
-      // whole directory at once: 17,916 pending requests held about 20 MB in one directory of the corpus
-      for (; asked < Math.min(items.length, i + XATTRS_AHEAD); asked++) {
-        const next = items[asked]!;
-        next.xattrs = requestXattrs(w, next.child, next.st, next.prev);
+    try {
+      for (let j = 0; j < order.length; j++) {
+        // xattrs (pipelined through the helper) and files' first chunks are asked for XATTRS_AHEAD
+        // entries ahead, not for the whole directory at once: 17,916 pending xattr requests held
+        // about 20 MB in one directory of the corpus
+        for (; asked < Math.min(order.length, j + XATTRS_AHEAD); asked++) {
+          const next = order[asked]!.it;
+          next.xattrs = requestXattrs(w, next.child, next.st, next.prev);
+          if (w.ahead !== null && readsAhead(w, next.st, next.prev)) next.ahead = w.ahead.request(next.child, Math.min(w.repo.chunkSize, next.st.size));
+        }
+        const { it, i } = order[j]!;
+        try {
+          done[i] = await backupNode(w, it.child, it.name, it.st, it.prev, it.xattrs, it.ahead);
+        } catch (err) {
+          if (err instanceof SnapError) throw err;
+          warn(w, it.child, err);
+        }
       }
-      const it = items[i]!;
-      try {
-        const e = await backupNode(w, it.child, it.name, it.st, it.prev, it.xattrs);
-        if (e) entries.push(e);
-      } catch (err) {
-        if (err instanceof SnapError) throw err;
-        warn(w, it.child, err);
+    } finally {
+      // files asked for and not taken (an error ended the walk): closed, their buffers given back
+      for (let j = 0; j < asked; j++) {
+        const a = order[j]!.it.ahead;
+        if (a !== null) await w.ahead!.drop(a);
       }
     }
+    for (const e of done) if (e !== null) entries.push(e);
   } finally {
     excluder?.leave();
   }
@@ -650,8 +718,9 @@ async function runBackup(
   repo: Repository, opts: BackupOptions, paths: Buffer[], known: IdSet, prevComplete: boolean, parent: Awaited<ReturnType<Repository['currentHead']>>,
   stats: SnapshotStats, refs: IdList, up: Uploader, reads: ReadBuffers, step: (s: string) => void, started: Date,
 ): Promise<BackupResult> {
+  const async = asyncSource(opts.source);
   const w: Walk = {
-    reads,
+    reads, async, ahead: async ? new ReadAhead(async, reads) : null,
     repo, opts, fs: opts.source, up, known, refs, stats, prevReader: repo.storage, hardlinks: new Map(), prevComplete,
     progress: { filesDone: 0, bytesDone: 0, filesTotal: null, bytesTotal: null, currentPath: '' }, lastProgress: 0,
   };

@@ -28,6 +28,8 @@ export interface SourceFs {
   /** Read into buf at the given file position; returns bytes read (0 at end of file). */
   read(fd: number, buf: Buffer, position: number): number;
   close(fd: number): void;
+  /** read off the main thread (optional): a backup then reads files ahead (engine/readahead.ts). */
+  readAsync?(fd: number, buf: Buffer, position: number): Promise<number>;
   xattrs(path: Buffer): Promise<Xattr[]>;
 }
 
