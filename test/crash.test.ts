@@ -6,8 +6,10 @@
  * - the snapshots that existed are unchanged and pass `verify --read-data`;
  * - the killed run added no snapshot, unless it was killed after its commit had finished;
  * - the stale lock it left does not block the next backup;
- * - the next backup completes and stores only objects that current did not already hold (what the
- *   killed run uploaded is not sent again), and the latest snapshot restores to the source exactly.
+ * - the next backup completes and stores only objects that current did not already hold complete (what
+ *   the killed run uploaded is not sent again; an object the kill caught while it was being written,
+ *   left with mode 0200, is removed and sent again), and the latest snapshot restores to the source
+ *   exactly.
  *
  * SNAPCRYPT_TEST_CRASH_AT=STEP:N (see src/cli/backup.ts) makes the CLI SIGKILL itself the N-th time
  * it reaches STEP. The random delays are drawn from a seeded generator; the seed is printed, and
@@ -170,12 +172,17 @@ class Scenario {
   }
 
   /** Object ids present in current (temp files of interrupted writes are not objects). */
-  objects(): Set<string> {
+  /** The objects in current: complete ones (mode 0400), or the incomplete ones (0200) a kill left mid-write. */
+  objects(which: 'complete' | 'incomplete' = 'complete'): Set<string> {
     const out = new Set<string>();
     const dir = path.join(this.repo, 'current', 'objects');
     for (const prefix of fs.readdirSync(dir)) {
       if (!/^[0-9a-f]{2}$/.test(prefix)) continue;
-      for (const name of fs.readdirSync(path.join(dir, prefix))) if (/^[0-9a-f]{64}$/.test(name)) out.add(name);
+      for (const name of fs.readdirSync(path.join(dir, prefix))) {
+        if (!/^[0-9a-f]{64}$/.test(name)) continue;
+        const mode = fs.lstatSync(path.join(dir, prefix, name)).mode & 0o777;
+        if (mode === (which === 'complete' ? 0o400 : 0o200)) out.add(name);
+      }
     }
     return out;
   }
@@ -255,6 +262,7 @@ async function crashScenario(t: TestContext, label: string, repoParent: string, 
   assert.equal(snaps.length, 2);
   s.log(`setup ${Date.now() - t0} ms; a round's clean backup takes ${roundMs} ms; seed ${seed}`);
 
+  let killsMidWrite = 0;
   for (const [i, point] of KILL_POINTS.entries()) {
     const what = `kill #${i + 1} (${describePoint(point)})`;
     s.mutate();
@@ -293,8 +301,12 @@ async function crashScenario(t: TestContext, label: string, repoParent: string, 
 
     // --- the next backup: takes over the stale lock, sends only what current lacks
     const before = s.objects();
+    const incomplete = s.objects('incomplete').size;
+    if (incomplete > 0) killsMidWrite++;
+    assert.ok(incomplete <= 3, `${label}: ${what}: ${incomplete} incomplete objects (at most one per writing thread)`);
     const resumed = await s.backup(`after ${what}`);
     assert.ok(!s.locked(), `${label}: ${what}: the resumed run released the lock`);
+    assert.equal(s.objects('incomplete').size, 0, `${label}: ${what}: the resumed run removed the incomplete objects (and sent them again)`);
     const now = s.objects(); // exactly the objects the new head references (commit pruned the rest)
     const missing = [...now].filter((id) => !before.has(id)).length;
     assert.equal(resumed.summary['objectsAdded'], missing, `${label}: ${what}: the resumed run stored only objects current lacked`);
@@ -309,12 +321,14 @@ async function crashScenario(t: TestContext, label: string, repoParent: string, 
     await s.checkRestore(`after ${what}`);
     s.log(
       `${what}${delay ? ` at ${delay} ms -> ${killed.signal ?? `exit ${killed.code}`}${committed ? ', committed' : ''}` : ''}: ` +
-        `resumed run stored ${missing} objects, reused ${arrived} sent by the killed run (a clean run: ${clean}); ${resumed.ms} ms`,
+        `resumed run stored ${missing} objects, reused ${arrived} sent by the killed run (a clean run: ${clean})` +
+        `${incomplete ? `, ${incomplete} left incomplete by the kill` : ''}; ${resumed.ms} ms`,
     );
     prevObjects = now;
     // the resumed run's snapshot; the next round (or the final verify) checks that it is listed
     snaps = [...after, { time: String(resumed.summary['time']), fullId: String(resumed.summary['id']) }];
   }
+  s.log(`${killsMidWrite} of ${KILL_POINTS.length} kills left an object incomplete`);
   assert.deepEqual(await s.snapshots(), snaps, `${label}: snapshots at the end`);
   await s.verifyAll(snaps.length, 'at the end');
   const spent = [...s.cliMs].map(([cmd, ms]) => `${cmd} ${ms} ms`).join(', ');

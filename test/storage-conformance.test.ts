@@ -6,8 +6,9 @@ import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import * as fsp from 'node:fs/promises';
+import { existsSync } from 'node:fs';
 import { hostname } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { after, describe, it } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { isSnapError } from '../src/core/errors.js';
@@ -402,5 +403,46 @@ describe('openStorage', () => {
     assert.ok((await openStorage(join(dir, 'a', 'b'))) instanceof BtrfsStorage);
     await new LocalDirStorage(join(dir, 'plain')).init(CONFIG);
     assert.ok((await openStorage(join(dir, 'plain'))) instanceof LocalDirStorage);
+  });
+});
+
+describe('object files of the directory storages (dirwriter.ts)', () => {
+  it('an object is created 0400 under its name; one left incomplete (0200) is refused to writers and removed by the next lock', async () => {
+    const dir = join(await tempDir('incomplete'), 'repo');
+    const storage = new LocalDirStorage(dir, { clock: () => T0 });
+    await storage.init(CONFIG);
+    const blobs = ['kept', 'listed', 'torn', 'torn too'].map((s) => Buffer.from(`object ${s}`));
+    const [kept, listed, torn, tornToo] = blobs.map(idOf) as [string, string, string, string];
+    const file = (id: string) => join(dir, 'current', 'objects', id.slice(0, 2), id);
+    await storage.putObject(listed, blobs[1]!);
+    await storage.commit(headOf(listed), indexOf([listed]));
+    await storage.putObject(kept, blobs[0]!);
+    assert.equal((await fsp.stat(file(kept))).mode & 0o777, 0o400, 'a complete object is 0400');
+    assert.deepEqual((await fsp.readdir(join(dir, 'current', 'objects', kept.slice(0, 2)))).filter((n) => n.startsWith('.')), [], 'no temp file');
+
+    // What a process killed while writing leaves: its object under its name, mode 0200, cut short.
+    for (const [id, data] of [[torn, blobs[2]!], [tornToo, blobs[3]!]] as const) {
+      await fsp.mkdir(dirname(file(id)), { recursive: true });
+      await fsp.writeFile(file(id), data.subarray(0, 3), { mode: 0o200 });
+    }
+    // A writer that does not hold the lock must not take it for stored, nor replace it.
+    await rejectsWith(storage.putObject(torn, blobs[2]!), 'io', /incomplete/);
+    assert.equal((await fsp.stat(file(torn))).size, 3);
+
+    // The next holder of the lock (the only writer) removes incomplete objects, and only those.
+    const next = new LocalDirStorage(dir, { clock: () => T0 });
+    const lock = await next.lock('next');
+    assert.deepEqual(await collect(next), [kept, listed].sort(), 'the incomplete objects are gone; the complete ones stay');
+    await next.putObject(torn, blobs[2]!);
+    assert.deepEqual(await next.getObject(torn), blobs[2]);
+    await lock.release();
+
+    // Without the marker of an uncommitted session the lock looks at no object.
+    await next.commit(headOf(listed), indexOf([listed, torn].sort()));
+    await fsp.mkdir(dirname(file(tornToo)), { recursive: true });
+    await fsp.writeFile(file(tornToo), 'x', { mode: 0o200 });
+    const again = await new LocalDirStorage(dir, { clock: () => T0 }).lock('again');
+    assert.ok(existsSync(file(tornToo)), 'no uncommitted session, no scan');
+    await again.release();
   });
 });

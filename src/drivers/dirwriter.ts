@@ -1,15 +1,27 @@
 /**
- * Object writing for directory storages, loaded by the backup's worker threads (see
- * Storage.directWriter): each worker writes the objects it sealed, so the main thread only reads files.
- * Same rules as DirStorage.putObject: temp file, link() to the final name (an existing id is left
- * alone), unlink the temp; no per-object fsync (the commit flushes the file system).
+ * Writing one object file: the rule of every directory storage, used by DirStorage.putObject and by
+ * the backup's worker threads (loaded by them through Storage.directWriter, so that each worker writes
+ * the objects it sealed and the main thread only reads files).
+ *
+ * The object is created under its final name with O_EXCL and mode 0200 (INCOMPLETE_MODE), written,
+ * then given mode 0400 (fchmod) and closed. A name therefore holds either a complete object (0400) or
+ * one being written, or left incomplete by a process that died while writing it (0200). An existing
+ * id is left alone. Nothing is fsynced here: the commit flushes the file system.
+ *
+ * Incomplete objects are removed by the next holder of the repository lock (DirStorage.lock), which
+ * is the only writer, before it writes or lists anything; a process's own failed write (ENOSPC...)
+ * removes its file itself. This replaced a temp file, link() and unlink() per object: two directory
+ * operations fewer, about 50 µs of CPU per object on btrfs here (125-140 against 83-86 µs for a 3 KB
+ * object).
  */
 import fs from 'node:fs';
-import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 
 const DIR_MODE = 0o700;
-const FILE_MODE = 0o400;
+/** A complete object. */
+export const OBJECT_MODE = 0o400;
+/** An object being written, or left incomplete by a process that died while writing it. */
+export const INCOMPLETE_MODE = 0o200;
 
 export interface DirWriterArg {
   /** The area's objects directory (current/objects). */
@@ -20,46 +32,60 @@ function errno(err: unknown): string | undefined {
   return (err as NodeJS.ErrnoException | null)?.code;
 }
 
-function writeNew(path: string, data: Uint8Array): void {
-  const fd = fs.openSync(path, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL, FILE_MODE);
+function create(path: string): number {
+  return fs.openSync(path, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_NOFOLLOW, INCOMPLETE_MODE);
+}
+
+/**
+ * Writes the object `id` (64 lower-case hex digits, checked by the caller) into objectsDir/xx/id.
+ * Returns whether it created the file (false: the id was there already, complete). Throws an Error
+ * with the errno code on failure, and an Error with code EBUSY if the id is there incomplete.
+ */
+export function writeObjectFile(objectsDir: string, id: string, data: Uint8Array): boolean {
+  const dir = join(objectsDir, id.slice(0, 2));
+  const path = join(dir, id);
+  let fd: number;
+  try {
+    try {
+      fd = create(path);
+    } catch (err) {
+      if (errno(err) !== 'ENOENT') throw err;
+      try {
+        fs.mkdirSync(dir, { mode: DIR_MODE });
+      } catch (e) {
+        if (errno(e) !== 'EEXIST') throw e;
+      }
+      fd = create(path);
+    }
+  } catch (err) {
+    if (errno(err) !== 'EEXIST') throw err;
+    // there already: complete (the common case of an object sent twice), or incomplete, which only a
+    // writer that does not hold the lock can meet
+    if ((fs.lstatSync(path).mode & 0o777) === INCOMPLETE_MODE) {
+      throw Object.assign(new Error(`object ${id} is incomplete (being written, or left by a process that stopped): take the repository lock first`), { code: 'EBUSY' });
+    }
+    return false;
+  }
   try {
     let off = 0;
     while (off < data.length) off += fs.writeSync(fd, data, off, data.length - off);
-  } finally {
+    fs.fchmodSync(fd, OBJECT_MODE);
+  } catch (err) {
     fs.closeSync(fd);
+    try {
+      fs.unlinkSync(path); // created by this call: never leave a partial object behind
+    } catch {
+      /* the error above is the one that matters */
+    }
+    throw err;
   }
+  fs.closeSync(fd);
+  return true;
 }
 
 export function createWriter(arg: DirWriterArg): (id: string, data: Uint8Array) => void {
-  const prefix = randomBytes(6).toString('hex');
-  let n = 0;
   return (id, data) => {
     if (!/^[0-9a-f]{64}$/.test(id)) throw new Error(`invalid object id ${id}`);
-    const dir = join(arg.objectsDir, id.slice(0, 2));
-    const tmp = join(dir, `.tmp-${prefix}${(n++).toString(16).padStart(4, '0')}`);
-    try {
-      try {
-        writeNew(tmp, data);
-      } catch (err) {
-        if (errno(err) !== 'ENOENT') throw err;
-        try {
-          fs.mkdirSync(dir, { mode: DIR_MODE });
-        } catch (e) {
-          if (errno(e) !== 'EEXIST') throw e;
-        }
-        writeNew(tmp, data);
-      }
-      try {
-        fs.linkSync(tmp, join(dir, id));
-      } catch (err) {
-        if (errno(err) !== 'EEXIST') throw err;
-      }
-    } finally {
-      try {
-        fs.unlinkSync(tmp);
-      } catch {
-        /* not created */
-      }
-    }
+    writeObjectFile(arg.objectsDir, id, data);
   };
 }

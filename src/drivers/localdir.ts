@@ -7,9 +7,11 @@
  * default and no file is ever written in place (new content always arrives by rename or link).
  *
  * How each write is made safe:
- * - putObject writes `.tmp-<random>` in the object's directory, then link()s it to its final name
- *   (link never replaces: an existing object is left alone) and removes the temp, so a name only ever
- *   points at a complete file as long as the kernel runs. Objects are not fsynced one by one: the first
+ * - putObject creates the object under its final name with O_EXCL and mode 0200, writes it, then gives
+ *   it mode 0400 (dirwriter.ts): an existing object is left alone, and as long as the kernel runs a
+ *   name with mode 0400 only ever holds a complete object. A process that dies while writing leaves
+ *   that object at mode 0200; the next holder of the lock (the only writer) removes such objects before
+ *   it writes or lists anything (lock(), removeIncomplete()). Objects are not fsynced one by one: the first
  *   put of a session writes the `unsynced` marker (the kernel's boot id), and commit flushes the whole
  *   file system (syncfs) before it writes index and head, then removes the marker. A session that finds
  *   the marker from another boot (a power loss after unsynced writes) first deletes every object the
@@ -25,8 +27,9 @@
  *   `snapshots/<name>` and fsyncing `snapshots/`.
  *
  * What a crash leaves:
- * - during putObject: at most a `.tmp-*` file (ignored by readers, removed by the next commit). After a
- *   power loss, unlisted objects are deleted by recover() (see above) and sent again.
+ * - during putObject: at most one object of mode 0200 (unreadable to its owner, never listed by an
+ *   index, removed when the lock is next taken). After a power loss, unlisted objects are deleted by
+ *   recover() (see above) and sent again.
  * - during commit steps 1-2: current unchanged, or a new index with the old head (every object of both
  *   is still present, since nothing is deleted before head is written).
  * - during step 3: the new head and index, plus some unreferenced objects that the next commit deletes.
@@ -48,6 +51,7 @@ import { hostname } from 'node:os';
 import { join, resolve } from 'node:path';
 import { IntegrityError, ioFailure, SnapError } from '../core/errors.js';
 import { isValidFileName, isValidObjectId } from '../storage/types.js';
+import { INCOMPLETE_MODE, writeObjectFile } from './dirwriter.js';
 import type { DirectWriterSpec, Lock, ObjectReader, SnapshotInfo, StagedIndex, Storage } from '../storage/types.js';
 
 export interface DirStorageOptions {
@@ -489,10 +493,6 @@ class DirReader implements ObjectReader {
     this.label = dir;
   }
 
-  protected objectDir(id: string): string {
-    return join(this.dir, 'objects', id.slice(0, 2));
-  }
-
   /** Path of an object (the id checked): a plain concatenation, far cheaper per object than path.join. */
   private objectPath(id: string): string {
     checkId(id);
@@ -714,47 +714,24 @@ export abstract class DirStorage extends DirReader implements Storage {
   }
 
   /**
-   * Objects are written without fsync (one fsync per object would cost most of a backup's time):
-   * temp file, then link() to the final name. A process crash never leaves a partial object under its
-   * name. A power loss may, so before the first object of a session the `unsynced` marker records the
-   * kernel's boot id; commit flushes the file system and removes the marker. A later session that finds
-   * the marker with another boot id deletes every object the last index does not list (see recover()).
+   * Objects are written without fsync (one fsync per object would cost most of a backup's time),
+   * created under their final name with mode 0200 and given mode 0400 once complete (dirwriter.ts
+   * writeObjectFile). A process that dies while writing leaves that one object incomplete (0200); the
+   * next holder of the lock removes it (lock()). A power loss may leave any unsynced object torn, so
+   * before the first object of a session the `unsynced` marker records the kernel's boot id; commit
+   * flushes the file system and removes the marker. A later session that finds the marker with another
+   * boot id deletes every object the last index does not list (see recover()).
    */
   async putObject(id: string, data: Buffer): Promise<void> {
     checkId(id);
-    const dir = this.objectDir(id);
-    const tmp = join(dir, tmpName());
     try {
       await this.recover();
       this.marking ??= this.markUnsynced();
       await this.marking;
-      // Synchronous calls on purpose: per object they cost a fifth of the CPU of the promise API
-      // (measured: 68 µs against 318 µs for write + link + unlink of a 3 KB object).
-      try {
-        writeNewFile(tmp, data);
-      } catch (err) {
-        if (errnoOf(err) !== 'ENOENT') throw err;
-        try {
-          fs.mkdirSync(dir, { mode: DIR_MODE });
-        } catch (e) {
-          if (errnoOf(e) !== 'EEXIST') throw e;
-        }
-        writeNewFile(tmp, data);
-      }
-      try {
-        fs.linkSync(tmp, join(dir, id)); // never replaces: putting an existing id is a no-op
-        if (this.ledger !== null) this.ledger += data.length;
-      } catch (err) {
-        if (errnoOf(err) !== 'EEXIST') throw err;
-      }
+      // Synchronous calls on purpose: per object they cost a fifth of the CPU of the promise API.
+      if (writeObjectFile(join(this.dir, 'objects'), id, data) && this.ledger !== null) this.ledger += data.length;
     } catch (err) {
       throw await this.failure(`Cannot store object ${id} in ${this.current}`, err);
-    } finally {
-      try {
-        fs.unlinkSync(tmp);
-      } catch {
-        /* not created, or already gone */
-      }
     }
   }
 
@@ -819,6 +796,32 @@ export abstract class DirStorage extends DirReader implements Storage {
     await fsp.rm(join(this.lockDir, LEDGER_FILE), { force: true }); // this session's writes change the count
     await writeDurable(this.current, 'unsynced', Buffer.from(bootId() + '\n'), true);
     await this.syncDir(this.current);
+  }
+
+  /**
+   * Removes the incomplete objects (mode 0200, dirwriter.ts) that a process which died while writing
+   * left under their names. Called by the new holder of the lock, the only writer, so none of them is
+   * being written now; only after a session that wrote and did not commit (the `unsynced` marker is
+   * there), and only among the objects the last index does not list (a listed one is complete).
+   */
+  private async removeIncomplete(): Promise<void> {
+    if ((await readText(join(this.current, 'unsynced'))) === null) return;
+    await withIndexFile(join(this.current, 'index'), async (index) => {
+      const cursor = new IndexCursor(index);
+      for (let p = 0; p < 256; p++) {
+        const prefix = prefixName(p);
+        const listed = await cursor.take(p);
+        const dir = join(this.current, 'objects', prefix);
+        for (const name of await readdirOrEmpty(dir)) {
+          if (!isValidObjectId(name) || listed.has(name)) continue;
+          const path = join(dir, name);
+          const st = fs.lstatSync(path, { throwIfNoEntry: false });
+          if (st === undefined || !st.isFile() || (st.mode & 0o777) !== INCOMPLETE_MODE) continue;
+          fs.rmSync(path, { force: true });
+          if (this.ledger !== null) this.ledger -= st.size;
+        }
+      }
+    });
   }
 
   /**
@@ -1022,7 +1025,13 @@ export abstract class DirStorage extends DirReader implements Storage {
       try {
         // link() of a complete temp file: as exclusive as O_EXCL, and never an empty lock file.
         if (await writeDurable(this.lockDir, 'lock', Buffer.from(mine), false)) {
-          await this.recover();
+          try {
+            await this.recover();
+            await this.removeIncomplete();
+          } catch (err) {
+            await this.unlock(path, mine).catch(() => undefined);
+            throw err;
+          }
           return { release: () => this.unlock(path, mine) };
         }
         held = await readText(path);
