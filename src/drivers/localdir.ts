@@ -806,22 +806,31 @@ export abstract class DirStorage extends DirReader implements Storage {
    */
   private async removeIncomplete(): Promise<void> {
     if ((await readText(join(this.current, 'unsynced'))) === null) return;
-    await withIndexFile(join(this.current, 'index'), async (index) => {
-      const cursor = new IndexCursor(index);
-      for (let p = 0; p < 256; p++) {
-        const prefix = prefixName(p);
-        const listed = await cursor.take(p);
-        const dir = join(this.current, 'objects', prefix);
-        for (const name of await readdirOrEmpty(dir)) {
-          if (!isValidObjectId(name) || listed.has(name)) continue;
-          const path = join(dir, name);
-          const st = fs.lstatSync(path, { throwIfNoEntry: false });
-          if (st === undefined || !st.isFile() || (st.mode & 0o777) !== INCOMPLETE_MODE) continue;
-          fs.rmSync(path, { force: true });
-          if (this.ledger !== null) this.ledger -= st.size;
-        }
+    await withIndexFile(join(this.current, 'index'), (index) =>
+      this.eachUnlisted(index, async (path) => {
+        const st = fs.lstatSync(path, { throwIfNoEntry: false });
+        if (st === undefined || !st.isFile() || (st.mode & 0o777) !== INCOMPLETE_MODE) return;
+        fs.rmSync(path, { force: true });
+        if (this.ledger !== null) this.ledger -= st.size;
+      }),
+    );
+  }
+
+  /**
+   * Calls `each` with the path of every object in current that the index does not list, and `temp`
+   * (if given) with every leftover temp file among the objects.
+   */
+  private async eachUnlisted(index: IndexSource, each: (path: string) => Promise<void>, temp?: (path: string) => Promise<void>): Promise<void> {
+    const cursor = new IndexCursor(index);
+    for (let p = 0; p < 256; p++) {
+      const prefix = prefixName(p);
+      const listed = await cursor.take(p);
+      const dir = join(this.current, 'objects', prefix);
+      for (const name of await readdirOrEmpty(dir)) {
+        if (isValidObjectId(name) && name.startsWith(prefix) && !listed.has(name)) await each(join(dir, name));
+        else if (temp && name.startsWith(TMP_PREFIX)) await temp(join(dir, name));
       }
-    });
+    }
   }
 
   /**
@@ -963,17 +972,11 @@ export abstract class DirStorage extends DirReader implements Storage {
 
   /** Deletes unlisted objects and stale temp files from current; fsyncs what changed. */
   private async prune(index: IndexSource): Promise<void> {
-    const cursor = new IndexCursor(index);
-    for (let p = 0; p < 256; p++) {
-      const prefix = prefixName(p);
-      const wanted = await cursor.take(p);
-      const dir = join(this.current, 'objects', prefix);
-      for (const name of await readdirOrEmpty(dir)) {
-        const unlisted = isValidObjectId(name) && name.startsWith(prefix) && !wanted.has(name);
-        if (unlisted && this.ledger !== null) this.ledger -= (await fsp.lstat(join(dir, name)).catch(() => null))?.size ?? 0;
-        if (unlisted || name.startsWith(TMP_PREFIX)) await fsp.rm(join(dir, name), { force: true });
-      }
-    }
+    const remove = (path: string): Promise<void> => fsp.rm(path, { force: true });
+    await this.eachUnlisted(index, async (path) => {
+      if (this.ledger !== null) this.ledger -= (await fsp.lstat(path).catch(() => null))?.size ?? 0;
+      await remove(path);
+    }, remove);
     for (const dir of [this.current, join(this.current, 'keys')]) {
       for (const name of await readdirOrEmpty(dir)) {
         if (name.startsWith(TMP_PREFIX)) await fsp.rm(join(dir, name), { force: true });
