@@ -7,6 +7,8 @@ import path from 'node:path';
 import { CLI_PATH, expectExit, jsonLines, makeRepo, runCli } from './cli-helpers.js';
 import { tempDir } from './env.js';
 
+const SERVER_PATH = path.join(path.dirname(CLI_PATH), 'snapcrypt-server.js');
+
 const COMMANDS = ['init', 'backup', 'snapshots', 'ls', 'restore', 'verify', 'key', 'demo', 'setup'];
 
 test('every command has --help (exit 0, a usage line and the common options)', async () => {
@@ -112,9 +114,9 @@ test('output into a pipe whose reader has gone is dropped: the command still fin
   const r = await makeRepo();
   const src = await tempDir('cli-epipe');
   for (let i = 0; i < 50; i++) fs.writeFileSync(path.join(src, `f${i}`), `file ${i}\n`);
-  const runClosed = (args: string[]): Promise<{ code: number | null; stderr: string }> =>
+  const runClosed = (args: string[], program = CLI_PATH): Promise<{ code: number | null; stderr: string }> =>
     new Promise((resolve) => {
-      const child = spawn(process.execPath, [CLI_PATH, ...args], { env: { ...process.env, ...r.env }, stdio: ['ignore', 'pipe', 'pipe'] });
+      const child = spawn(process.execPath, [program, ...args], { env: { ...process.env, ...r.env }, stdio: ['ignore', 'pipe', 'pipe'] });
       child.stdout.destroy(); // the reader is gone before the first line is written
       let stderr = '';
       child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
@@ -129,4 +131,8 @@ test('output into a pipe whose reader has gone is dropped: the command still fin
   const s = await runClosed(['snapshots', '--repo', r.repo, '--json']);
   assert.equal(s.code, 0, s.stderr);
   assert.equal(s.stderr, '');
+  // the server program too (`snapcrypt-server snapshots --repo DIR | head -1`)
+  const server = await runClosed(['snapshots', '--repo', r.repo, '--json'], SERVER_PATH);
+  assert.equal(server.code, 0, server.stderr);
+  assert.equal(server.stderr, '');
 });

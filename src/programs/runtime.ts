@@ -1,6 +1,6 @@
 /**
- * Process-level settings shared by the programs: V8 flags for memory-heavy commands, and how a program
- * ends.
+ * Process-level settings shared by the programs: V8 flags for memory-heavy commands, output to a pipe
+ * whose reader has gone, and how a program ends.
  *
  * optimizeForSize: a backup allocates many short-lived objects per file; with V8's defaults on a large
  * machine the heap grew to ~150 MB around ~15-30 MB of live data, and peak RSS for 100,000 small files
@@ -21,6 +21,20 @@ export function optimizeForSize(): void {
   if (applied) return;
   applied = true;
   v8.setFlagsFromString('--optimize-for-size');
+}
+
+/**
+ * A reader that went away (`snapcrypt snapshots | head -1`) is not an error of the command: further
+ * output to stdout and stderr is dropped and the command finishes (a backup still commits), instead of
+ * dying of an unhandled EPIPE with a stack trace. `serve` notices a closed stdout through its own
+ * handlers on the stream.
+ */
+export function dropOutputToClosedPipes(): void {
+  for (const stream of [process.stdout, process.stderr]) {
+    stream.on('error', (err: NodeJS.ErrnoException) => {
+      if (err.code !== 'EPIPE' && err.code !== 'ERR_STREAM_DESTROYED') throw err;
+    });
+  }
 }
 
 /** How long finish() waits for the event loop to drain before it gives up and calls process.exit(). */

@@ -14,7 +14,7 @@ import type { Storage } from '../storage/types.js';
 import type { UploadLimits } from '../server/limits.js';
 import { userInfo } from 'node:os';
 import { DEFAULTS } from '../server/defaults.js';
-import { finish, lowMemoryServer } from './runtime.js';
+import { dropOutputToClosedPipes, finish, lowMemoryServer } from './runtime.js';
 
 interface Command {
   /** Lines for the help text, e.g. "snapshots --repo DIR [--json]   list ..." */
@@ -395,4 +395,5 @@ async function main(argv: string[]): Promise<number> {
   }
 }
 
+dropOutputToClosedPipes();
 finish(await main(process.argv.slice(2)), 'snapcrypt-server');

@@ -11,7 +11,7 @@ import { verifyCommand } from '../cli/verify.js';
 import { keyCommand } from '../cli/key.js';
 import { demoCommand } from '../cli/demo.js';
 import { setupCommand } from '../cli/setup.js';
-import { finish } from './runtime.js';
+import { dropOutputToClosedPipes, finish } from './runtime.js';
 
 const VERSION = '0.1.0';
 const commands: Command[] = [initCommand, backupCommand, snapshotsCommand, lsCommand, restoreCommand, verifyCommand, keyCommand, setupCommand, demoCommand];
@@ -73,13 +73,7 @@ function exit(code: number): never {
   process.exit(code);
 }
 
-// A reader that went away (`snapcrypt snapshots | head -1`) is not an error of the command: further
-// output is dropped, and a backup that was running still finishes and commits.
-for (const stream of [process.stdout, process.stderr]) {
-  stream.on('error', (err: NodeJS.ErrnoException) => {
-    if (err.code !== 'EPIPE' && err.code !== 'ERR_STREAM_DESTROYED') throw err;
-  });
-}
+dropOutputToClosedPipes();
 
 for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
   process.once(sig, () => {
