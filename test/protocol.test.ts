@@ -299,7 +299,7 @@ async function session(storage: LocalDirStorage, input: Buffer[], opts: { end?: 
   const up = new PassThrough();
   const down = new PassThrough();
   const chunks: Buffer[] = [];
-  down.on('data', (b: Buffer) => chunks.push(b));
+  down.on('data', (b: Buffer) => chunks.push(Buffer.from(b))); // (a copy: the server reuses its send buffers once written)
   const served = serve(up, down, storage, opts.sshOriginalCommand === undefined ? {} : { sshOriginalCommand: opts.sshOriginalCommand });
   for (const b of input) up.write(b);
   if (opts.end !== false) up.end();

@@ -16,7 +16,8 @@ import { BtrfsStorage } from '../src/drivers/btrfs.js';
 import { LocalDirStorage } from '../src/drivers/localdir.js';
 import { openStorage } from '../src/drivers/open.js';
 import { RemoteStorage } from '../src/drivers/ssh.js';
-import type { ObjectReader, Storage } from '../src/storage/types.js';
+import { readObjectsInto } from '../src/storage/types.js';
+import type { ObjectReader, ObjectSink, Storage } from '../src/storage/types.js';
 import { btrfsTempDir, btrfsTestDir, tempDir } from './env.js';
 import { inProcessRemote } from './in-process-remote.js';
 
@@ -71,6 +72,40 @@ async function setup(factory: Factory, objects = 3) {
   const ids = blobs.map(idOf);
   for (const [i, id] of ids.entries()) await storage.putObject(id, blobs[i]!);
   return { storage, clock, blobs, ids };
+}
+
+/**
+ * readObjectsInto(reader, ids) through a sink that checks its contract: objects placed in order, each
+ * filled once in the memory it was given; some placements wait, so reads finish in varied orders.
+ */
+async function readAllInto(reader: ObjectReader, ids: readonly string[]): Promise<{ data: Array<Buffer | null>; placed: number; err: unknown }> {
+  const data: Array<Buffer | null> = [];
+  const filled = new Set<number>();
+  let placed = 0;
+  const sink: ObjectSink = {
+    async place(i, size) {
+      assert.equal(i, placed++, 'placed in order');
+      if (i % 3 === 0) await new Promise((resolve) => setImmediate(resolve));
+      data[i] = Buffer.alloc(size, 0xee);
+      return data[i];
+    },
+    async absent(i) {
+      assert.equal(i, placed++, 'placed in order');
+      data[i] = null;
+    },
+    filled(i) {
+      assert.ok(data[i] && !filled.has(i), `object ${i} filled once, after it was placed`);
+      filled.add(i);
+    },
+  };
+  let err: unknown = null;
+  try {
+    await readObjectsInto(reader, ids, sink, 4);
+  } catch (e) {
+    err = e;
+  }
+  const done = data.filter((d, i) => d === null || filled.has(i));
+  return { data: err === null ? data : done, placed, err };
 }
 
 function storageConformance(driver: string, factory: Factory | null, checks: DriverChecks = {}): void {
@@ -314,6 +349,29 @@ function storageConformance(driver: string, factory: Factory | null, checks: Dri
       await rejectsWith(storage.lock('me'), 'locked', /unreadable/);
     });
 
+    it('readObjectsInto places every object in order (absent ones as absent) and fills each; a failure stops it at its object', async () => {
+      const { storage, ids, blobs } = await setup(make, 40);
+      await storage.putObject(idOf(Buffer.alloc(300_000, 5)), Buffer.alloc(300_000, 5));
+      ids.push(idOf(Buffer.alloc(300_000, 5)));
+      blobs.push(Buffer.alloc(300_000, 5));
+      const absent = 'ab'.repeat(32);
+      const want = ids.flatMap((id, i) => (i % 4 === 1 ? [absent, id] : [id]));
+      const expected = want.map((id) => (id === absent ? null : blobs[ids.indexOf(id)]!));
+      const snap = await storage.openSnapshot((await storage.commit(headOf(ids[0]!), indexOf(ids))).name);
+      for (const reader of [storage, snap]) {
+        const r = await readAllInto(reader, want);
+        assert.equal(r.err, null);
+        assert.deepEqual(r.data, expected);
+      }
+      const bad = [...want.slice(0, 10), 'not an id', ...want.slice(10)];
+      for (const reader of [storage, snap]) {
+        const r = await readAllInto(reader, bad);
+        assert.ok(isSnapError(r.err, 'usage'), String(r.err));
+        assert.equal(r.placed, 10, 'nothing after the failed object is placed');
+        assert.deepEqual(r.data, expected.slice(0, 10), 'the objects before it were read');
+      }
+    });
+
     if (checks.sealed) {
       const sealed = checks.sealed;
       it('driver: a sealed snapshot is protected', async () => {
@@ -404,3 +462,4 @@ describe('openStorage', () => {
     assert.ok((await openStorage(join(dir, 'plain'))) instanceof LocalDirStorage);
   });
 });
+
