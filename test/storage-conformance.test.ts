@@ -13,7 +13,7 @@ import { fileURLToPath } from 'node:url';
 import { isSnapError } from '../src/core/errors.js';
 import type { ErrorCode } from '../src/core/errors.js';
 import { BtrfsStorage } from '../src/drivers/btrfs.js';
-import { LocalDirStorage } from '../src/drivers/localdir.js';
+import { LocalDirStorage, ReadAheadGate } from '../src/drivers/localdir.js';
 import { openStorage } from '../src/drivers/open.js';
 import { RemoteStorage } from '../src/drivers/ssh.js';
 import { readObjectsInto } from '../src/storage/types.js';
@@ -358,6 +358,7 @@ function storageConformance(driver: string, factory: Factory | null, checks: Dri
       const want = ids.flatMap((id, i) => (i % 4 === 1 ? [absent, id] : [id]));
       const expected = want.map((id) => (id === absent ? null : blobs[ids.indexOf(id)]!));
       const snap = await storage.openSnapshot((await storage.commit(headOf(ids[0]!), indexOf(ids))).name);
+      // (the directory drivers' factories make them read ahead)
       for (const reader of [storage, snap]) {
         const r = await readAllInto(reader, want);
         assert.equal(r.err, null);
@@ -383,7 +384,7 @@ function storageConformance(driver: string, factory: Factory | null, checks: Dri
   });
 }
 
-storageConformance('LocalDirStorage', async (clock) => new LocalDirStorage(join(await tempDir('localdir'), 'repo'), { clock }), {
+storageConformance('LocalDirStorage', async (clock) => new LocalDirStorage(join(await tempDir('localdir'), 'repo'), { clock, readAhead: true }), {
   async sealed(dir, storage) {
     // The fallback's snapshot objects are hard links of current's (same inode), never copies.
     for await (const id of storage.listObjects()) {
@@ -403,7 +404,7 @@ storageConformance(
     : async (clock) => {
         const dir = await btrfsTempDir('conformance');
         assert.ok(dir !== null);
-        return new BtrfsStorage(join(dir, 'repo'), { clock });
+        return new BtrfsStorage(join(dir, 'repo'), { clock, readAhead: true });
       },
   {
     async sealed(dir) {
@@ -463,3 +464,24 @@ describe('openStorage', () => {
   });
 });
 
+describe('ReadAheadGate', () => {
+  it('reads ahead for a while once timed reads waited long on average while blocks came from a disk', () => {
+    let blocks = 0;
+    const gate = new ReadAheadGate(() => blocks);
+    /** 512 synchronous reads (one measurement), of which the timed ones waited waitUs (and read a block when fromDisk). */
+    const reads = (waitUs: number, fromDisk: boolean) => {
+      for (let i = 0; i < 512; i++) {
+        if (!gate.timing()) continue;
+        if (fromDisk) blocks++;
+        gate.waited(waitUs);
+      }
+    };
+    reads(5_000, false); // long waits without reads from a disk (a busy machine): one by one
+    assert.equal(gate.take(256), false);
+    reads(40, true); // reads from a disk that hardly wait: one by one
+    assert.equal(gate.take(256), false);
+    reads(2_000, true); // reads that wait for a disk: the next 4096 objects are read ahead
+    for (let i = 0; i < 16; i++) assert.equal(gate.take(256), true);
+    assert.equal(gate.take(256), false, 'then reads are measured again');
+  });
+});

@@ -72,8 +72,9 @@ const SEND_BUFFER_SIZE = 256 * 1024;
 const SEND_BUDGET = 4 * 1024 * 1024;
 /**
  * Objects of a GET_OBJECTS answer that the Storage may open and read at once, ahead of the one being
- * framed (Storage.readObjectsInto): the disk gets several requests at once, and the server frames and
- * sends meanwhile instead of waiting for each read.
+ * framed (Storage.readObjectsInto; the directory storages do so only while reads wait long for a
+ * disk): the disk gets several requests at once, and the server frames and sends meanwhile instead of
+ * waiting for each read.
  */
 const READ_AHEAD = 16;
 /**
