@@ -4,10 +4,11 @@
  * time limit, without touching anything outside the area.
  */
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import { join, relative } from 'node:path';
 import { PassThrough } from 'node:stream';
-import { describe, it } from 'node:test';
+import { describe, it, mock } from 'node:test';
 import { ExitStatus, SnapError, isSnapError } from '../src/core/errors.js';
 import {
   FrameDecoder,
@@ -299,7 +300,7 @@ async function session(storage: LocalDirStorage, input: Buffer[], opts: { end?: 
   const up = new PassThrough();
   const down = new PassThrough();
   const chunks: Buffer[] = [];
-  down.on('data', (b: Buffer) => chunks.push(b));
+  down.on('data', (b: Buffer) => chunks.push(Buffer.from(b))); // (a copy: the server reuses its send buffers once written)
   const served = serve(up, down, storage, opts.sshOriginalCommand === undefined ? {} : { sshOriginalCommand: opts.sshOriginalCommand });
   for (const b of input) up.write(b);
   if (opts.end !== false) up.end();
@@ -498,6 +499,95 @@ describe('server loop', () => {
     assert.deepEqual(decodeHelloOk(out[0]!.payload).version, 2, 'a version 2 client is served as version 2');
     assert.equal(status, ExitStatus.protocol);
     assert.equal(decodeError(out.at(-1)!.payload).code, 'protocol');
+  });
+
+  it('GET_OBJECTS read ahead answers as one by one does: every object in order, absent ones marked, a failed one ending the answer', async () => {
+    const root = await tempDir('serve-read-ahead');
+    const area = join(root, 'area');
+    // Two storages on one area: one reads one object after the other with synchronous calls, the
+    // other reads ahead on the thread pool.
+    const oneByOne = new LocalDirStorage(area, { readAhead: false });
+    const ahead = new LocalDirStorage(area, { readAhead: true });
+    await oneByOne.init(Buffer.from('c'));
+    const rnd = prng(23);
+    const ids: string[] = [];
+    const expected: Array<Buffer | null> = [];
+    for (let i = 0; i < 700; i++) {
+      const id = (i + 1).toString(16).padStart(64, '0');
+      ids.push(id);
+      if (i % 7 === 3 || (i >= 400 && i < 420)) {
+        expected.push(null); // absent, alone and in a run
+        continue;
+      }
+      // mostly small objects, some larger than a frame (256 KiB), some empty
+      const size = i % 97 === 0 ? 300_000 + i : i % 101 === 50 ? 0 : 1 + Math.floor(rnd() * 12_000);
+      const data = Buffer.alloc(size, i & 0xff);
+      if (size >= 4) data.writeUInt32BE(i, 0);
+      await oneByOne.putObject(id, data);
+      expected.push(data);
+    }
+    const objectPath = (i: number) => join(area, 'current', 'objects', ids[i]!.slice(0, 2), ids[i]!);
+    // A read that fails at open (a symlink: O_NOFOLLOW) and one that fails at read (a directory).
+    await fsp.rm(objectPath(250));
+    await fsp.symlink(objectPath(251), objectPath(250));
+    await fsp.rm(objectPath(600));
+    await fsp.mkdir(objectPath(600));
+    await fsp.writeFile(join(objectPath(600), 'x'), 'x');
+    const get = (id: number, wanted: readonly string[]) => {
+      const r = encodeRequest({ type: 'getObjects', scope: null, ids: wanted });
+      return bytesOf(encodeFrame(r.type, id, r.payload));
+    };
+    const requests = [HELLO, get(2, ids.slice(0, 240)), get(3, ids.slice(240, 540)), get(4, ids.slice(540, 700))];
+    const answers = async (storage: LocalDirStorage) => {
+      const { status, out } = await session(storage, requests);
+      assert.equal(status, ExitStatus.ok);
+      const by = new Map<number, Frame[]>();
+      for (const f of out.slice(1)) by.set(f.id, [...(by.get(f.id) ?? []), f]);
+      return [2, 3, 4].map((id) => by.get(id) ?? []);
+    };
+    /** What the client sees of an answer: its objects (checked against what was stored) and its ERROR, if any. */
+    const seen = (frames: Frame[], first: number) => {
+      const got: Array<Buffer | null> = [];
+      let error: string | null = null;
+      for (const f of frames) {
+        assert.equal(error, null, 'nothing after an ERROR');
+        if (f.type === Msg.ERROR) {
+          const e = decodeError(f.payload);
+          error = `${e.code}: ${e.message}`;
+          continue;
+        }
+        const res = decodeResponse(f) as Extract<Response, { type: 'objects' }>;
+        assert.equal(res.first, got.length, 'frames follow each other');
+        got.push(...res.objects);
+      }
+      for (const [k, data] of got.entries()) assert.deepEqual(data, expected[first + k], `object ${first + k}`);
+      return { count: got.length, error };
+    };
+    const open = mock.method(fs, 'open');
+    try {
+      const views = [];
+      for (const storage of [oneByOne, ahead]) {
+        const calls = open.mock.callCount();
+        const [whole, failedAtOpen, failedAtRead] = (await answers(storage)) as [Frame[], Frame[], Frame[]];
+        if (storage === oneByOne) assert.equal(open.mock.callCount(), calls, 'one by one: synchronous calls only');
+        else assert.ok(open.mock.callCount() - calls > 300, 'read ahead: objects opened on the thread pool');
+        assert.deepEqual(seen(whole, 0), { count: 240, error: null });
+        // Up to the frame before the failed object, then ERROR io (where frames are cut depends on the
+        // sizes of the reused send buffers, so the count may differ).
+        const view = [];
+        for (const [frames, first, failed] of [[failedAtOpen, 240, 250], [failedAtRead, 540, 600]] as const) {
+          const { count, error } = seen(frames, first);
+          assert.ok(count < failed - first, `objects after the failed one's frame are not sent (${count})`);
+          assert.match(error ?? '', new RegExp(`^io: Cannot read object ${ids[failed]}`));
+          view.push(error);
+          if (failed === 600) assert.ok(count > 0, 'frames before the failed object are sent');
+        }
+        views.push(view);
+      }
+      assert.deepEqual(views[1], views[0], 'the same errors');
+    } finally {
+      open.mock.restore();
+    }
   });
 
   it('a listing waiting for LIST_CONTINUE ends with the input, and streams batches on CONTINUE', async () => {

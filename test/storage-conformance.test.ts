@@ -14,10 +14,11 @@ import { fileURLToPath } from 'node:url';
 import { isSnapError } from '../src/core/errors.js';
 import type { ErrorCode } from '../src/core/errors.js';
 import { BtrfsStorage } from '../src/drivers/btrfs.js';
-import { LocalDirStorage } from '../src/drivers/localdir.js';
+import { LocalDirStorage, ReadAheadGate } from '../src/drivers/localdir.js';
 import { openStorage } from '../src/drivers/open.js';
 import { RemoteStorage } from '../src/drivers/ssh.js';
-import type { ObjectReader, Storage } from '../src/storage/types.js';
+import { readObjectsInto } from '../src/storage/types.js';
+import type { ObjectReader, ObjectSink, Storage } from '../src/storage/types.js';
 import { btrfsTempDir, btrfsTestDir, tempDir } from './env.js';
 import { inProcessRemote } from './in-process-remote.js';
 
@@ -72,6 +73,40 @@ async function setup(factory: Factory, objects = 3) {
   const ids = blobs.map(idOf);
   for (const [i, id] of ids.entries()) await storage.putObject(id, blobs[i]!);
   return { storage, clock, blobs, ids };
+}
+
+/**
+ * readObjectsInto(reader, ids) through a sink that checks its contract: objects placed in order, each
+ * filled once in the memory it was given; some placements wait, so reads finish in varied orders.
+ */
+async function readAllInto(reader: ObjectReader, ids: readonly string[]): Promise<{ data: Array<Buffer | null>; placed: number; err: unknown }> {
+  const data: Array<Buffer | null> = [];
+  const filled = new Set<number>();
+  let placed = 0;
+  const sink: ObjectSink = {
+    async place(i, size) {
+      assert.equal(i, placed++, 'placed in order');
+      if (i % 3 === 0) await new Promise((resolve) => setImmediate(resolve));
+      data[i] = Buffer.alloc(size, 0xee);
+      return data[i];
+    },
+    async absent(i) {
+      assert.equal(i, placed++, 'placed in order');
+      data[i] = null;
+    },
+    filled(i) {
+      assert.ok(data[i] && !filled.has(i), `object ${i} filled once, after it was placed`);
+      filled.add(i);
+    },
+  };
+  let err: unknown = null;
+  try {
+    await readObjectsInto(reader, ids, sink, 4);
+  } catch (e) {
+    err = e;
+  }
+  const done = data.filter((d, i) => d === null || filled.has(i));
+  return { data: err === null ? data : done, placed, err };
 }
 
 function storageConformance(driver: string, factory: Factory | null, checks: DriverChecks = {}): void {
@@ -315,6 +350,30 @@ function storageConformance(driver: string, factory: Factory | null, checks: Dri
       await rejectsWith(storage.lock('me'), 'locked', /unreadable/);
     });
 
+    it('readObjectsInto places every object in order (absent ones as absent) and fills each; a failure stops it at its object', async () => {
+      const { storage, ids, blobs } = await setup(make, 40);
+      await storage.putObject(idOf(Buffer.alloc(300_000, 5)), Buffer.alloc(300_000, 5));
+      ids.push(idOf(Buffer.alloc(300_000, 5)));
+      blobs.push(Buffer.alloc(300_000, 5));
+      const absent = 'ab'.repeat(32);
+      const want = ids.flatMap((id, i) => (i % 4 === 1 ? [absent, id] : [id]));
+      const expected = want.map((id) => (id === absent ? null : blobs[ids.indexOf(id)]!));
+      const snap = await storage.openSnapshot((await storage.commit(headOf(ids[0]!), indexOf(ids))).name);
+      // (the directory drivers' factories make them read ahead)
+      for (const reader of [storage, snap]) {
+        const r = await readAllInto(reader, want);
+        assert.equal(r.err, null);
+        assert.deepEqual(r.data, expected);
+      }
+      const bad = [...want.slice(0, 10), 'not an id', ...want.slice(10)];
+      for (const reader of [storage, snap]) {
+        const r = await readAllInto(reader, bad);
+        assert.ok(isSnapError(r.err, 'usage'), String(r.err));
+        assert.equal(r.placed, 10, 'nothing after the failed object is placed');
+        assert.deepEqual(r.data, expected.slice(0, 10), 'the objects before it were read');
+      }
+    });
+
     if (checks.sealed) {
       const sealed = checks.sealed;
       it('driver: a sealed snapshot is protected', async () => {
@@ -326,7 +385,7 @@ function storageConformance(driver: string, factory: Factory | null, checks: Dri
   });
 }
 
-storageConformance('LocalDirStorage', async (clock) => new LocalDirStorage(join(await tempDir('localdir'), 'repo'), { clock }), {
+storageConformance('LocalDirStorage', async (clock) => new LocalDirStorage(join(await tempDir('localdir'), 'repo'), { clock, readAhead: true }), {
   async sealed(dir, storage) {
     // The fallback's snapshot objects are hard links of current's (same inode), never copies.
     for await (const id of storage.listObjects()) {
@@ -346,7 +405,7 @@ storageConformance(
     : async (clock) => {
         const dir = await btrfsTempDir('conformance');
         assert.ok(dir !== null);
-        return new BtrfsStorage(join(dir, 'repo'), { clock });
+        return new BtrfsStorage(join(dir, 'repo'), { clock, readAhead: true });
       },
   {
     async sealed(dir) {
@@ -444,5 +503,27 @@ describe('object files of the directory storages (dirwriter.ts)', () => {
     const again = await new LocalDirStorage(dir, { clock: () => T0 }).lock('again');
     assert.ok(existsSync(file(tornToo)), 'no uncommitted session, no scan');
     await again.release();
+  });
+});
+
+describe('ReadAheadGate', () => {
+  it('reads ahead for a while once timed reads waited long on average while blocks came from a disk', () => {
+    let blocks = 0;
+    const gate = new ReadAheadGate(() => blocks);
+    /** 512 synchronous reads (one measurement), of which the timed ones waited waitUs (and read a block when fromDisk). */
+    const reads = (waitUs: number, fromDisk: boolean) => {
+      for (let i = 0; i < 512; i++) {
+        if (!gate.timing()) continue;
+        if (fromDisk) blocks++;
+        gate.waited(waitUs);
+      }
+    };
+    reads(5_000, false); // long waits without reads from a disk (a busy machine): one by one
+    assert.equal(gate.take(256), false);
+    reads(40, true); // reads from a disk that hardly wait: one by one
+    assert.equal(gate.take(256), false);
+    reads(2_000, true); // reads that wait for a disk: the next 4096 objects are read ahead
+    for (let i = 0; i < 16; i++) assert.equal(gate.take(256), true);
+    assert.equal(gate.take(256), false, 'then reads are measured again');
   });
 });

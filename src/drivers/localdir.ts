@@ -50,9 +50,9 @@ import * as fsp from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { join, resolve } from 'node:path';
 import { IntegrityError, ioFailure, SnapError } from '../core/errors.js';
-import { isValidFileName, isValidObjectId } from '../storage/types.js';
+import { isValidFileName, isValidObjectId, readObjectsOneByOne } from '../storage/types.js';
 import { INCOMPLETE_MODE, writeObjectFile } from './dirwriter.js';
-import type { DirectWriterSpec, Lock, ObjectReader, SnapshotInfo, StagedIndex, Storage } from '../storage/types.js';
+import type { DirectWriterSpec, Lock, ObjectReader, ObjectSink, SnapshotInfo, StagedIndex, Storage } from '../storage/types.js';
 
 export interface DirStorageOptions {
   /** Source of snapshot names and times (ms since the epoch); Date.now by default. */
@@ -62,6 +62,130 @@ export interface DirStorageOptions {
    * snapshots/, the lock beside current/): used by the SSH server's per-user areas (server/area.ts).
    */
   readonly layout?: DirLayout;
+  /**
+   * Whether readObjectsInto reads ahead: always (true), never (false), or, by default, when a
+   * ReadAheadGate finds that reads wait for a disk long enough to be worth it.
+   */
+  readonly readAhead?: boolean;
+}
+
+/**
+ * Objects of at most this many bytes are read on the main thread by readAhead once open: btrfs keeps a
+ * file this small inside its metadata (max_inline, 2 KiB by default), next to the inode that the open
+ * has just read, so the read does not wait for the disk and costs less than a round trip to the
+ * thread pool.
+ */
+const INLINE_SIZE = 2048;
+
+/** Reads buf.length bytes from the start of fd into buf. */
+function readAllSync(id: string, fd: number, buf: Buffer, label: string): void {
+  for (let off = 0; off < buf.length; ) {
+    const n = fs.readSync(fd, buf, off, buf.length - off, off);
+    if (n === 0) throw new SnapError('io', `Object ${id} in ${label} ended after ${off} of ${buf.length} bytes`);
+    off += n;
+  }
+}
+
+/** Closes a file that was only read (a failure to close it changes nothing that was read). */
+function closeQuietly(fd: number): void {
+  try {
+    fs.closeSync(fd);
+  } catch {
+    // (EBADF cannot happen for an fd this module opened and closes once; EIO/EINTR lose nothing read)
+  }
+}
+
+/** Blocks this process has read from disks (counted by the kernel for every thread, whatever the file system). */
+function blockInput(): number {
+  return process.resourceUsage().fsRead;
+}
+
+/**
+ * Time (µs) this thread has spent running or waiting to run, from /proc/thread-self/schedstat (its CPU
+ * time plus its time in the run queue), or null where there is no such file: what a stretch of wall
+ * time has beyond it, the thread slept (for a disk, here); being preempted on a busy machine is not
+ * counted. The file is opened once per thread and read again at offset 0.
+ */
+function runnableUs(): number | null {
+  if (schedstat === undefined) {
+    try {
+      schedstat = fs.openSync('/proc/thread-self/schedstat', 'r');
+    } catch {
+      schedstat = null;
+    }
+  }
+  if (schedstat === null) return null;
+  const n = fs.readSync(schedstat, schedstatBuf, 0, schedstatBuf.length, 0);
+  const [cpu, queued] = schedstatBuf.toString('latin1', 0, n).split(' ');
+  return (Number(cpu) + Number(queued)) / 1000;
+}
+let schedstat: number | null | undefined;
+const schedstatBuf = Buffer.alloc(96);
+
+/** Every how many synchronous reads one is timed. */
+const TIME_EVERY = 32;
+/** Timed reads that make one measurement. */
+const SAMPLES = 16;
+/**
+ * Average wait of a timed read (µs) from which reading ahead pays: a disk that makes each read wait
+ * several times what the server spends on an object (about 60-100 µs of CPU, framing and sending
+ * included). With 100 µs, restores from btrfs on a loop device read ahead for part of the objects and
+ * took 1-9 s longer (DESIGN.md section 13).
+ */
+const WAIT_US = 500;
+/** Objects read ahead before reads are measured again. */
+const AHEAD_OBJECTS = 4096;
+
+/**
+ * Decides when DirReader.readObjectsInto reads ahead. Reading ahead costs CPU: a round trip to the
+ * thread pool costs more than the synchronous call it carries when the page cache has the data
+ * (DESIGN.md section 13), and on a busy machine that CPU is taken from other work (the client, in a
+ * restore on one machine). It pays only where reads wait for a disk well beyond that cost. So objects
+ * are read one by one with synchronous calls, every TIME_EVERY-th timed: what it waited is its wall
+ * time less the time the thread ran or waited to run (runnableUs: being preempted on a busy machine is
+ * no wait for the disk). When SAMPLES timed reads waited WAIT_US on average and the process read
+ * blocks from a disk meanwhile, the next AHEAD_OBJECTS objects are read ahead; then reads are timed
+ * again. Where the kernel does not tell (no /proc/thread-self/schedstat), objects are read one by one.
+ */
+export class ReadAheadGate {
+  private reads = 0;
+  private samples = 0;
+  private waitedUs = 0;
+  private blocks: number;
+  private ahead = 0;
+  private readonly blockInput: () => number;
+
+  constructor(blockInputCounter: () => number = blockInput) {
+    this.blockInput = blockInputCounter;
+    this.blocks = blockInputCounter();
+  }
+
+  /** Whether to read the next `count` objects ahead (they are counted against what is left to read ahead). */
+  take(count: number): boolean {
+    if (this.ahead <= 0) return false;
+    this.ahead -= count;
+    if (this.ahead <= 0) this.restart();
+    return true;
+  }
+
+  /** Whether the next synchronous read is to be timed. */
+  timing(): boolean {
+    return ++this.reads % TIME_EVERY === 0;
+  }
+
+  /** A timed read waited this long (µs). */
+  waited(us: number): void {
+    this.waitedUs += Math.max(0, us);
+    if (++this.samples < SAMPLES) return;
+    if (this.waitedUs / this.samples >= WAIT_US && this.blockInput() > this.blocks) this.ahead = AHEAD_OBJECTS;
+    this.restart();
+  }
+
+  private restart(): void {
+    this.samples = 0;
+    this.waitedUs = 0;
+    this.blocks = this.blockInput();
+  }
 }
 
 /** Paths of an area's parts (absolute, or relative to the working directory). */
@@ -488,9 +612,14 @@ class DirReader implements ObjectReader {
   /** Names this state in messages, e.g. "/srv/repo/current". */
   protected readonly label: string;
 
-  constructor(dir: string) {
+  /** DirStorageOptions.readAhead. */
+  protected readonly readAheadMode: boolean | undefined;
+  private readonly gate = new ReadAheadGate();
+
+  constructor(dir: string, opts?: DirStorageOptions) {
     this.dir = dir;
     this.label = dir;
+    this.readAheadMode = opts?.readAhead;
   }
 
   /** Path of an object (the id checked): a plain concatenation, far cheaper per object than path.join. */
@@ -516,6 +645,10 @@ class DirReader implements ObjectReader {
   /** open, fstat, read into the caller's memory, close: no Buffer of its own per object. */
   async readObjectInto(id: string, into: (size: number) => Promise<Buffer>): Promise<void> {
     const path = this.objectPath(id);
+    // (every few reads: how long the calls below slept, for the ReadAheadGate)
+    const start = this.readAheadMode === undefined && this.gate.timing() ? runnableUs() : null;
+    const timed = start !== null;
+    let slept = timed ? start - performance.now() * 1000 : 0;
     let fd: number;
     try {
       fd = fs.openSync(path, constants.O_RDONLY | constants.O_NOFOLLOW);
@@ -524,18 +657,166 @@ class DirReader implements ObjectReader {
       throw ioError(`Cannot read object ${id} in ${this.label}`, err);
     }
     try {
-      const buf = await into(fs.fstatSync(fd).size);
-      for (let off = 0; off < buf.length; ) {
-        const n = fs.readSync(fd, buf, off, buf.length - off, off);
-        if (n === 0) throw new SnapError('io', `Object ${id} in ${this.label} ended after ${off} of ${buf.length} bytes`);
-        off += n;
-      }
+      const size = fs.fstatSync(fd).size;
+      if (timed) slept += performance.now() * 1000 - runnableUs()!;
+      const buf = await into(size);
+      if (timed) slept += runnableUs()! - performance.now() * 1000;
+      readAllSync(id, fd, buf, this.label);
     } catch (err) {
       if (err instanceof SnapError) throw err;
       throw ioError(`Cannot read object ${id} in ${this.label}`, err);
     } finally {
       fs.closeSync(fd);
     }
+    if (timed) this.gate.waited(slept + performance.now() * 1000 - runnableUs()!);
+  }
+
+  /**
+   * One after the other with synchronous calls (readObjectInto), the cheapest per object, or, when the
+   * caller allows more than one at once, read ahead (readAhead) while the ReadAheadGate finds that
+   * reads wait for a disk long enough to be worth it.
+   */
+  async readObjectsInto(ids: readonly string[], sink: ObjectSink, ahead: number): Promise<void> {
+    if (this.readAheadMode ?? (ahead > 1 && this.gate.take(ids.length))) return this.readAhead(ids, sink, ahead);
+    return readObjectsOneByOne(this, ids, sink);
+  }
+
+  /**
+   * Up to `ahead` objects at once: each is opened on the thread pool (fs.open with a callback: the
+   * promise API costs several times the CPU per object), fstat'ed and, once the sink placed it, read
+   * into the sink's memory on the thread pool (fs.read), then closed. fstat and close run on this
+   * thread: once a file is open its inode is in memory, so neither waits for the disk, and each saves a
+   * round trip to the thread pool; so does the read of an object of at most INLINE_SIZE bytes (on
+   * other file systems than btrfs that read may wait for the disk, as every read did before). So the
+   * disk sees several requests at once, and this thread frames and sends objects meanwhile.
+   */
+  private async readAhead(ids: readonly string[], sink: ObjectSink, ahead: number): Promise<void> {
+    const opening: Array<Promise<number | null | { err: unknown }> | undefined> = new Array(ids.length);
+    let next = 0; // the next object to open
+    let held = 0; // objects being opened, or open and not yet read and closed
+    let stopped = false;
+    let failure: { index: number; err: unknown } | null = null;
+    let wake: (() => void) | null = null;
+    const fail = (index: number, err: unknown): void => {
+      if (failure === null || index < failure.index) {
+        failure = { index, err: err instanceof SnapError ? err : ioError(`Cannot read object ${ids[index]} in ${this.label}`, err) };
+      }
+    };
+    const openAhead = (): void => {
+      while (!stopped && failure === null && next < ids.length && held < Math.max(1, ahead)) {
+        held++;
+        opening[next] = this.openObject(ids[next]!);
+        next++;
+      }
+    };
+    const settle = (): void => {
+      held--;
+      openAhead();
+      const w = wake;
+      wake = null;
+      w?.();
+    };
+    try {
+      for (let i = 0; i < ids.length && failure === null; i++) {
+        openAhead();
+        while (opening[i] === undefined && failure === null) {
+          await new Promise<void>((resolve) => (wake = resolve)); // every file held is being read
+          openAhead();
+        }
+        const pending = opening[i];
+        if (pending === undefined) break;
+        opening[i] = undefined;
+        let fd: number | null = null;
+        let reading = false;
+        try {
+          const opened = await pending;
+          if (opened !== null && typeof opened === 'object') throw opened.err;
+          fd = opened;
+          if (fd === null) {
+            await sink.absent(i);
+          } else {
+            const buf = await sink.place(i, fs.fstatSync(fd).size);
+            const file = fd;
+            if (buf.length <= INLINE_SIZE) {
+              // Held in the file system's metadata (btrfs: max_inline), which the open has read.
+              readAllSync(ids[i]!, file, buf, this.label);
+              sink.filled(i);
+              continue; // (closed by finally)
+            }
+            reading = true;
+            this.readAll(ids[i]!, file, buf, (err) => {
+              closeQuietly(file);
+              if (err === null) {
+                try {
+                  sink.filled(i);
+                } catch (e) {
+                  fail(i, e);
+                }
+              } else {
+                fail(i, err);
+              }
+              settle();
+            });
+          }
+        } catch (err) {
+          fail(i, err);
+        } finally {
+          if (!reading) {
+            if (fd !== null) closeQuietly(fd);
+            settle();
+          }
+        }
+      }
+    } finally {
+      // Files opened ahead but not placed are closed; the call ends once nothing of it runs.
+      stopped = true;
+      for (const pending of opening) {
+        if (pending === undefined) continue;
+        void pending.then((fd) => {
+          if (typeof fd === 'number') closeQuietly(fd);
+          settle();
+        });
+      }
+      while (held > 0) await new Promise<void>((resolve) => (wake = resolve));
+    }
+    const failed = failure as { index: number; err: unknown } | null;
+    if (failed !== null) throw failed.err;
+  }
+
+  /**
+   * Opens an object on the thread pool: its fd, null when it is absent, or the failure (never a
+   * rejection: a promise opened ahead may fail long before anyone awaits it).
+   */
+  private openObject(id: string): Promise<number | null | { err: unknown }> {
+    return new Promise((resolve) => {
+      let path: string;
+      try {
+        path = this.objectPath(id);
+      } catch (err) {
+        resolve({ err });
+        return;
+      }
+      fs.open(path, constants.O_RDONLY | constants.O_NOFOLLOW, (err, fd) => {
+        if (err === null) resolve(fd);
+        else if (err.code === 'ENOENT') resolve(null);
+        else resolve({ err });
+      });
+    });
+  }
+
+  /** Reads buf.length bytes from the start of fd into buf on the thread pool. */
+  private readAll(id: string, fd: number, buf: Buffer, done: (err: unknown) => void): void {
+    let off = 0;
+    const step = (): void => {
+      if (off === buf.length) return done(null);
+      fs.read(fd, buf, off, buf.length - off, off, (err, n) => {
+        if (err !== null) return done(err);
+        if (n === 0) return done(new SnapError('io', `Object ${id} in ${this.label} ended after ${off} of ${buf.length} bytes`));
+        off += n;
+        step();
+      });
+    };
+    step();
   }
 
   async readFile(name: string): Promise<Buffer | null> {
@@ -627,7 +908,7 @@ export abstract class DirStorage extends DirReader implements Storage {
     const abs = resolve(root);
     const layout = opts?.layout;
     const current = layout ? resolve(layout.current) : join(abs, 'current');
-    super(current);
+    super(current, opts);
     this.location = abs;
     this.root = abs;
     this.current = current;
@@ -1014,7 +1295,7 @@ export abstract class DirStorage extends DirReader implements Storage {
       throw ioError(`Cannot open snapshot ${name} in ${this.location}`, err);
     });
     if (!st?.isDirectory()) throw new SnapError('not-found', `No snapshot ${name} in ${this.location}`);
-    return new DirReader(this.snapshotState === undefined ? dir : join(dir, this.snapshotState));
+    return new DirReader(this.snapshotState === undefined ? dir : join(dir, this.snapshotState), this.readAheadMode === undefined ? {} : { readAhead: this.readAheadMode });
   }
 
   async lock(owner: string): Promise<Lock> {

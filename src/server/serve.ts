@@ -45,7 +45,8 @@ import {
 } from '../core/protocol.js';
 import type { Frame, Request, Response, Scope } from '../core/protocol.js';
 import { UploadGuard, type UploadLimits } from './limits.js';
-import type { Lock, ObjectReader, SnapshotInfo, StagedIndex, Storage } from '../storage/types.js';
+import { readObjectsInto } from '../storage/types.js';
+import type { Lock, ObjectReader, ObjectSink, SnapshotInfo, StagedIndex, Storage } from '../storage/types.js';
 
 /** Requests moving whole objects or indexes that may run at once. */
 const HEAVY = 8;
@@ -69,6 +70,27 @@ const EMPTY = Buffer.alloc(0);
 const SEND_BUFFER_SIZE = 256 * 1024;
 /** Bytes of all send buffers of a session. */
 const SEND_BUDGET = 4 * 1024 * 1024;
+/**
+ * Objects of a GET_OBJECTS answer that the Storage may open and read at once, ahead of the one being
+ * framed (Storage.readObjectsInto; the directory storages do so only while reads wait long for a
+ * disk): the disk gets several requests at once, and the server frames and sends meanwhile instead of
+ * waiting for each read.
+ */
+const READ_AHEAD = 16;
+/**
+ * Bytes of send buffers one GET_OBJECTS answer may hold ahead of the output (frames being read, and
+ * written frames the output has not taken); one frame is always allowed. One frame: more made the
+ * server's peak RSS 1.5-2 MiB higher in a restore of the benchmark corpus (64 MiB is its budget).
+ */
+const READ_AHEAD_BYTES = SEND_BUFFER_SIZE;
+/** An OBJECTS frame being filled, or waiting to be written. */
+interface OutFrame {
+  readonly buf: Buffer;
+  /** The frame's bytes once it is closed (no more objects go in); they are all there once pending is 0. */
+  bytes: Buffer | null;
+  /** Objects placed in the frame whose bytes are not read yet. */
+  pending: number;
+}
 /** Locks one session may hold. */
 const MAX_LOCKS = 16;
 /**
@@ -665,43 +687,89 @@ class Session {
 
   /**
    * GET_OBJECTS: the objects in order, read straight into send buffers, as OBJECTS frames of about
-   * SEND_BUFFER_SIZE each; an absent object is marked absent. Another failure ends the answer with an
-   * ERROR for the request (the client drops the objects it did not receive).
+   * SEND_BUFFER_SIZE each; an absent object is marked absent. The Storage reads up to READ_AHEAD objects
+   * at once (Storage.readObjectsInto) while earlier ones are framed and sent, and the frames of an
+   * answer hold at most READ_AHEAD_BYTES that the output has not taken (one frame at least). A frame goes
+   * out once every object in it was read, and frames go out in order. Another failure ends the answer
+   * with an ERROR for the request: the frame holding the failed object and every later one are not sent
+   * (the client drops the objects it did not receive).
    */
   private async sendObjects(id: number, reader: ObjectReader, ids: readonly string[]): Promise<void> {
     const w = new ObjectsFrameWriter();
-    let buf: Buffer | null = null;
-    /** Sends the frame in progress, if any. */
-    const flush = async (): Promise<void> => {
-      const b = buf;
-      buf = null;
-      if (b !== null) await this.sendFromBuffer(w.finish(), b);
+    /** Frames not yet written to the output, in order; only the last may be open (still taking objects). */
+    const frames: OutFrame[] = [];
+    let open: OutFrame | null = null;
+    /** The frame of each object being read. */
+    const frameOf: Array<OutFrame | undefined> = new Array(ids.length);
+    /** Bytes of send buffers this answer holds (from take() until the output has taken their frame). */
+    let held = 0;
+    let wake: (() => void) | null = null;
+    const taken = (buf: Buffer): void => {
+      this.sendBuffers.give(buf);
+      held -= buf.length;
+      const waiting = wake;
+      wake = null;
+      waiting?.();
     };
-    /** Makes room in the frame for the next object of n bytes (n < 0: an absent one). */
-    const room = async (i: number, n: number): Promise<void> => {
-      if (buf !== null && w.fits(n)) return;
-      await flush();
+    /** Writes the frames at the front that are complete. */
+    const write = (): void => {
+      for (let f = frames[0]; f !== undefined && f.bytes !== null && f.pending === 0; f = frames[0]) {
+        frames.shift();
+        const buf = f.buf;
+        if (this.closed) taken(buf);
+        else this.output.write(f.bytes, () => taken(buf));
+      }
+    };
+    const close = (): void => {
+      if (open === null) return;
+      open.bytes = w.finish();
+      open = null;
+      write();
+    };
+    /** Makes room in the open frame for the next object of n bytes (n < 0: an absent one). */
+    const room = async (i: number, n: number): Promise<OutFrame> => {
+      if (this.closed) throw new SnapError('io', 'The session ended'); // (nothing more is sent)
+      if (open !== null && w.fits(n)) return open;
+      close();
       const need = ObjectsFrameWriter.HEAD + OBJECT_ENTRY_HEAD + Math.max(n, 0);
       if (need - 4 > MAX_FRAME_LENGTH) throw new SnapError('io', `Object ${ids[i]} (${n} bytes) is too large to send`);
-      buf = await this.sendBuffers.take(need);
+      while (held > 0 && held + need > READ_AHEAD_BYTES) await new Promise<void>((resolve) => (wake = resolve));
+      const buf = await this.sendBuffers.take(need);
+      held += buf.length;
+      const f: OutFrame = { buf, bytes: null, pending: 0 };
+      frames.push(f);
+      open = f;
       w.begin(buf, id, i);
+      return f;
+    };
+    const placeIn = (f: OutFrame, i: number, size: number): Buffer => {
+      f.pending++;
+      frameOf[i] = f;
+      return w.present(size);
+    };
+    const sink: ObjectSink = {
+      place: (i, size) => {
+        // (without a promise of its own while the object fits in the open frame: the usual case)
+        if (open !== null && !this.closed && w.fits(size)) return Promise.resolve(placeIn(open, i, size));
+        return room(i, size).then((f) => placeIn(f, i, size));
+      },
+      absent: async (i) => {
+        await room(i, -1);
+        w.absent();
+      },
+      filled: (i) => {
+        const f = frameOf[i]!;
+        frameOf[i] = undefined;
+        if (--f.pending === 0 && f === frames[0]) write();
+      },
     };
     try {
-      for (let i = 0; i < ids.length && !this.closed; i++) {
-        try {
-          await this.readInto(reader, ids[i]!, async (size) => {
-            await room(i, size);
-            return w.present(size);
-          });
-        } catch (err) {
-          if (!(err instanceof SnapError && err.code === 'not-found')) throw err;
-          await room(i, -1);
-          w.absent();
-        }
-      }
-      await flush();
+      await readObjectsInto(reader, ids, sink, READ_AHEAD);
+      close();
+      if (this.output.writableNeedDrain && !this.outputBroken) await this.drained();
     } finally {
-      if (buf !== null) this.sendBuffers.give(buf);
+      // After a failure: the frames not written (the failed object's and later ones) are dropped.
+      for (const f of frames.splice(0)) taken(f.buf);
     }
   }
 

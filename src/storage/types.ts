@@ -58,12 +58,33 @@ export interface ObjectReader {
    * gives (exactly size bytes) instead of a Buffer of its own; SnapError('not-found') if absent.
    */
   readObjectInto?(id: string, into: (size: number) => Promise<Buffer>): Promise<void>;
+  /**
+   * Optional (directory stores, for the server): many objects, each read into the memory that the sink
+   * gives, several at once: up to `ahead` objects are opened and read while the sink handles earlier
+   * ones. For i = 0, 1, ... in order, sink.place(i, size) (or sink.absent(i) for an absent object) is
+   * called and awaited before the next object is placed; sink.filled(i) is called once the object's
+   * bytes are in its memory, in any order. A failure other than an absent object (including one thrown
+   * by place) stops it: nothing after the failed object is placed, and the promise rejects with the
+   * failure of the first failed object in order. The promise settles only once nothing of the call runs
+   * any more (no read into the sink's memory, no file open).
+   */
+  readObjectsInto?(ids: readonly string[], sink: ObjectSink, ahead: number): Promise<void>;
   /** One of the small files (config, head, index, keys/NAME); null if absent. */
   readFile(name: string): Promise<Buffer | null>;
   /** Names of files under keys/. */
   listKeys(): Promise<string[]>;
   /** Every object id present (64 lower-case hex), in no particular order. */
   listObjects(): AsyncIterable<string>;
+}
+
+/** Where readObjectsInto puts the objects it reads. */
+export interface ObjectSink {
+  /** Memory for ids[index], of exactly size bytes (called in order, awaited). */
+  place(index: number, size: number): Promise<Buffer>;
+  /** ids[index] is absent (in order with place, awaited). */
+  absent(index: number): Promise<void>;
+  /** The bytes of ids[index] are in the memory that place gave (in any order). */
+  filled(index: number): void;
 }
 
 export interface DirectWriterSpec {
@@ -155,5 +176,40 @@ export async function getObjects(reader: ObjectReader, ids: readonly string[], e
       data = null;
     }
     each(i, data);
+  }
+}
+
+/** readObjectsInto on any reader: its own where it has one, else readObjectsOneByOne. */
+export function readObjectsInto(reader: ObjectReader, ids: readonly string[], sink: ObjectSink, ahead: number): Promise<void> {
+  return reader.readObjectsInto ? reader.readObjectsInto(ids, sink, ahead) : readObjectsOneByOne(reader, ids, sink);
+}
+
+/**
+ * The contract of readObjectsInto with nothing read ahead: one object after the other, read with
+ * readObjectInto, or with getObject and copied into the sink's memory.
+ */
+export async function readObjectsOneByOne(reader: ObjectReader, ids: readonly string[], sink: ObjectSink): Promise<void> {
+  let i = 0;
+  let placed = false;
+  const place = (size: number): Promise<Buffer> => {
+    placed = true;
+    return sink.place(i, size);
+  };
+  for (; i < ids.length; i++) {
+    const id = ids[i]!;
+    placed = false;
+    try {
+      if (reader.readObjectInto) {
+        await reader.readObjectInto(id, place);
+      } else {
+        const data = await reader.getObject(id);
+        data.copy(await place(data.length));
+      }
+    } catch (err) {
+      if (placed || (err as { code?: unknown } | null)?.code !== 'not-found') throw err;
+      await sink.absent(i);
+      continue;
+    }
+    sink.filled(i);
   }
 }
