@@ -278,6 +278,33 @@ describe('ssh URLs', () => {
 // ---------------------------------------------------------------------------------------------------
 // The server loop under fuzzing
 
+/**
+ * Objects with ids 1, 2, ... (64 hex digits) put into a storage: object i is `size(i, rnd)` bytes of
+ * i & 0xff starting with i (4 bytes, when it has room), or absent when `absent(i)`. Returns the ids and
+ * what each should read back (null: absent).
+ */
+async function putNumberedObjects(
+  storage: { putObject(id: string, data: Buffer): Promise<void> }, count: number, seed: number,
+  absent: (i: number) => boolean, size: (i: number, rnd: () => number) => number,
+): Promise<{ ids: string[]; expected: Array<Buffer | null> }> {
+  const rnd = prng(seed);
+  const ids: string[] = [];
+  const expected: Array<Buffer | null> = [];
+  for (let i = 0; i < count; i++) {
+    const id = (i + 1).toString(16).padStart(64, '0');
+    ids.push(id);
+    if (absent(i)) {
+      expected.push(null);
+      continue;
+    }
+    const data = Buffer.alloc(size(i, rnd), i & 0xff);
+    if (data.length >= 4) data.writeUInt32BE(i, 0);
+    await storage.putObject(id, data);
+    expected.push(data);
+  }
+  return { ids, expected };
+}
+
 /** A small deterministic PRNG (mulberry32), so a failure can be reproduced from its seed. */
 function prng(seed: number): () => number {
   let a = seed >>> 0;
@@ -451,23 +478,11 @@ describe('server loop', () => {
     const root = await tempDir('serve-get-objects');
     const storage = new LocalDirStorage(join(root, 'area'));
     await storage.init(Buffer.from('c'));
-    const rnd = prng(11);
-    const ids: string[] = [];
-    const expected: Array<Buffer | null> = [];
-    for (let i = 0; i < 300; i++) {
-      const id = (i + 1).toString(16).padStart(64, '0');
-      ids.push(id);
-      if (i % 17 === 5) {
-        expected.push(null); // never stored
-        continue;
-      }
-      // mostly small objects, some larger than a send buffer (256 KiB), one larger than all of them (4 MiB)
-      const size = i === 150 ? 5 * 1024 * 1024 : i % 40 === 0 ? 300_000 + i : 1 + Math.floor(rnd() * 9000);
-      const data = Buffer.alloc(size, i & 0xff);
-      data.writeUInt32BE(i, 0);
-      await storage.putObject(id, data);
-      expected.push(data);
-    }
+    // mostly small objects, some larger than a send buffer (256 KiB), one larger than all of them (4 MiB);
+    // some never stored
+    const { ids, expected } = await putNumberedObjects(storage, 300, 11, (i) => i % 17 === 5, (i, rnd) =>
+      i === 150 ? 5 * 1024 * 1024 : i % 40 === 0 ? 300_000 + i : 1 + Math.floor(rnd() * 9000),
+    );
     const { remote } = await inProcessRemote(storage, 'ssh://test/');
     try {
       const got: Array<Buffer | null> = [];
@@ -509,23 +524,10 @@ describe('server loop', () => {
     const oneByOne = new LocalDirStorage(area, { readAhead: false });
     const ahead = new LocalDirStorage(area, { readAhead: true });
     await oneByOne.init(Buffer.from('c'));
-    const rnd = prng(23);
-    const ids: string[] = [];
-    const expected: Array<Buffer | null> = [];
-    for (let i = 0; i < 700; i++) {
-      const id = (i + 1).toString(16).padStart(64, '0');
-      ids.push(id);
-      if (i % 7 === 3 || (i >= 400 && i < 420)) {
-        expected.push(null); // absent, alone and in a run
-        continue;
-      }
-      // mostly small objects, some larger than a frame (256 KiB), some empty
-      const size = i % 97 === 0 ? 300_000 + i : i % 101 === 50 ? 0 : 1 + Math.floor(rnd() * 12_000);
-      const data = Buffer.alloc(size, i & 0xff);
-      if (size >= 4) data.writeUInt32BE(i, 0);
-      await oneByOne.putObject(id, data);
-      expected.push(data);
-    }
+    // mostly small objects, some larger than a frame (256 KiB), some empty; absent ones alone and in a run
+    const { ids, expected } = await putNumberedObjects(oneByOne, 700, 23, (i) => i % 7 === 3 || (i >= 400 && i < 420), (i, rnd) =>
+      i % 97 === 0 ? 300_000 + i : i % 101 === 50 ? 0 : 1 + Math.floor(rnd() * 12_000),
+    );
     const objectPath = (i: number) => join(area, 'current', 'objects', ids[i]!.slice(0, 2), ids[i]!);
     // A read that fails at open (a symlink: O_NOFOLLOW) and one that fails at read (a directory).
     await fsp.rm(objectPath(250));

@@ -17,7 +17,8 @@
 import fs from 'node:fs';
 import { join } from 'node:path';
 
-const DIR_MODE = 0o700;
+/** Directories of an area (localdir.ts uses it for all of them). */
+export const DIR_MODE = 0o700;
 /** A complete object. */
 export const OBJECT_MODE = 0o400;
 /** An object being written, or left incomplete by a process that died while writing it. */

@@ -51,7 +51,7 @@ import { hostname } from 'node:os';
 import { join, resolve } from 'node:path';
 import { IntegrityError, ioFailure, SnapError } from '../core/errors.js';
 import { isValidFileName, isValidObjectId, readObjectsOneByOne } from '../storage/types.js';
-import { INCOMPLETE_MODE, writeObjectFile } from './dirwriter.js';
+import { DIR_MODE, INCOMPLETE_MODE, writeObjectFile } from './dirwriter.js';
 import type { DirectWriterSpec, Lock, ObjectReader, ObjectSink, SnapshotInfo, StagedIndex, Storage } from '../storage/types.js';
 
 export interface DirStorageOptions {
@@ -200,7 +200,7 @@ export interface DirLayout {
   readonly snapshotState?: string;
 }
 
-export const DIR_MODE = 0o700;
+export { DIR_MODE };
 const FILE_MODE = 0o400;
 const SEALED_DIR_MODE = 0o500;
 const TMP_PREFIX = '.tmp-';
@@ -252,17 +252,6 @@ function checkFileName(name: string): void {
 
 function isKeyName(name: string): boolean {
   return !name.startsWith('.') && isValidFileName(`keys/${name}`);
-}
-
-/** Create a new file (failing if it exists) holding data, without the promise API's overhead. */
-function writeNewFile(path: string, data: Buffer): void {
-  const fd = fs.openSync(path, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL, FILE_MODE);
-  try {
-    let off = 0;
-    while (off < data.length) off += fs.writeSync(fd, data, off, data.length - off);
-  } finally {
-    fs.closeSync(fd);
-  }
 }
 
 /**

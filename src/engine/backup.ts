@@ -268,7 +268,7 @@ async function readFileChunks(w: Walk, p: Buffer, st: SourceStat, ahead: AheadFi
   const cs = w.repo.chunkSize;
   const chunks: Buffer[] = [];
   let pos = 0;
-  if (st.size === 0 && ahead === null) {
+  if (st.size === 0) {
     w.stats.filesRead++;
     return { chunks, size: 0 };
   }
@@ -557,8 +557,8 @@ async function backupDir(w: Walk, p: Buffer, prevTree: TreeEntry[] | null, prevI
     if (prevTree) pairRenamedDirs(items, prevTree, matched!);
     // Everything but directories first, then the directories: the files read ahead for this directory
     // are all taken before the walk goes down into a subdirectory (which asks for its own).
-    const order = items.map((it, i) => ({ it, i })).filter((x) => x.it.st.kind !== NodeKind.dir);
-    if (order.length < items.length) for (let i = 0; i < items.length; i++) if (items[i]!.st.kind === NodeKind.dir) order.push({ it: items[i]!, i });
+    const indexed = items.map((it, i) => ({ it, i }));
+    const order = [...indexed.filter((x) => x.it.st.kind !== NodeKind.dir), ...indexed.filter((x) => x.it.st.kind === NodeKind.dir)];
     const done: (TreeEntry | null)[] = new Array<TreeEntry | null>(items.length).fill(null);
     let asked = 0;
     try {
