@@ -45,7 +45,7 @@ import {
 } from '../core/protocol.js';
 import type { Frame, Request, Response, Scope } from '../core/protocol.js';
 import { UploadGuard, type UploadLimits } from './limits.js';
-import { readObjectsInto } from '../storage/types.js';
+import { readObjectInto, readObjectsInto } from '../storage/types.js';
 import type { Lock, ObjectReader, ObjectSink, SnapshotInfo, StagedIndex, Storage } from '../storage/types.js';
 
 /** Requests moving whole objects or indexes that may run at once. */
@@ -657,19 +657,12 @@ class Session {
     });
   }
 
-  /** Reads an object into a send buffer (objects the Storage can only hand over as a Buffer are copied). */
-  private async readInto(reader: ObjectReader, objectId: string, into: (size: number) => Promise<Buffer>): Promise<void> {
-    if (reader.readObjectInto) return reader.readObjectInto(objectId, into);
-    const data = await reader.getObject(objectId);
-    data.copy(await into(data.length));
-  }
-
   /** GET_OBJECT: one DATA frame, built in a send buffer. */
   private async sendObject(id: number, reader: ObjectReader, objectId: string): Promise<void> {
     let buf: Buffer | null = null;
     let end = 0;
     try {
-      await this.readInto(reader, objectId, async (size) => {
+      await readObjectInto(reader, objectId, async (size) => {
         if (size > MAX_PAYLOAD - 1) throw new SnapError('io', `Object ${objectId} (${size} bytes) is too large to send`);
         const b = await this.sendBuffers.take(10 + size);
         buf = b;

@@ -179,14 +179,23 @@ export async function getObjects(reader: ObjectReader, ids: readonly string[], e
   }
 }
 
+/**
+ * readObjectInto on any reader: its own where it has one, else getObject, copied into the memory that
+ * `into` gives.
+ */
+export async function readObjectInto(reader: ObjectReader, id: string, into: (size: number) => Promise<Buffer>): Promise<void> {
+  if (reader.readObjectInto) return reader.readObjectInto(id, into);
+  const data = await reader.getObject(id);
+  data.copy(await into(data.length));
+}
+
 /** readObjectsInto on any reader: its own where it has one, else readObjectsOneByOne. */
 export function readObjectsInto(reader: ObjectReader, ids: readonly string[], sink: ObjectSink, ahead: number): Promise<void> {
   return reader.readObjectsInto ? reader.readObjectsInto(ids, sink, ahead) : readObjectsOneByOne(reader, ids, sink);
 }
 
 /**
- * The contract of readObjectsInto with nothing read ahead: one object after the other, read with
- * readObjectInto, or with getObject and copied into the sink's memory.
+ * The contract of readObjectsInto with nothing read ahead: one object after the other (readObjectInto).
  */
 export async function readObjectsOneByOne(reader: ObjectReader, ids: readonly string[], sink: ObjectSink): Promise<void> {
   let i = 0;
@@ -199,12 +208,7 @@ export async function readObjectsOneByOne(reader: ObjectReader, ids: readonly st
     const id = ids[i]!;
     placed = false;
     try {
-      if (reader.readObjectInto) {
-        await reader.readObjectInto(id, place);
-      } else {
-        const data = await reader.getObject(id);
-        data.copy(await place(data.length));
-      }
+      await readObjectInto(reader, id, place);
     } catch (err) {
       if (placed || (err as { code?: unknown } | null)?.code !== 'not-found') throw err;
       await sink.absent(i);
