@@ -4,6 +4,7 @@ import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import { type NodeKindCode, type Xattr, NodeKind } from '../core/format.js';
 import type { SourceFs, SourceStat, TargetFs } from '../engine/source.js';
+import type { DirectWriterSpec } from '../storage/types.js';
 import { FsMeta } from './fsmeta.js';
 
 const execFileAsync = promisify(execFile);
@@ -187,4 +188,13 @@ export class LocalTargetFs implements TargetFs {
     await this.meta?.close();
     this.meta = null;
   }
+  /** Restore worker threads load this module and call createTargetFs. */
+  workerFs(): DirectWriterSpec {
+    return { module: import.meta.url, arg: null };
+  }
+}
+
+/** A LocalTargetFs for a restore worker thread (TargetFs.workerFs); it uses only the synchronous calls. */
+export function createTargetFs(): LocalTargetFs {
+  return new LocalTargetFs();
 }

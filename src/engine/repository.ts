@@ -3,25 +3,24 @@
  * A Repository opened read-only can load; only a WritableRepository (from openForWrite) can store.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { zstdDecompressSync } from 'node:zlib';
 import os from 'node:os';
 import {
-  type Keys, type KdfParams, type ObjectTypeCode, Compression, DEFAULT_KDF, ObjectType, TEST_KDF,
-  checkObjectId, deriveKeys, deriveWrapKey, objectId, openObject, unwrapSecret, wrapAad, wrapSecret,
+  type Keys, type KdfParams, type ObjectTypeCode, DEFAULT_KDF, ObjectType, TEST_KDF,
+  deriveKeys, deriveWrapKey, objectId, unwrapSecret, wrapAad, wrapSecret,
 } from '../core/crypto.js';
 import {
   type RepoConfig, type RepoSecret, type SnapshotRoot, type TreeEntry,
-  DEFAULT_CHUNK_SIZE, FORMAT_NAME, FORMAT_VERSION, MAX_CHUNK_SIZE, decodeConfig, decodeHead, decodeKeyFile,
+  DEFAULT_CHUNK_SIZE, FORMAT_NAME, FORMAT_VERSION, decodeConfig, decodeHead, decodeKeyFile,
   decodeSecret, decodeSnapshotRoot, decodeTree, encodeConfig, encodeKeyFile, encodeSecret,
 } from '../core/format.js';
 import { IdSet, IdList } from '../core/idset.js';
 import { IntegrityError, SnapError } from '../core/errors.js';
-import type { ObjectReader, SnapshotInfo, Storage } from '../storage/types.js';
+import type { DirectWriterSpec, ObjectReader, SnapshotInfo, Storage } from '../storage/types.js';
 import type { KeyStore, TreeCache } from './cache.js';
 import { SealPool, compressAndSeal } from './seal.js';
+import { openSealed } from './open.js';
+import { RestorePool } from './restore-pool.js';
 
-/** Largest tree or snapshot root a reader accepts (a directory of millions of entries). */
-export const MAX_TREE_SIZE = 1024 * 1024 * 1024;
 export const rng = (n: number): Buffer => randomBytes(n);
 
 /** KDF for new key files: strong by default; SNAPCRYPT_TEST_WEAK_KDF=1 (tests only) makes it cheap. */
@@ -225,6 +224,11 @@ export class Repository {
     return new SealPool(this.secret.master, this.keys, this.chunkSize, writer);
   }
 
+  /** Worker threads that open chunks and write them into a restore's target (the caller closes it). */
+  restorePool(fs: DirectWriterSpec, threads: number): RestorePool {
+    return new RestorePool(this.secret.master, fs, threads);
+  }
+
   /** Decrypt, decompress and authenticate one object. */
   async loadObject(reader: ObjectReader, id: Buffer, type: ObjectTypeCode): Promise<Buffer> {
     const hex = id.toString('hex');
@@ -238,30 +242,9 @@ export class Repository {
     return this.openData(id, type, data);
   }
 
-  /**
-   * expectedLength (when the caller knows it, e.g. a chunk's): decompress into one buffer of that size
-   * (+1, so that a longer plaintext shows), not in 16 KiB pieces concatenated at the end.
-   */
+  /** Decrypt, decompress and authenticate one object's stored bytes (openSealed). */
   openData(id: Buffer, type: ObjectTypeCode, data: Buffer, expectedLength?: number): Buffer {
-    const hex = id.toString('hex');
-    const o = openObject(this.keys, id, data);
-    if (o.type !== type) throw new IntegrityError(hex, `Object ${hex} has type ${o.type}, expected ${type}`);
-    let plain: Buffer;
-    if (o.compression === Compression.zstd) {
-      try {
-        const maxOutputLength = type === ObjectType.data ? MAX_CHUNK_SIZE : MAX_TREE_SIZE;
-        const chunkSize = expectedLength === undefined ? undefined : Math.max(64, Math.min(expectedLength + 1, maxOutputLength));
-        plain = zstdDecompressSync(o.payload, chunkSize === undefined ? { maxOutputLength } : { maxOutputLength, chunkSize });
-      } catch {
-        throw new IntegrityError(hex, `Object ${hex} does not decompress`);
-      }
-    } else if (o.compression === Compression.none) {
-      plain = o.payload;
-    } else {
-      throw new IntegrityError(hex, `Object ${hex} uses unknown compression ${o.compression}`);
-    }
-    checkObjectId(this.keys, id, type, plain);
-    return plain;
+    return openSealed(this.keys, id, type, data, expectedLength);
   }
 
   async loadTree(reader: ObjectReader, id: Buffer): Promise<TreeEntry[]> {

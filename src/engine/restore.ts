@@ -12,12 +12,15 @@
  * the batch.
  */
 import { createHash } from 'node:crypto';
+import { availableParallelism } from 'node:os';
 import { type TreeEntry, NodeKind, ZERO_CHUNK } from '../core/format.js';
-import { ObjectType } from '../core/crypto.js';
 import { SnapError, IntegrityError } from '../core/errors.js';
 import type { Repository, SnapshotRecord } from './repository.js';
 import type { TargetFs } from './source.js';
 import { getObjects } from '../storage/types.js';
+import { openChunk } from './open.js';
+import type { RestorePool } from './restore-pool.js';
+import { type SmallFile, renameIntoPlace, replaceExisting, writeSmallFile } from './restore-write.js';
 
 export interface RestoreOptions {
   readonly target: Buffer;
@@ -26,6 +29,11 @@ export interface RestoreOptions {
   readonly onProgress?: ((p: { files: number; bytes: number; bytesTotal: number | null }) => void) | undefined;
   /** Chunks fetched ahead of the one being written. */
   readonly readAhead?: number;
+  /**
+   * Worker threads that open and write chunks (when the target offers TargetFs.workerFs); 0: all on
+   * the main thread. Default: one per core, at most 4, none with one core.
+   */
+  readonly threads?: number;
 }
 
 export interface RestoreResult {
@@ -51,6 +59,8 @@ interface Ctx {
   batch: Batch;
   /** Batches being fetched, oldest first. */
   readonly inflight: Array<{ readonly done: Promise<void>; readonly after: Array<() => void> }>;
+  /** Worker threads that open and write chunks; null: the main thread does. */
+  readonly pool: RestorePool | null;
 }
 
 /** The first name of a hard-linked inode; the later names link to it once it is written. */
@@ -156,15 +166,6 @@ function linkKey(e: TreeEntry): string {
   return `${e.inode}:${e.ctimeNs}:${e.mtimeNs}:${e.uid}:${e.gid}:${e.mode}:${e.size}:${h.digest('base64')}`;
 }
 
-/** The authenticated plaintext of a chunk from its stored bytes (null: absent), which must be `expected` long. */
-function openChunk(c: Ctx, id: Buffer, data: Buffer | null, expected: number): Buffer {
-  const hex = id.toString('hex');
-  if (data === null) throw new IntegrityError(hex, `Chunk ${hex} is missing`);
-  const plain = c.repo.openData(id, ObjectType.data, data, expected);
-  if (plain.length !== expected) throw new IntegrityError(hex, `Chunk ${hex} has ${plain.length} bytes, expected ${expected}`);
-  return plain;
-}
-
 /** A file of several chunks: written under a temporary name, chunk by chunk, then renamed. */
 async function restoreFile(c: Ctx, dest: Buffer, e: TreeEntry, first: FirstName | null): Promise<void> {
   try {
@@ -186,18 +187,24 @@ async function restoreChunks(c: Ctx, dest: Buffer, e: TreeEntry): Promise<void> 
   const group = Math.max(1, Math.floor((c.opts.readAhead ?? 8) / 2));
   const inflight: Array<Promise<void>> = [];
   let failure: { err: unknown } | null = null;
-  const fetchGroup = (indexes: number[]): Promise<void> => {
+  const fetchGroup = async (indexes: number[]): Promise<void> => {
     const ids = indexes.map((i) => e.chunks[i]!.toString('hex'));
+    const written: Array<Promise<void>> = [];
     const each = (k: number, data: Buffer | null): void => {
       if (failure !== null) return;
       const i = indexes[k]!;
-      const plain = openChunk(c, e.chunks[i]!, data, Math.min(cs, e.size - i * cs));
-      c.fs.write(fd, plain, i * cs);
-      c.result.bytes += plain.length;
+      const expected = Math.min(cs, e.size - i * cs);
+      if (c.pool !== null && data !== null) {
+        written.push(c.pool.chunk(e.chunks[i]!, data, expected, fd, i * cs).then(() => void (c.result.bytes += expected)));
+        return;
+      }
+      c.fs.write(fd, openChunk(c.repo.keys, e.chunks[i]!, data, expected), i * cs);
+      c.result.bytes += expected;
     };
-    return getObjects(c.snap.reader, ids, each).catch((err: unknown) => {
+    await getObjects(c.snap.reader, ids, each).catch((err: unknown) => {
       failure ??= { err };
     });
+    for (const r of await Promise.allSettled(written)) if (r.status === 'rejected') failure ??= { err: r.reason };
   };
   try {
     let indexes: number[] = [];
@@ -219,8 +226,7 @@ async function restoreChunks(c: Ctx, dest: Buffer, e: TreeEntry): Promise<void> 
     c.fs.close(fd);
     if (!ok) c.fs.remove(tmp);
   }
-  replaceExisting(c, dest);
-  c.fs.rename(tmp, dest);
+  renameIntoPlace(c.fs, tmp, dest);
   c.result.files++;
   queueMeta(c, dest, e);
   progress(c);
@@ -235,39 +241,25 @@ function progress(c: Ctx): void {
   }
 }
 
+/** What writeSmallFile needs to know of a file of at most one chunk. */
+function smallFile(c: Ctx, job: FileJob): SmallFile {
+  const { dest, e } = job;
+  return { dest, tmp: job.fresh ? null : partialName(c, dest), size: e.size, mode: e.mode, uid: e.uid, gid: e.gid, mtimeNs: e.mtimeNs, byPath: e.xattrs.length > 0 };
+}
+
 /**
- * A file of at most one chunk whose content (null: none, all zeros) is authenticated. In a fresh
- * directory it is created under its final name (O_EXCL: nothing can be in the way, and a name that
- * appears twice fails), elsewhere under a temporary name renamed over what is there. Owner and mode
- * are set on the open file (owner first: chown clears setuid/setgid); a file with xattrs gets them
- * and its mode by path, as queueMeta sets them. Then its times.
+ * A file of at most one chunk whose content (null: none, all zeros) is authenticated, written on the
+ * main thread (restore-write.ts).
  */
 function writeSmall(c: Ctx, job: FileJob, plain: Buffer | null): void {
-  const { dest, e, fresh } = job;
-  const name = fresh ? dest : partialName(c, dest);
-  if (!fresh) c.fs.remove(name);
-  const fd = c.fs.create(name);
-  let ok = false;
-  let timesSet = false;
-  try {
-    if (plain !== null && plain.length > 0) c.fs.write(fd, plain, 0);
-    if ((plain?.length ?? 0) !== e.size) c.fs.truncate(fd, e.size);
-    if (c.fs.isRoot) c.fs.fchown(fd, e.uid, e.gid);
-    if (e.xattrs.length === 0) {
-      c.fs.fchmod(fd, e.mode);
-      timesSet = c.fs.setTimesOpen(fd, e.mtimeNs, e.mtimeNs);
-    }
-    ok = true;
-  } finally {
-    c.fs.close(fd);
-    if (!ok) c.fs.remove(name);
-  }
-  if (!fresh) {
-    replaceExisting(c, dest);
-    c.fs.rename(name, dest);
-  }
+  smallWritten(c, job, writeSmallFile(c.fs, smallFile(c, job), plain), plain?.length ?? 0);
+}
+
+/** After a file of at most one chunk is written: its count, and what is set by path (xattrs, mode, times). */
+function smallWritten(c: Ctx, job: FileJob, timesSet: boolean, bytes: number): void {
+  const { dest, e } = job;
   c.result.files++;
-  c.result.bytes += plain?.length ?? 0;
+  c.result.bytes += bytes;
   if (e.xattrs.length === 0) {
     if (!timesSet) c.pending.push(c.fs.setTimes(dest, e.mtimeNs, e.mtimeNs).catch((err: unknown) => fail(c, dest, err)));
   } else {
@@ -304,24 +296,37 @@ async function sendBatch(c: Ctx): Promise<void> {
   if (b.jobs.length === 0) return;
   c.batch = newBatch();
   const handled = new Uint8Array(b.jobs.length);
+  const failed = (job: FileJob, err: unknown): void => {
+    if (job.first) job.first.failure = err;
+    fail(c, job.dest, err);
+  };
+  const written: Array<Promise<void>> = [];
   const each = (i: number, data: Buffer | null): void => {
     handled[i] = 1;
     const job = b.jobs[i]!;
     try {
-      writeSmall(c, job, openChunk(c, job.e.chunks[0]!, data, job.e.size));
+      if (c.pool !== null && data !== null) {
+        const size = job.e.size;
+        written.push(c.pool.file(job.e.chunks[0]!, data, smallFile(c, job)).then((timesSet) => smallWritten(c, job, timesSet, size), (err: unknown) => failed(job, err)));
+        return;
+      }
+      writeSmall(c, job, openChunk(c.repo.keys, job.e.chunks[0]!, data, job.e.size));
     } catch (err) {
-      if (job.first) job.first.failure = err;
-      fail(c, job.dest, err);
+      failed(job, err);
     }
   };
-  const done = getObjects(c.snap.reader, b.ids, each).catch((err: unknown) => {
+  const fetched = getObjects(c.snap.reader, b.ids, each).catch((err: unknown) => {
     const missing = err instanceof SnapError && err.code === 'not-found' ? new IntegrityError('', err.message) : err;
-    for (const [i, job] of b.jobs.entries()) {
-      if (handled[i]) continue;
-      if (job.first) job.first.failure = missing;
-      fail(c, job.dest, missing);
-    }
+    for (const [i, job] of b.jobs.entries()) if (!handled[i]) failed(job, missing);
   });
+  // done once every file of the batch is written or failed (the files handed to the workers are
+  // known once the fetch is done); rejects with the first error fail() threw
+  const done = (async () => {
+    let thrown: { err: unknown } | null = null;
+    await fetched.catch((err: unknown) => void (thrown = { err }));
+    for (const r of await Promise.allSettled(written)) if (r.status === 'rejected') thrown ??= { err: r.reason };
+    if (thrown !== null) throw (thrown as { err: unknown }).err;
+  })();
   c.inflight.push({ done, after: b.after });
   await settleBatches(c, BATCHES_IN_FLIGHT - 1);
 }
@@ -342,14 +347,6 @@ async function settleBatches(c: Ctx, most: number): Promise<void> {
 function partialName(c: Ctx, dest: Buffer): Buffer {
   const slash = dest.lastIndexOf(0x2f);
   return Buffer.concat([dest.subarray(0, slash + 1), Buffer.from(`.snapcrypt-partial-${process.pid}-${c.tmpSeq++}`)]);
-}
-
-/** Make room for a non-directory at dest: an existing file or link is replaced; a directory is not. */
-function replaceExisting(c: Ctx, dest: Buffer): void {
-  const st = c.fs.lstat(dest);
-  if (st === null) return;
-  if (st.kind === NodeKind.dir) throw new SnapError('io', `Cannot restore ${dest.toString('utf8')}: a directory is in the way`);
-  c.fs.unlink(dest);
 }
 
 /** Restores one entry into dest; `fresh`: its directory was created by this restore, or found empty. */
@@ -404,12 +401,12 @@ async function restoreEntry(c: Ctx, dest: Buffer, e: TreeEntry, fresh: boolean):
         return;
       }
       case NodeKind.symlink:
-        if (!fresh) replaceExisting(c, dest);
+        if (!fresh) replaceExisting(c.fs, dest);
         c.fs.symlink(e.target ?? Buffer.alloc(0), dest);
         queueMeta(c, dest, e);
         return;
       case NodeKind.fifo:
-        if (!fresh) replaceExisting(c, dest);
+        if (!fresh) replaceExisting(c.fs, dest);
         await c.fs.mkfifo(dest, e.mode);
         queueMeta(c, dest, e);
         return;
@@ -425,7 +422,7 @@ async function restoreEntry(c: Ctx, dest: Buffer, e: TreeEntry, fresh: boolean):
 function linkTo(c: Ctx, first: FirstName, dest: Buffer, fresh: boolean): void {
   try {
     if (first.failure !== null) throw first.failure;
-    if (!fresh) replaceExisting(c, dest);
+    if (!fresh) replaceExisting(c.fs, dest);
     c.fs.link(first.path, dest);
     c.result.files++;
   } catch (err) {
@@ -457,7 +454,10 @@ async function restoreTree(c: Ctx, dir: Buffer, tree: TreeEntry[], fresh: boolea
  */
 export async function restore(repo: Repository, snap: SnapshotRecord, subpath: Buffer | null, opts: RestoreOptions): Promise<RestoreResult> {
   const result: RestoreResult = { files: 0, dirs: 0, bytes: 0, errors: [] };
-  const c: Ctx = { repo, snap, opts, fs: opts.fs, result, links: new Map(), pending: [], lastProgress: 0, tmpSeq: 0, batch: newBatch(), inflight: [] };
+  const threads = opts.threads ?? (availableParallelism() > 1 ? Math.min(availableParallelism(), 4) : 0);
+  const workerFs = threads > 0 ? (opts.fs.workerFs?.() ?? null) : null;
+  const pool = workerFs ? repo.restorePool(workerFs, threads) : null;
+  const c: Ctx = { repo, snap, opts, fs: opts.fs, result, links: new Map(), pending: [], lastProgress: 0, tmpSeq: 0, batch: newBatch(), inflight: [], pool };
   const st = opts.fs.lstat(opts.target);
   if (st === null) opts.fs.mkdir(opts.target);
   else if (st.kind !== NodeKind.dir) throw new SnapError('usage', `Restore target ${opts.target.toString('utf8')} is not a directory`);
@@ -471,6 +471,7 @@ export async function restore(repo: Repository, snap: SnapshotRecord, subpath: B
   } finally {
     await Promise.allSettled(c.inflight.map((f) => f.done));
     await Promise.allSettled(c.pending);
+    await pool?.close();
   }
   await Promise.all(c.pending);
   await opts.fs.finish();

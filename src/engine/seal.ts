@@ -10,6 +10,7 @@ import { type Keys, type ObjectTypeCode, Compression, ObjectType, sealObject, se
 import { release } from '../core/memory.js';
 import type { DirectWriterSpec } from '../storage/types.js';
 import { ioFailure } from '../core/errors.js';
+import type { ZstdInternals } from './open.js';
 
 /**
  * zstd level 2: on the benchmark corpus it costs 30% less CPU than level 3 for 3% more bytes on text
@@ -19,15 +20,6 @@ import { ioFailure } from '../core/errors.js';
 export const ZSTD_LEVEL = 2;
 const MIN_COMPRESS = 128;
 const ZSTD_OPTIONS = { params: { [zc.ZSTD_c_compressionLevel]: ZSTD_LEVEL } };
-
-/** What node:zlib's ZstdCompress keeps inside: the native stream and where it reports progress. */
-interface ZstdInternals extends ZstdCompress {
-  readonly _handle?: {
-    writeSync(flush: number, input: Uint8Array, inOff: number, inLen: number, out: Uint8Array, outOff: number, outLen: number): void;
-  };
-  /** [bytes of output space left, bytes of input left] after writeSync. */
-  readonly _writeState?: Uint32Array;
-}
 
 /**
  * zstd with one compression context and one output buffer for all calls. zstdCompressSync makes a

@@ -3,6 +3,7 @@
  * writes. The drivers in src/drivers/localfs.ts implement them on node:fs.
  */
 import type { NodeKindCode, Xattr } from '../core/format.js';
+import type { DirectWriterSpec } from '../storage/types.js';
 
 export interface SourceStat {
   readonly kind: NodeKindCode;
@@ -66,4 +67,9 @@ export interface TargetFs {
   setTimes(path: Buffer, atimeNs: bigint, mtimeNs: bigint): Promise<void>;
   readonly isRoot: boolean;
   finish(): Promise<void>;
+  /**
+   * Optional: the module (exporting createTargetFs(arg)) that gives a restore's worker threads this
+   * file system's synchronous calls; without it, a restore writes everything on the main thread.
+   */
+  workerFs?(): DirectWriterSpec;
 }
