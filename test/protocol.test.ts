@@ -18,6 +18,7 @@ import {
   MAX_INDEX_BYTES,
   MAX_INDEX_PART,
   MAX_PAYLOAD,
+  MAX_PUT_OBJECTS,
   Msg,
   PROTOCOL_VERSION,
   decodeError,
@@ -32,17 +33,24 @@ import {
   encodeRequest,
   encodeResponse,
 } from '../src/core/protocol.js';
-import type { Frame, Request, Response } from '../src/core/protocol.js';
+import type { Frame, ObjectToPut, Request, Response } from '../src/core/protocol.js';
 import { RemoteStorage } from '../src/drivers/ssh.js';
 import { parseSshTarget, sshIdentity, sshInvocation } from '../src/drivers/sshkeys.js';
 import { LocalDirStorage } from '../src/drivers/localdir.js';
-import { serve, type ReusedBufferInput } from '../src/server/serve.js';
+import { serve, type ReusedBufferInput, type ServeOptions } from '../src/server/serve.js';
+import type { UploadLimits } from '../src/server/limits.js';
 import type { Storage } from '../src/storage/types.js';
 import { tempDir } from './env.js';
 import { inProcessRemote } from './in-process-remote.js';
 
 function bytesOf(parts: Buffer[]): Buffer {
   return Buffer.concat(parts);
+}
+
+function u32be(v: number): Buffer {
+  const b = Buffer.alloc(4);
+  b.writeUInt32BE(v);
+  return b;
 }
 
 /** Frames parsed from bytes (through the decoder, fed in pieces of `step` bytes). */
@@ -72,6 +80,8 @@ const requests: Request[] = [
   { type: 'getObjects', scope: SNAP, ids: Array.from({ length: 1024 }, (_, i) => i.toString(16).padStart(64, '0')) },
   { type: 'putObject', id: ID, data: Buffer.alloc(1000, 3) },
   { type: 'putObject', id: ID, data: Buffer.alloc(0) },
+  { type: 'putObjects', objects: [{ id: ID, data: Buffer.alloc(1000, 3) }, { id: 'cd'.repeat(32), data: Buffer.alloc(0) }, { id: ID, data: Buffer.alloc(1000, 3) }] },
+  { type: 'putObjects', objects: Array.from({ length: MAX_PUT_OBJECTS }, (_, i) => ({ id: i.toString(16).padStart(64, '0'), data: Buffer.alloc(i % 5, i & 0xff) })) },
   { type: 'indexPart', offset: 0, ids: Buffer.from(ID, 'hex') },
   { type: 'indexPart', offset: MAX_INDEX_BYTES - 64, ids: Buffer.alloc(64, 1) },
   { type: 'commit', head: Buffer.from(`${ID}\n`), indexLength: 32 },
@@ -143,6 +153,9 @@ describe('protocol codec', () => {
     const bad: Request[] = [
       { type: 'getObject', scope: null, id: ID.toUpperCase() },
       { type: 'putObject', id: '../x', data: Buffer.alloc(1) },
+      { type: 'putObjects', objects: [] },
+      { type: 'putObjects', objects: Array.from({ length: MAX_PUT_OBJECTS + 1 }, () => ({ id: ID, data: Buffer.alloc(0) })) },
+      { type: 'putObjects', objects: [{ id: ID, data: Buffer.alloc(1) }, { id: ID.toUpperCase(), data: Buffer.alloc(1) }] },
       { type: 'readFile', scope: null, name: '../config' },
       { type: 'writeFile', name: 'keys/a/b', data: Buffer.alloc(1) },
       { type: 'listKeys', scope: '2026-02-30T00:00:00.000Z' },
@@ -182,6 +195,14 @@ describe('protocol codec', () => {
     assert.throws(() => decodeRequest(f(Msg.INDEX_PART, Buffer.concat([u64(MAX_INDEX_BYTES), Buffer.alloc(32)]))), proto);
     assert.throws(() => decodeRequest(f(Msg.INDEX_PART, Buffer.concat([u64(0), Buffer.alloc(MAX_INDEX_PART + 32)]))), proto);
     assert.deepEqual(decodeRequest(f(Msg.COMMIT, u64(64))), { type: 'commit', head: Buffer.alloc(0), indexLength: 64 });
+    // PUT_OBJECTS: 1 .. MAX_PUT_OBJECTS whole entries (id, u32 length, bytes)
+    const entry = (len: number, have = len) => Buffer.concat([Buffer.from(ID, 'hex'), u32be(len), Buffer.alloc(have)]);
+    assert.throws(() => decodeRequest(f(Msg.PUT_OBJECTS, Buffer.alloc(0))), proto);
+    assert.throws(() => decodeRequest(f(Msg.PUT_OBJECTS, entry(10, 9))), proto); // cut short
+    assert.throws(() => decodeRequest(f(Msg.PUT_OBJECTS, Buffer.concat([entry(3), Buffer.alloc(35)]))), proto); // a cut entry head
+    assert.throws(() => decodeRequest(f(Msg.PUT_OBJECTS, Buffer.concat(Array.from({ length: MAX_PUT_OBJECTS + 1 }, () => entry(0))))), proto);
+    const most = decodeRequest(f(Msg.PUT_OBJECTS, Buffer.concat(Array.from({ length: MAX_PUT_OBJECTS }, () => entry(1)))));
+    assert.equal(most.type === 'putObjects' && most.objects.length, MAX_PUT_OBJECTS);
     assert.throws(() => decodeResponse(f(Msg.BOOL, Buffer.from([2]))), proto);
     assert.throws(() => decodeResponse(f(Msg.ID_BATCH, Buffer.alloc(33))), proto);
     assert.throws(() => decodeResponse(f(Msg.NAMES, Buffer.from([0xff, 0xff, 0xff, 0xff]))), proto);
@@ -323,12 +344,18 @@ interface SessionResult {
 }
 
 /** Runs one server session on in-memory streams with the given input; fails after timeoutMs. */
-async function session(storage: LocalDirStorage, input: Buffer[], opts: { end?: boolean; sshOriginalCommand?: string } = {}, timeoutMs = 10_000): Promise<SessionResult> {
+async function session(
+  storage: LocalDirStorage, input: Buffer[], opts: { end?: boolean; sshOriginalCommand?: string; limits?: UploadLimits } = {}, timeoutMs = 10_000,
+): Promise<SessionResult> {
   const up = new PassThrough();
   const down = new PassThrough();
   const chunks: Buffer[] = [];
   down.on('data', (b: Buffer) => chunks.push(Buffer.from(b))); // (a copy: the server reuses its send buffers once written)
-  const served = serve(up, down, storage, opts.sshOriginalCommand === undefined ? {} : { sshOriginalCommand: opts.sshOriginalCommand });
+  const options: ServeOptions = {
+    ...(opts.sshOriginalCommand === undefined ? {} : { sshOriginalCommand: opts.sshOriginalCommand }),
+    ...(opts.limits === undefined ? {} : { limits: opts.limits }),
+  };
+  const served = serve(up, down, storage, options);
   for (const b of input) up.write(b);
   if (opts.end !== false) up.end();
   let timer: NodeJS.Timeout | undefined;
@@ -342,6 +369,14 @@ async function session(storage: LocalDirStorage, input: Buffer[], opts: { end?: 
   const out = d.push(Buffer.concat(chunks));
   assert.ok(d.atBoundary, 'the server wrote whole frames');
   return { status, out };
+}
+
+/** A LocalDirStorage with a repository, in root/area. */
+async function newRepository(name: string): Promise<{ root: string; storage: LocalDirStorage }> {
+  const root = await tempDir(name);
+  const storage = new LocalDirStorage(join(root, 'area'));
+  await storage.init(Buffer.from('c'));
+  return { root, storage };
 }
 
 const HELLO = bytesOf(encodeFrame(Msg.HELLO, 1, encodeHello({ version: PROTOCOL_VERSION, wish: 'serve' })));
@@ -456,20 +491,20 @@ describe('server loop', () => {
     assert.equal(status, ExitStatus.protocol);
     const e = decodeError(out.at(-1)!.payload);
     assert.equal(e.code, 'unsupported-version');
-    assert.match(e.message, /version 1 is not supported .* speaks versions 2 to 3/);
+    assert.match(e.message, /version 1 is not supported .* speaks versions 2 to 4/);
     assert.match(e.hint ?? '', /update the older one/);
     // An older server answers a newer HELLO with ERROR unsupported-version (and no hint).
     const up = new PassThrough();
     const down = new PassThrough();
     up.once('data', () => {
-      for (const p of encodeFrame(Msg.ERROR, 0, encodeError({ code: 'unsupported-version', message: 'Protocol version 3 is not supported by this server (it speaks version 2)', hint: undefined }))) down.write(p);
+      for (const p of encodeFrame(Msg.ERROR, 0, encodeError({ code: 'unsupported-version', message: 'Protocol version 4 is not supported by this server (it speaks versions 2 to 3)', hint: undefined }))) down.write(p);
       down.end();
     });
     const transport = { readable: down, writable: up, describe: () => 'old server', close: async () => void up.end() };
     await assert.rejects(RemoteStorage.open(transport, 'ssh://old/'), (err: unknown) => {
       assert.ok(isSnapError(err, 'unsupported-version'), String(err));
-      assert.match(err.message, /ssh:\/\/old\/: the server ended the session: Protocol version 3 is not supported/);
-      assert.match(err.hint ?? '', /speaks protocol version 3: update the side that is older/);
+      assert.match(err.message, /ssh:\/\/old\/: the server ended the session: Protocol version 4 is not supported/);
+      assert.match(err.hint ?? '', /speaks protocol version 4: update the side that is older/);
       return true;
     });
   });
@@ -514,6 +549,166 @@ describe('server loop', () => {
     assert.deepEqual(decodeHelloOk(out[0]!.payload).version, 2, 'a version 2 client is served as version 2');
     assert.equal(status, ExitStatus.protocol);
     assert.equal(decodeError(out.at(-1)!.payload).code, 'protocol');
+  });
+
+  it('PUT_OBJECTS stores a batch in order (mixed sizes, empty, repeated, larger than the arena), answered by one OK', async () => {
+    const { root, storage } = await newRepository('serve-put-objects');
+    const rnd = prng(17);
+    const expected = new Map<string, Buffer>();
+    const input: Buffer[] = [HELLO];
+    const object = (n: number, size: number): ObjectToPut => {
+      const id = (n + 1).toString(16).padStart(64, '0');
+      const data = Buffer.alloc(size, n & 0xff);
+      if (size >= 4) data.writeUInt32BE(n, 0);
+      expected.set(id, data);
+      return { id, data };
+    };
+    let n = 0;
+    const batches: ObjectToPut[][] = [];
+    for (let b = 0; b < 6; b++) {
+      const count = b === 5 ? MAX_PUT_OBJECTS : 1 + Math.floor(rnd() * 60);
+      // empty objects, small ones, one of 1 MiB, and in batch 3 one of 3 MiB (the batch is larger than the 2 MiB arena)
+      batches.push(Array.from({ length: count }, (_, i) => object(n++, i % 13 === 0 ? 0 : b === 3 && i === 1 ? 3 * 1024 * 1024 : i === 2 ? 1024 * 1024 : Math.floor(rnd() * 20_000))));
+    }
+    batches[2]!.push(batches[2]![0]!, batches[1]![1]!); // again within the batch, and from an earlier one: nothing happens
+    for (const [b, objects] of batches.entries()) {
+      const req = encodeRequest({ type: 'putObjects', objects });
+      input.push(bytesOf(encodeFrame(req.type, 10 + b, req.payload)));
+    }
+    input.push(bytesOf(encodeFrame(Msg.BYE, 99, [])));
+    const { status, out } = await session(storage, input);
+    assert.equal(status, ExitStatus.ok);
+    assert.deepEqual(out.map((f) => [f.type, f.id]), [[Msg.HELLO_OK, 1], ...batches.map((_, b) => [Msg.OK, 10 + b]), [Msg.BYE_OK, 99]]);
+    for (const [id, data] of expected) {
+      assert.ok((await storage.getObject(id)).equals(data), `object ${id}`);
+      assert.equal((await fsp.stat(join(root, 'area', 'current', 'objects', id.slice(0, 2), id))).mode & 0o777, 0o400, 'complete objects are 0400');
+    }
+  });
+
+  it('PUT_OBJECTS: the first object that fails ends its batch with that object\'s error (those before it stored, those after it not tried); quotas and the session go on', async () => {
+    const { root, storage } = await newRepository('serve-put-objects-fail');
+    const objects = Array.from({ length: 6 }, (_, i) => ({ id: `${i + 1}`.padStart(64, 'e'), data: Buffer.alloc(1000 + i, i) }));
+    const [a, b, c, d, e, f] = objects as [ObjectToPut, ObjectToPut, ObjectToPut, ObjectToPut, ObjectToPut, ObjectToPut];
+    // b is there incomplete (mode 0200), as a writer that died leaves it and only the lock's next holder removes it
+    const bPath = join(root, 'area', 'current', 'objects', b.id.slice(0, 2), b.id);
+    await fsp.mkdir(join(bPath, '..'), { recursive: true });
+    await fsp.writeFile(bPath, 'torn', { mode: 0o200 });
+    const frame = (id: number, batch: ObjectToPut[]) => {
+      const req = encodeRequest({ type: 'putObjects', objects: batch });
+      return bytesOf(encodeFrame(req.type, id, req.payload));
+    };
+    // quota: 5,000 bytes; a and d take 2,003, so the batch of e and f (2,009) fits, and then one of 1,500 does not
+    const limits: UploadLimits = { label: 'the backup area of alice', quotaBytes: 5000, freeSpaceFloor: null };
+    await storage.currentBytes!();
+    const big = { id: '7'.padStart(64, 'e'), data: Buffer.alloc(1500, 7) };
+    // (one session per step where the order matters: requests run concurrently)
+    const byId = new Map<number, Frame>();
+    for (const input of [[frame(5, [a, b, c]), frame(6, [d])], [frame(7, [e, f])], [frame(8, [big]), bytesOf(encodeFrame(Msg.BYE, 9, []))]]) {
+      const { status, out } = await session(storage, [HELLO, ...input], { limits });
+      assert.equal(status, ExitStatus.ok);
+      for (const fr of out) byId.set(fr.id, fr);
+    }
+    const failed = decodeError(byId.get(5)!.payload);
+    assert.equal(byId.get(5)!.type, Msg.ERROR);
+    assert.equal(failed.code, 'io');
+    assert.match(failed.message, new RegExp(`Cannot store object ${b.id} .*incomplete`));
+    assert.ok((await storage.getObject(a.id)).equals(a.data), 'the object before the failed one is stored');
+    await assert.rejects(storage.getObject(c.id), (err: unknown) => isSnapError(err, 'not-found'), 'the object after it was not tried');
+    assert.equal(byId.get(6)!.type, Msg.OK, 'the session goes on');
+    assert.equal(byId.get(7)!.type, Msg.OK);
+    for (const o of [d, e, f]) assert.ok((await storage.getObject(o.id)).equals(o.data));
+    const full = decodeError(byId.get(8)!.payload);
+    assert.equal(full.code, 'io');
+    assert.match(full.message, /The backup area of alice is full: .* of its quota of .* are used; nothing was committed/);
+    await assert.rejects(storage.getObject(big.id), (err: unknown) => isSnapError(err, 'not-found'));
+    assert.equal(byId.get(9)!.type, Msg.BYE_OK);
+  });
+
+  it('PUT_OBJECTS limits: more than 1024 objects or a cut entry end the session; a version 2 or 3 client is served without it', async () => {
+    const { root, storage } = await newRepository('serve-put-objects-limits');
+    const entry = (i: number, len: number, have = len) => Buffer.concat([Buffer.from(i.toString(16).padStart(64, '0'), 'hex'), u32be(len), Buffer.alloc(have, i)]);
+    const tooMany = Buffer.concat(Array.from({ length: MAX_PUT_OBJECTS + 1 }, (_, i) => entry(i, 1)));
+    for (const payload of [tooMany, Buffer.concat([entry(1, 5), entry(2, 100, 99)]), Buffer.alloc(0)]) {
+      const { status, out } = await session(storage, [HELLO, bytesOf(encodeFrame(Msg.PUT_OBJECTS, 2, [payload]))]);
+      assert.equal(status, ExitStatus.protocol);
+      assert.deepEqual([out.at(-1)!.type, out.at(-1)!.id, decodeError(out.at(-1)!.payload).code], [Msg.ERROR, 0, 'protocol']);
+    }
+    assert.deepEqual(await fsp.readdir(join(root, 'area', 'current', 'objects')), [], 'nothing of a refused frame was stored');
+    // Clients of versions 2 and 3 put one object per PUT_OBJECT and commit as before; PUT_OBJECTS is not theirs.
+    for (const version of [2, 3]) {
+      const id = (0x100 + version).toString(16).padStart(64, '0');
+      const data = Buffer.alloc(500, version);
+      const req = (r: Request, rid: number) => {
+        const { type, payload } = encodeRequest(r);
+        return bytesOf(encodeFrame(type, rid, payload));
+      };
+      const hello = bytesOf(encodeFrame(Msg.HELLO, 1, encodeHello({ version, wish: 'serve' })));
+      // (two sessions: requests run concurrently, and the commit must come after the put)
+      const put = await session(storage, [hello, req({ type: 'putObject', id, data }, 2), bytesOf(encodeFrame(Msg.BYE, 3, []))]);
+      const commit = await session(storage, [
+        hello,
+        req({ type: 'indexPart', offset: 0, ids: Buffer.from(id, 'hex') }, 2),
+        req({ type: 'commit', head: Buffer.from(`${id}\n`), indexLength: 32 }, 3),
+        bytesOf(encodeFrame(Msg.BYE, 4, [])),
+      ]);
+      for (const ok of [put, commit]) {
+        assert.equal(ok.status, ExitStatus.ok);
+        assert.equal(decodeHelloOk(ok.out[0]!.payload).version, version, `a version ${version} client is served as version ${version}`);
+      }
+      assert.deepEqual(put.out.slice(1).map((fr) => fr.type), [Msg.OK, Msg.BYE_OK]);
+      assert.deepEqual(commit.out.slice(1).map((fr) => fr.type), [Msg.OK, Msg.SNAPSHOT, Msg.BYE_OK]);
+      assert.ok((await storage.getObject(id)).equals(data));
+      const refused = await session(storage, [hello, req({ type: 'putObjects', objects: [{ id, data }] }, 2)]);
+      assert.equal(refused.status, ExitStatus.protocol);
+      assert.match(decodeError(refused.out.at(-1)!.payload).message, new RegExp(`type 0x1f in a session of protocol version ${version}`));
+    }
+  });
+
+  it('the client gathers small objects into PUT_OBJECTS batches and sends large ones alone; a failed object fails its own batch only', async () => {
+    const { root, storage } = await newRepository('remote-put-batches');
+    const up = new PassThrough();
+    const down = new PassThrough();
+    const sent = new Map<number, number>(); // message type -> objects carried; -1 -> PUT_OBJECTS frames
+    const tap = new FrameDecoder();
+    up.on('data', (b: Buffer) => {
+      for (const fr of tap.push(Buffer.from(b))) {
+        if (fr.type !== Msg.PUT_OBJECT && fr.type !== Msg.PUT_OBJECTS) continue;
+        const req = decodeRequest(fr);
+        sent.set(fr.type, (sent.get(fr.type) ?? 0) + (req.type === 'putObjects' ? req.objects.length : 1));
+        if (req.type === 'putObjects') sent.set(-1, (sent.get(-1) ?? 0) + 1); // (-1: PUT_OBJECTS frames)
+      }
+    });
+    const served = serve(up, down, storage);
+    const remote = await RemoteStorage.open({ readable: down, writable: up, describe: () => 'in-process server', close: async () => void up.end() }, 'ssh://test/');
+    const rnd = prng(3);
+    const objects = Array.from({ length: 3000 }, (_, i) => {
+      const size = i % 300 === 7 ? 200_000 + i : Math.floor(rnd() * 6000);
+      return { id: `a${i.toString(16).padStart(63, '0')}`, data: Buffer.alloc(size, i & 0xff) };
+    });
+    await Promise.all(objects.map((o) => remote.putObject(o.id, o.data)));
+    await Promise.all(objects.slice(0, 50).map((o) => remote.putObject(o.id, o.data))); // again: nothing happens
+    for (const o of objects) assert.ok((await storage.getObject(o.id)).equals(o.data));
+    assert.equal(sent.get(Msg.PUT_OBJECT), 10 + 1, 'the objects above 128 KiB went alone (10, one of them twice)');
+    assert.equal(sent.get(Msg.PUT_OBJECTS), 2990 + 49, 'every small object went in a batch');
+    assert.ok((sent.get(-1) ?? 0) * 20 < 2990, `in batches of 20 objects or more on average (${sent.get(-1)} batches)`);
+    // one batch's failure: an incomplete object fails the calls of its batch with its error, nothing else
+    const torn = 'f'.repeat(64);
+    await fsp.mkdir(join(root, 'area', 'current', 'objects', 'ff'), { recursive: true });
+    await fsp.writeFile(join(root, 'area', 'current', 'objects', 'ff', torn), 'torn', { mode: 0o200 });
+    const more = Array.from({ length: 400 }, (_, i) => ({ id: `b${i.toString(16).padStart(63, '0')}`, data: Buffer.alloc(3000, i) }));
+    more.splice(200, 0, { id: torn, data: Buffer.alloc(10) });
+    const results = await Promise.allSettled(more.map((o) => remote.putObject(o.id, o.data)));
+    const rejected = results.flatMap((r, i) => (r.status === 'rejected' ? [{ i, err: r.reason as unknown }] : []));
+    assert.ok(rejected.some((r) => r.i === 200), 'the failed object\'s call rejects');
+    assert.ok(rejected.length < more.length / 2, `only its batch fails (${rejected.length} of ${more.length})`);
+    for (const r of rejected) {
+      assert.ok(isSnapError(r.err, 'io'), String(r.err));
+      assert.match(r.err.message, new RegExp(`^ssh://test/: Cannot store object ${torn} .*incomplete`));
+    }
+    for (const [i, r] of results.entries()) if (r.status === 'fulfilled') assert.ok((await storage.getObject(more[i]!.id)).equals(more[i]!.data));
+    await remote.putObject('c'.repeat(64), Buffer.alloc(5)); // the session goes on
+    await remote.close();
+    assert.equal(await served, ExitStatus.ok);
   });
 
   it('GET_OBJECTS read ahead answers as one by one does: every object in order, absent ones marked, a failed one ending the answer', async () => {

@@ -15,10 +15,11 @@ export const PROTOCOL_MAGIC = 'snapcrypt';
 /**
  * Version 2: COMMIT carries the index length, the index itself travels before it in INDEX_PART frames
  * (version 1 sent the index inside COMMIT, which limited it to one frame: about 1 Mi ids).
- * Version 3: GET_OBJECTS asks for many objects at once, answered by OBJECTS frames. A version 3
- * server also serves version 2 clients (version 3 only adds messages).
+ * Version 3: GET_OBJECTS asks for many objects at once, answered by OBJECTS frames.
+ * Version 4: PUT_OBJECTS stores many objects at once, answered by one OK.
+ * A version 4 server also serves version 2 and 3 clients (versions 3 and 4 only add messages).
  */
-export const PROTOCOL_VERSION = 3;
+export const PROTOCOL_VERSION = 4;
 /** Oldest client version a server still serves. */
 export const MIN_PROTOCOL_VERSION = 2;
 /** Largest payload of one frame: a padded 16 MiB chunk (about 16.5 MiB) with room to spare. */
@@ -33,6 +34,10 @@ export const MAX_IN_FLIGHT = 64;
 export const LIST_BATCH = 4096;
 /** Object ids one GET_OBJECTS may ask for. */
 export const MAX_GET_OBJECTS = 1024;
+/** Objects one PUT_OBJECTS may carry. */
+export const MAX_PUT_OBJECTS = 1024;
+/** Bytes PUT_OBJECTS spends per object before its bytes (id, u32 length). */
+export const PUT_ENTRY_HEAD = 36;
 /** Bytes an OBJECTS payload spends before its objects (u32 index of the first) and per object (flag, u32 length). */
 export const OBJECTS_HEAD = 4;
 export const OBJECT_ENTRY_HEAD = 5;
@@ -72,6 +77,7 @@ export const Msg = {
   UNLOCK: 0x1c,
   INDEX_PART: 0x1d,
   GET_OBJECTS: 0x1e,
+  PUT_OBJECTS: 0x1f,
   // responses
   OK: 0x40,
   BOOL: 0x41,
@@ -122,6 +128,8 @@ export type Request =
   /** 1 .. MAX_GET_OBJECTS objects, answered in order by OBJECTS frames. */
   | { readonly type: 'getObjects'; readonly scope: Scope; readonly ids: readonly string[] }
   | { readonly type: 'putObject'; readonly id: string; readonly data: Buffer }
+  /** 1 .. MAX_PUT_OBJECTS objects, stored in order; one OK answers all of them. */
+  | { readonly type: 'putObjects'; readonly objects: readonly ObjectToPut[] }
   /** The next slice of the index of the coming COMMIT; offset is the number of index bytes sent before it. */
   | { readonly type: 'indexPart'; readonly offset: number; readonly ids: Buffer }
   /** Commits with the index sent in INDEX_PARTs since the last COMMIT, which must total indexLength bytes. */
@@ -130,6 +138,11 @@ export type Request =
   | { readonly type: 'openSnapshot'; readonly name: string }
   | { readonly type: 'lock'; readonly owner: string }
   | { readonly type: 'unlock'; readonly token: number };
+
+export interface ObjectToPut {
+  readonly id: string;
+  readonly data: Buffer;
+}
 
 export type Response =
   | { readonly type: 'ok' }
@@ -562,7 +575,8 @@ function text(lenBytes: 1 | 2, s: string, limit: number): Buffer[] {
   if (b.length > limit) b = Buffer.from(b.subarray(0, limit).toString('utf8').replace(/\uFFFD+$/, ''), 'utf8');
   return [lenBytes === 1 ? u8(b.length) : u16(b.length), b];
 }
-function checkedId(id: string): string {
+/** The id itself (64 lower-case hex digits), else SnapError('usage'). */
+export function checkedId(id: string): string {
   if (!/^[0-9a-f]{64}$/.test(id)) throw new SnapError('usage', `Invalid object id ${JSON.stringify(id.slice(0, 80))}: expected 64 lower-case hex digits`);
   return id;
 }
@@ -704,6 +718,20 @@ export function encodeRequest(req: Request): { type: number; payload: Buffer[] }
       return { type: Msg.GET_OBJECTS, payload: [...scopeParts(req.scope), idsBytes(req.ids)] };
     case 'putObject':
       return { type: Msg.PUT_OBJECT, payload: [idBytes(req.id), req.data] };
+    case 'putObjects': {
+      const n = req.objects.length;
+      if (n === 0 || n > MAX_PUT_OBJECTS) throw new SnapError('usage', `PUT_OBJECTS carries 1 to ${MAX_PUT_OBJECTS} objects, not ${n}`);
+      // each object's id and length in one buffer for all of them, followed by its bytes
+      const heads = Buffer.allocUnsafe(n * PUT_ENTRY_HEAD);
+      const payload: Buffer[] = [];
+      for (const [i, o] of req.objects.entries()) {
+        const at = i * PUT_ENTRY_HEAD;
+        heads.write(checkedId(o.id), at, ID_BYTES, 'hex');
+        heads.writeUInt32BE(o.data.length, at + ID_BYTES);
+        payload.push(heads.subarray(at, at + PUT_ENTRY_HEAD), o.data);
+      }
+      return { type: Msg.PUT_OBJECTS, payload };
+    }
     case 'indexPart': {
       const { offset, ids } = req;
       if (ids.length === 0 || ids.length > MAX_INDEX_PART || ids.length % ID_BYTES !== 0) {
@@ -776,6 +804,17 @@ export function decodeRequest(frame: Frame): Request {
     case Msg.PUT_OBJECT: {
       const id = r.id();
       req = { type: 'putObject', id, data: r.rest() };
+      break;
+    }
+    case Msg.PUT_OBJECTS: {
+      const objects: ObjectToPut[] = [];
+      while (r.remaining > 0) {
+        if (objects.length === MAX_PUT_OBJECTS) r.fail(`more than ${MAX_PUT_OBJECTS} objects`);
+        const id = r.id();
+        objects.push({ id, data: r.raw(r.u32()) });
+      }
+      if (objects.length === 0) r.fail('no objects');
+      req = { type: 'putObjects', objects };
       break;
     }
     case Msg.INDEX_PART: {

@@ -15,7 +15,6 @@
  * object).
  */
 import fs from 'node:fs';
-import { join } from 'node:path';
 
 /** Directories of an area (localdir.ts uses it for all of them). */
 export const DIR_MODE = 0o700;
@@ -25,7 +24,7 @@ export const OBJECT_MODE = 0o400;
 export const INCOMPLETE_MODE = 0o200;
 
 export interface DirWriterArg {
-  /** The area's objects directory (current/objects). */
+  /** The area's objects directory (current/objects), without a trailing slash. */
   readonly objectsDir: string;
 }
 
@@ -38,13 +37,15 @@ function create(path: string): number {
 }
 
 /**
- * Writes the object `id` (64 lower-case hex digits, checked by the caller) into objectsDir/xx/id.
+ * Writes the object `id` (64 lower-case hex digits, checked by the caller) into objectsDir/xx/id
+ * (objectsDir without a trailing slash).
  * Returns whether it created the file (false: the id was there already, complete). Throws an Error
  * with the errno code on failure, and an Error with code EBUSY if the id is there incomplete.
  */
 export function writeObjectFile(objectsDir: string, id: string, data: Uint8Array): boolean {
-  const dir = join(objectsDir, id.slice(0, 2));
-  const path = join(dir, id);
+  // (plain concatenation: path.join costs several µs per call, three times per object)
+  const dir = `${objectsDir}/${id.slice(0, 2)}`;
+  const path = `${dir}/${id}`;
   let fd: number;
   try {
     try {

@@ -616,7 +616,7 @@ class DirReader implements ObjectReader {
     checkId(id);
     return `${this.objectsDir}/${id.slice(0, 2)}/${id}`;
   }
-  private get objectsDir(): string {
+  protected get objectsDir(): string {
     return (this.objectsDirCache ??= join(this.dir, 'objects'));
   }
   private objectsDirCache: string | undefined;
@@ -999,7 +999,7 @@ export abstract class DirStorage extends DirReader implements Storage {
       this.marking ??= this.markUnsynced();
       await this.marking;
       // Synchronous calls on purpose: per object they cost a fifth of the CPU of the promise API.
-      if (writeObjectFile(join(this.dir, 'objects'), id, data) && this.ledger !== null) this.ledger += data.length;
+      if (writeObjectFile(this.objectsDir, id, data) && this.ledger !== null) this.ledger += data.length;
     } catch (err) {
       throw await this.failure(`Cannot store object ${id} in ${this.current}`, err);
     }

@@ -3,7 +3,8 @@
  * pair of byte streams; usually the stdin/stdout of `ssh ... snapcrypt-server serve`.
  *
  * Requests are pipelined (up to the server's maxInFlight outstanding, matched by request id), so the
- * backup's concurrent putObject calls keep the link busy. A broken connection, a protocol violation or
+ * backup's concurrent putObject calls keep the link busy; small objects travel in PUT_OBJECTS batches
+ * (RemoteStorage.putObject). A broken connection, a protocol violation or
  * a fatal server error rejects every pending call with a SnapError naming the location; errors the
  * server reports for one request keep their code (locked, integrity, not-found, exists, ...).
  */
@@ -18,8 +19,10 @@ import {
   MAX_GET_OBJECTS,
   MAX_INDEX_BYTES,
   MAX_IN_FLIGHT,
+  MAX_PUT_OBJECTS,
   Msg,
   PROTOCOL_VERSION,
+  checkedId,
   decodeError,
   decodeHelloOk,
   decodeResponse,
@@ -29,7 +32,7 @@ import {
   encodeRequest,
   expectedResponses,
 } from '../core/protocol.js';
-import type { Frame, Request, Response, Scope } from '../core/protocol.js';
+import type { Frame, ObjectToPut, Request, Response, Scope } from '../core/protocol.js';
 import type { Lock, ObjectReader, SnapshotInfo, Storage } from '../storage/types.js';
 import { parseSshTarget, sshInvocation } from './sshkeys.js';
 import type { SshInvocationOptions } from './sshkeys.js';
@@ -53,6 +56,23 @@ const INDEX_PART_BYTES = 1024 * 1024;
 /** INDEX_PART frames sent before the answer to the oldest one arrives (4 MiB unanswered at most). */
 const INDEX_PARTS_IN_FLIGHT = 4;
 const ID_BYTES = 32;
+/** Objects up to this size are put in PUT_OBJECTS batches; larger ones travel alone in a PUT_OBJECT. */
+const BATCH_OBJECT_MAX = 128 * 1024;
+/** A batch is sent once it holds this many bytes (or MAX_PUT_OBJECTS objects). */
+const BATCH_BYTES = 256 * 1024;
+/**
+ * PUT_OBJECTS requests unanswered while a batch that is not full waits for more objects: below it, a
+ * batch is sent once the event loop has run what is ready (setImmediate); at it, the batch waits for an
+ * answer, so batches grow while the server or the link is the slower side.
+ */
+const BATCHES_AHEAD = 2;
+
+/** Objects put since the last PUT_OBJECTS, and the putObject calls waiting for its answer. */
+interface PutBatch {
+  readonly objects: ObjectToPut[];
+  bytes: number;
+  readonly waiters: Array<{ resolve(): void; reject(err: unknown): void }>;
+}
 
 /** ssh options from the environment: SNAPCRYPT_SSH_OPTIONS holds extra ssh arguments split on white space. */
 export function sshOptionsFromEnv(env: Readonly<Record<string, string | undefined>>): { extraOptions?: string[] } {
@@ -262,8 +282,12 @@ class Connection {
     this.byeOk?.();
   }
 
+  /** Writes a frame's parts with one system call (writev) where the stream allows it. */
   private write(parts: Buffer[]): void {
-    for (const p of parts) this.transport.writable.write(p);
+    const w = this.transport.writable;
+    if (parts.length > 1) w.cork();
+    for (const p of parts) w.write(p);
+    if (parts.length > 1) w.uncork();
   }
 
   private async acquire(): Promise<void> {
@@ -519,9 +543,64 @@ export class RemoteStorage extends RemoteReader implements Storage {
   async writeFile(name: string, data: Buffer): Promise<void> {
     expect(await this.conn.call({ type: 'writeFile', name, data }), 'ok');
   }
+  /**
+   * Small objects are gathered into PUT_OBJECTS batches (a frame and an answer for many objects
+   * instead of one each): a batch is sent when it holds BATCH_BYTES or MAX_PUT_OBJECTS objects, or
+   * once the event loop has run what is ready while fewer than BATCHES_AHEAD batches are unanswered,
+   * else when the next answer arrives. Each call resolves when the server has stored its batch. A
+   * batch the server fails (at its first object that fails, after storing the ones before it) rejects
+   * every call in it with that object's error, so a call may reject for an object that was stored
+   * (a later put of it does nothing). Larger objects travel alone in a PUT_OBJECT.
+   */
   async putObject(id: string, data: Buffer): Promise<void> {
-    expect(await this.conn.call({ type: 'putObject', id, data }), 'ok');
+    if (data.length > BATCH_OBJECT_MAX) {
+      expect(await this.conn.call({ type: 'putObject', id, data }), 'ok');
+      return;
+    }
+    checkedId(id); // refused before anything is sent, and without failing the others of the batch
+    const batch = (this.batch ??= { objects: [], bytes: 0, waiters: [] });
+    const stored = new Promise<void>((resolve, reject) => batch.waiters.push({ resolve, reject }));
+    batch.objects.push({ id, data });
+    batch.bytes += data.length;
+    if (batch.bytes >= BATCH_BYTES || batch.objects.length >= MAX_PUT_OBJECTS) this.sendBatch();
+    else this.scheduleBatch();
+    return stored;
   }
+
+  private batch: PutBatch | null = null;
+  /** PUT_OBJECTS requests sent and not answered yet. */
+  private readonly batchesSent = new Set<Promise<void>>();
+  private batchScheduled = false;
+
+  /** Sends the batch once the event loop has run what is ready, unless BATCHES_AHEAD are unanswered. */
+  private scheduleBatch(): void {
+    if (this.batchScheduled || this.batch === null || this.batchesSent.size >= BATCHES_AHEAD) return;
+    this.batchScheduled = true;
+    setImmediate(() => {
+      this.batchScheduled = false;
+      if (this.batchesSent.size < BATCHES_AHEAD) this.sendBatch();
+    });
+  }
+
+  private sendBatch(): void {
+    const batch = this.batch;
+    if (batch === null) return;
+    this.batch = null;
+    let sent!: Promise<void>;
+    sent = (async () => {
+      try {
+        expect(await this.conn.call({ type: 'putObjects', objects: batch.objects }), 'ok');
+        for (const w of batch.waiters) w.resolve();
+      } catch (err) {
+        for (const w of batch.waiters) w.reject(err);
+      } finally {
+        this.batchesSent.delete(sent); // (after an await: sent is assigned)
+        this.scheduleBatch();
+      }
+    })();
+    this.batchesSent.add(sent);
+  }
+
   /**
    * The index travels in INDEX_PART frames of INDEX_PART_BYTES (at most INDEX_PARTS_IN_FLIGHT
    * unanswered), then COMMIT names its length. After a failed part no more parts are sent; the COMMIT
@@ -574,6 +653,9 @@ export class RemoteStorage extends RemoteReader implements Storage {
     };
   }
   async close(): Promise<void> {
+    // objects still gathered or on their way are stored (or fail) before BYE
+    this.sendBatch();
+    while (this.batchesSent.size > 0) await Promise.allSettled([...this.batchesSent]);
     await this.conn.close();
   }
 }

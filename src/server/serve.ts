@@ -5,7 +5,7 @@
  *
  * Bounded memory (I8): at most maxInFlight requests run at once; input is paused while that many run;
  * a frame is only read once memory for its payload is admitted: the payloads of requests that carry
- * data to the Storage (PUT_OBJECT, INDEX_PART, COMMIT, WRITE_FILE, INIT) go into one reused arena of ARENA_SIZE
+ * data to the Storage (PUT_OBJECT(S), INDEX_PART, COMMIT, WRITE_FILE, INIT) go into one reused arena of ARENA_SIZE
  * bytes (grown, when empty, to fit a larger one), other payloads count against PAYLOAD_BUDGET (a single
  * larger frame is admitted when no other is held); at most HEAVY requests that move whole objects or
  * indexes run at once; a response is only counted done when the output has taken it. The program
@@ -51,7 +51,7 @@ import type { Lock, ObjectReader, ObjectSink, SnapshotInfo, StagedIndex, Storage
 /** Requests moving whole objects or indexes that may run at once. */
 const HEAVY = 8;
 /**
- * Bytes of the memory reused for the payloads of requests that carry data to the Storage (PUT_OBJECT,
+ * Bytes of the memory reused for the payloads of requests that carry data to the Storage (PUT_OBJECT(S),
  * COMMIT, WRITE_FILE, INIT): two objects of the default 1 MiB chunk size, or the index of about 65,000
  * objects. Grown, when empty, to fit a larger payload.
  */
@@ -176,7 +176,7 @@ function isReusedBufferInput(input: Readable | ReusedBufferInput): input is Reus
 }
 
 /**
- * Memory reused for the payloads of DATA_REQUESTS (mostly PUT_OBJECT): they are placed one after the
+ * Memory reused for the payloads of DATA_REQUESTS (mostly PUT_OBJECT(S)): they are placed one after the
  * other, wrapping around, and given back in any order; the space of the oldest is reused once it and
  * all before it are given back.
  */
@@ -230,7 +230,12 @@ class Arena {
  * Requests that hand data to the Storage (their decoded request refers to the frame's payload, which is
  * given back when the request is done): their payloads go into the arena.
  */
-const DATA_REQUESTS: ReadonlySet<number> = new Set([Msg.PUT_OBJECT, Msg.INDEX_PART, Msg.COMMIT, Msg.WRITE_FILE, Msg.INIT]);
+const DATA_REQUESTS: ReadonlySet<number> = new Set([Msg.PUT_OBJECT, Msg.PUT_OBJECTS, Msg.INDEX_PART, Msg.COMMIT, Msg.WRITE_FILE, Msg.INIT]);
+/** The protocol version that introduced each message type not in version 2. */
+const SINCE: ReadonlyMap<number, number> = new Map([
+  [Msg.GET_OBJECTS, 3],
+  [Msg.PUT_OBJECTS, 4],
+]);
 
 /** Commands an SSH client may ask for: the forced command runs us whatever it asked, we only check. */
 export function isAcceptedWish(wish: string | undefined): boolean {
@@ -550,7 +555,8 @@ class Session {
     if (this.running.has(f.id)) return this.fatal(protocolError(`request id ${f.id} is already in use`));
     let req: Request;
     try {
-      if (f.type === Msg.GET_OBJECTS && this.version < 3) throw protocolError(`GET_OBJECTS in a session of protocol version ${this.version}`);
+      const since = SINCE.get(f.type);
+      if (since !== undefined && this.version < since) throw protocolError(`message type 0x${f.type.toString(16)} in a session of protocol version ${this.version}`);
       req = decodeRequest(f);
     } catch (err) {
       return this.fatal(err);
@@ -833,6 +839,19 @@ class Session {
       case 'putObject':
         await this.guard.admit(req.data.length, true, () => this.heavily(() => s.putObject(req.id, req.data)));
         return this.respond(id, { type: 'ok' });
+      case 'putObjects': {
+        // Admitted as a whole (quota, free-space floor), then stored in order; the first failure ends
+        // the request with that object's error: the objects before it are stored, the ones after it
+        // are not tried.
+        let bytes = 0;
+        for (const o of req.objects) bytes += o.data.length;
+        await this.guard.admit(bytes, true, () =>
+          this.heavily(async () => {
+            for (const o of req.objects) await s.putObject(o.id, o.data);
+          }),
+        );
+        return this.respond(id, { type: 'ok' });
+      }
       case 'indexPart':
         await this.inIndexOrder(() => this.guard.admit(req.ids.length, false, () => this.appendPart(req.ids)));
         return this.respond(id, { type: 'ok' });
