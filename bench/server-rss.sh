@@ -20,7 +20,10 @@
 # Prints a markdown table: per step the client's wall time, CPU and peak RSS and the server's CPU and
 # peak RSS; then the server's peak RSS over all serve processes. SERVE_NODE_ARGS and CLIENT_NODE_ARGS
 # (split on white space) add node options to the server's and the client's command lines, for
-# experiments (e.g. CLIENT_NODE_ARGS="--import /path/memsample.mjs"). Passphrase: SNAPCRYPT_PASSWORD
+# experiments (e.g. CLIENT_NODE_ARGS="--import /path/memsample.mjs"). RESTORE_RUNS (default 0) adds
+# that many full restores of the latest snapshot into WORK_DIR/restore (page cache dropped first),
+# each by every client in RESTORE_CLIENTS (paths of snapcrypt.js of other builds, in turn, for an A/B;
+# default this build's), recorded as step restore-<build directory>. Passphrase: SNAPCRYPT_PASSWORD
 # (default "bench"), with the normal KDF. Run it as root, so that it can drop the page cache and delete
 # the area's subvolumes. Needs: sshd, ssh, ssh-keygen, GNU time, btrfs-progs; dist/ built.
 set -euo pipefail
@@ -113,6 +116,17 @@ for run in $(seq "$NOCHANGE_RUNS"); do
   measure nochange "$run" backup --repo "$REPO" "$CORPUS/tree" "$CORPUS/big"
 done
 stored=$(du -sb "$AREA/current" | cut -f1)
+# RESTORE_RUNS full restores of the latest snapshot, page cache dropped first, by each client of
+# RESTORE_CLIENTS in turn (for an A/B of two builds; default: this one)
+RESTORE_TARGET=$WORK/restore
+for run in $(seq "${RESTORE_RUNS:-0}"); do
+  for client in ${RESTORE_CLIENTS:-$CLIENT_JS}; do
+    rm -rf "$RESTORE_TARGET"
+    drop_caches
+    CLIENT_JS=$client measure "restore-$(basename "$(dirname "$(dirname "$(dirname "$(dirname "$client")")")")")" "$run" restore --repo "$REPO" latest --target "$RESTORE_TARGET"
+  done
+done
+rm -rf "$RESTORE_TARGET"
 
 echo "server-rss.sh $(date -u +%Y-%m-%dT%H:%MZ), node $("$NODE" --version), corpus $CORPUS, area $AREA, stored $((stored / 1048576)) MiB"
 echo

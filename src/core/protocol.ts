@@ -214,17 +214,8 @@ export class FrameDecoder {
   private have = 0;
   private failed = false;
   private readonly maxLength: number;
-  /** Where frames of the `transient` types that span chunks are put together (reused). */
-  private scratch: Buffer | null = null;
-  private readonly transient: ReadonlySet<number>;
-  /**
-   * transient: message types whose payloads the caller of pushEach is done with when its onFrame
-   * returns; such a frame spanning several chunks is put together in memory reused for the next one,
-   * instead of a Buffer of its own.
-   */
-  constructor(maxLength = MAX_FRAME_LENGTH, transient: ReadonlySet<number> = new Set()) {
+  constructor(maxLength = MAX_FRAME_LENGTH) {
     this.maxLength = maxLength;
-    this.transient = transient;
   }
 
   /** Bytes held for a frame not yet complete. */
@@ -234,16 +225,6 @@ export class FrameDecoder {
 
   push(bytes: Buffer): Frame[] {
     const frames: Frame[] = [];
-    this.decode(bytes, (f) => frames.push(f), false);
-    return frames;
-  }
-
-  /** Like push, but hands each frame to onFrame as soon as it is complete (see the constructor). */
-  pushEach(bytes: Buffer, onFrame: (f: Frame) => void): void {
-    this.decode(bytes, onFrame, true);
-  }
-
-  private decode(bytes: Buffer, onFrame: (f: Frame) => void, reuse: boolean): void {
     if (this.failed) throw protocolError('input after a framing error');
     if (bytes.length > 0) {
       this.chunks.push(bytes);
@@ -261,24 +242,15 @@ export class FrameDecoder {
         );
       }
       if (this.have < 4 + len) break;
-      const frame = this.take(4 + len, reuse);
-      onFrame({ type: frame[4]!, id: frame.readUInt32BE(5), payload: frame.subarray(4 + FRAME_HEAD) });
+      const frame = this.take(4 + len);
+      frames.push({ type: frame[4]!, id: frame.readUInt32BE(5), payload: frame.subarray(4 + FRAME_HEAD) });
     }
+    return frames;
   }
 
   /** Whether the input so far ended on a frame boundary. */
   get atBoundary(): boolean {
     return this.have === 0;
-  }
-
-  /** The type byte of the next frame (its 4 length bytes and the type are in). */
-  private typeOfNext(): number {
-    let off = 4;
-    for (const c of this.chunks) {
-      if (off < c.length) return c[off]!;
-      off -= c.length;
-    }
-    return -1;
   }
 
   private peekLength(): number {
@@ -294,7 +266,7 @@ export class FrameDecoder {
   }
 
   /** Removes and returns the next n bytes (n <= have, checked by the caller against the limit). */
-  private take(n: number, reuse: boolean): Buffer {
+  private take(n: number): Buffer {
     const first = this.chunks[0]!;
     if (first.length >= n) {
       const out = first.subarray(0, n);
@@ -303,13 +275,7 @@ export class FrameDecoder {
       this.have -= n;
       return out;
     }
-    let out: Buffer;
-    if (reuse && this.transient.has(this.typeOfNext())) {
-      if (this.scratch === null || this.scratch.length < n) this.scratch = Buffer.allocUnsafeSlow(Math.max(n, 256 * 1024));
-      out = this.scratch.subarray(0, n);
-    } else {
-      out = Buffer.allocUnsafe(n);
-    }
+    const out = Buffer.allocUnsafe(n);
     let off = 0;
     while (off < n) {
       const c = this.chunks[0]!;
@@ -347,9 +313,10 @@ export class FrameReader {
 
   /**
    * Takes bytes from chunk, appending the frames it completes to `frames`; returns the number of bytes
-   * taken: all of them, unless alloc refused memory for a frame (then waiting is true).
+   * taken: all of them, unless alloc refused memory for a frame (then waiting is true), or `oneFrame`
+   * and a frame is complete (for a caller that reuses a frame's memory for the next).
    */
-  read(chunk: Buffer, frames: Frame[]): number {
+  read(chunk: Buffer, frames: Frame[], oneFrame = false): number {
     if (this.failed) throw protocolError('input after a framing error');
     let off = 0;
     for (;;) {
@@ -384,7 +351,7 @@ export class FrameReader {
       frames.push({ type: this.head[4]!, id: this.head.readUInt32BE(5), payload: this.payload });
       this.payload = null;
       this.headHave = 0;
-      if (off === chunk.length) return off;
+      if (off === chunk.length || oneFrame) return off;
     }
   }
 

@@ -8,12 +8,13 @@
  * a fatal server error rejects every pending call with a SnapError naming the location; errors the
  * server reports for one request keep their code (locked, integrity, not-found, exists, ...).
  */
-import { spawn } from 'node:child_process';
+import { type ChildProcessWithoutNullStreams, spawn } from 'node:child_process';
+import net from 'node:net';
 import type { Readable, Writable } from 'node:stream';
 import { SnapError } from '../core/errors.js';
 import type { ErrorCode } from '../core/errors.js';
 import {
-  FrameDecoder,
+  FrameReader,
   LIST_BATCH,
   MAX_FRAME_LENGTH,
   MAX_GET_OBJECTS,
@@ -80,9 +81,39 @@ export function sshOptionsFromEnv(env: Readonly<Record<string, string | undefine
   return extra ? { extraOptions: extra.split(/\s+/) } : {};
 }
 
+/** Bytes of one read of the child's output (a pipe holds 64 KiB). */
+const READ_SIZE = 64 * 1024;
+
+/**
+ * The child's stdout read into one reused buffer: each 'data' chunk is a view of it, valid only while
+ * the listeners run (the Connection copies what it keeps). Node otherwise reads into a new 64 KiB
+ * Buffer each time, garbage that V8 frees only once tens of MB of it have piled up; with the restore's
+ * work on worker threads, the main thread allocated too little else for a collection to come sooner
+ * (70 MB more peak RSS). The pipe's libuv handle moves from the child's stdout stream to a net.Socket
+ * made with `onread`, before anything was read (the server reads its stdin the same way, serve.ts
+ * reusedBufferInput); where that handle is not there, null (the stream is used as it is).
+ */
+function reusedBufferOutput(child: ChildProcessWithoutNullStreams): Readable | null {
+  const stdout = child.stdout as Readable & { _handle?: unknown };
+  const handle = stdout._handle;
+  if (handle === null || typeof handle !== 'object') return null;
+  const buffer = Buffer.allocUnsafeSlow(READ_SIZE);
+  let socket: net.Socket;
+  try {
+    const onread = { buffer, callback: (n: number) => socket.emit('data', buffer.subarray(0, n)) };
+    socket = new net.Socket({ handle, readable: true, writable: false, onread } as net.SocketConstructorOpts);
+  } catch {
+    return null;
+  }
+  stdout._handle = null;
+  stdout.destroy();
+  return socket;
+}
+
 /** A transport over a child process's stdin/stdout; its stderr is kept for error messages. */
 export function childTransport(cmd: string, args: readonly string[], env?: NodeJS.ProcessEnv): Transport {
   const child = spawn(cmd, args, { stdio: ['pipe', 'pipe', 'pipe'], ...(env ? { env } : {}) });
+  const output = reusedBufferOutput(child) ?? child.stdout;
   let stderr = '';
   let spawnError: Error | null = null;
   let exit: string | null = null;
@@ -101,7 +132,7 @@ export function childTransport(cmd: string, args: readonly string[], env?: NodeJ
   });
   child.stdin.on('error', () => {}); // reported through the connection's end instead
   return {
-    readable: child.stdout,
+    readable: output,
     writable: child.stdin,
     describe() {
       const parts: string[] = [];
@@ -131,8 +162,14 @@ interface Pending {
 }
 
 class Connection {
-  /** OBJECTS frames are handed to getObjects' callback and done with when it returns. */
-  private readonly decoder = new FrameDecoder(MAX_FRAME_LENGTH, new Set([Msg.OBJECTS]));
+  /**
+   * Every received byte is copied out of the transport's chunks (which may be one reused buffer,
+   * childTransport), into a Buffer per frame, except OBJECTS frames: they are handed to getObjects'
+   * callback and done with when it returns, so they go into one buffer reused for the next.
+   */
+  private readonly reader = new FrameReader((type, length) => (type === Msg.OBJECTS ? this.scratch(length) : Buffer.allocUnsafe(length)), MAX_FRAME_LENGTH);
+  private scratchBuffer: Buffer | null = null;
+  private readonly frames: Frame[] = [];
   private readonly pending = new Map<number, Pending>();
   private nextId = 1;
   private slots = MAX_IN_FLIGHT;
@@ -193,12 +230,19 @@ class Connection {
     return err;
   }
 
+  private scratch(length: number): Buffer {
+    if (this.scratchBuffer === null || this.scratchBuffer.length < length) this.scratchBuffer = Buffer.allocUnsafeSlow(Math.max(length, 256 * 1024));
+    return this.scratchBuffer.subarray(0, length);
+  }
+
+  /** b is valid only during the call (see reader). */
   private onData(b: Buffer): void {
-    if (this.failure) return;
     try {
-      this.decoder.pushEach(b, (f) => {
-        if (!this.failure) this.onFrame(f);
-      });
+      for (let off = 0; off < b.length && !this.failure; ) {
+        off += this.reader.read(off === 0 ? b : b.subarray(off), this.frames, true);
+        const f = this.frames.pop();
+        if (f !== undefined) this.onFrame(f);
+      }
     } catch (err) {
       this.fail(new SnapError('protocol', `${this.location}: ${(err as Error).message}`), '');
     }
