@@ -31,7 +31,7 @@ export interface RestoreOptions {
   readonly readAhead?: number;
   /**
    * Worker threads that open and write chunks (when the target offers TargetFs.workerFs); 0: all on
-   * the main thread. Default: one per core, at most 4, none with one core.
+   * the main thread. Default: one per core beside the main thread's, at most 3 (none with one core).
    */
   readonly threads?: number;
 }
@@ -454,7 +454,7 @@ async function restoreTree(c: Ctx, dir: Buffer, tree: TreeEntry[], fresh: boolea
  */
 export async function restore(repo: Repository, snap: SnapshotRecord, subpath: Buffer | null, opts: RestoreOptions): Promise<RestoreResult> {
   const result: RestoreResult = { files: 0, dirs: 0, bytes: 0, errors: [] };
-  const threads = opts.threads ?? (availableParallelism() > 1 ? Math.min(availableParallelism(), 4) : 0);
+  const threads = opts.threads ?? Math.min(availableParallelism() - 1, 3);
   const workerFs = threads > 0 ? (opts.fs.workerFs?.() ?? null) : null;
   const pool = workerFs ? repo.restorePool(workerFs, threads) : null;
   const c: Ctx = { repo, snap, opts, fs: opts.fs, result, links: new Map(), pending: [], lastProgress: 0, tmpSeq: 0, batch: newBatch(), inflight: [], pool };
