@@ -150,6 +150,8 @@ export interface OpenedObject {
   readonly compression: number;
   /** Stored payload (still compressed if compression != none). */
   readonly payload: Buffer;
+  /** The decrypted bytes that payload is a view of: the caller's to release() once payload is done with. */
+  readonly inner: Buffer;
 }
 
 /** Decrypt and authenticate one object stored under `id`. Throws IntegrityError on any mismatch. */
@@ -188,7 +190,7 @@ export function openObject(keys: Keys, id: Buffer, data: Buffer): OpenedObject {
   if (type !== ObjectType.data && type !== ObjectType.tree && type !== ObjectType.snapshot) {
     throw new IntegrityError(hex, `Object ${hex} has unknown type ${type}`);
   }
-  return { type, compression, payload: inner.subarray(p, p + len) };
+  return { type, compression, payload: inner.subarray(p, p + len), inner };
 }
 
 /** Check that a decoded plaintext really has this id (catches a wrong key or a forged object). */
