@@ -17,6 +17,9 @@
 #
 # Steps: `snapcrypt init`, a first backup of the corpus (page cache dropped first when run as root),
 # then NOCHANGE_RUNS (default 3) backups with nothing changed, all to ssh://USER@127.0.0.1:PORT/.
+# MUTATE_CMD, when set, runs next (split on white space; e.g. "../shared/bench/mutate.sh COPY", with
+# COPY a copy of the corpus given as CORPUS_DIR: it changes it), followed by one more backup, the step
+# "mutated".
 # Prints a markdown table: per step the client's wall time, CPU and peak RSS and the server's CPU and
 # peak RSS; then the server's peak RSS over all serve processes. SERVE_NODE_ARGS and CLIENT_NODE_ARGS
 # (split on white space) add node options to the server's and the client's command lines, for
@@ -115,6 +118,10 @@ measure first 1 backup --repo "$REPO" "$CORPUS/tree" "$CORPUS/big"
 for run in $(seq "$NOCHANGE_RUNS"); do
   measure nochange "$run" backup --repo "$REPO" "$CORPUS/tree" "$CORPUS/big"
 done
+if [ -n "${MUTATE_CMD:-}" ]; then
+  $MUTATE_CMD > "$OUT/mutate.log"
+  measure mutated 1 backup --repo "$REPO" "$CORPUS/tree" "$CORPUS/big"
+fi
 stored=$(du -sb "$AREA/current" | cut -f1)
 # RESTORE_RUNS full restores of the latest snapshot, page cache dropped first, by each client of
 # RESTORE_CLIENTS in turn (for an A/B of two builds; default: this one)

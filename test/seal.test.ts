@@ -2,6 +2,8 @@
  * Sealing with reused memory (engine/seal.ts Compressor and Sealer, core/memory.ts release, the
  * sealObject `into` buffer) and the compact id structures (core/idset.ts): the same bytes as the
  * one-shot paths, buffers that come back are used again, and nothing that is still in use is freed.
+ * Loading a tree (Repository.loadTree) frees what it read and decrypted, and decompresses into one
+ * buffer of the size the zstd frame declares (zstdContentSize).
  */
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
@@ -10,7 +12,12 @@ import { constants as zc, zstdCompressSync, zstdDecompressSync } from 'node:zlib
 import { Compression, ObjectType, deriveKeys, objectId, openObject, sealObject, sealedSize, type Rng } from '../src/core/crypto.js';
 import { IdList, IdSet } from '../src/core/idset.js';
 import { release } from '../src/core/memory.js';
-import { Compressor, Sealer, ZSTD_LEVEL } from '../src/engine/seal.js';
+import { Compressor, Sealer, ZSTD_LEVEL, compressAndSeal } from '../src/engine/seal.js';
+import { DEFAULT_CHUNK_SIZE, FORMAT_NAME, FORMAT_VERSION, NodeKind, encodeTree, type TreeEntry } from '../src/core/format.js';
+import { Repository } from '../src/engine/repository.js';
+import { zstdContentSize } from '../src/engine/open.js';
+import type { TreeCache } from '../src/engine/cache.js';
+import type { Storage } from '../src/storage/types.js';
 
 const keys = deriveKeys(Buffer.alloc(64, 7));
 
@@ -130,5 +137,54 @@ describe('IdList and IdSet', () => {
       other[31] = other[31]! ^ 1; // differs in the last byte only
       assert.equal(set.has(other), false);
     }
+  });
+});
+
+/** A repository over no storage, with the given tree cache (loadTree reads the cache first). */
+class CacheOnlyRepository extends Repository {
+  static make(cache: TreeCache): CacheOnlyRepository {
+    const secret = { master: Buffer.alloc(64, 7), repoId: '0'.repeat(32), chunkSize: DEFAULT_CHUNK_SIZE };
+    return new CacheOnlyRepository(null as unknown as Storage, { format: FORMAT_NAME, version: FORMAT_VERSION, id: secret.repoId }, secret, 'test', cache);
+  }
+}
+
+describe('Loading trees', () => {
+  it('zstdContentSize reads the size from the frame header of every size class, and null from anything else', () => {
+    for (const len of [1, 255, 256, 300, 65_791, 65_792, 70_000, 1 << 20, 5_000_000]) {
+      const plain = sample(len, false, len);
+      assert.equal(zstdContentSize(new Compressor().compress(plain)), len, `Compressor, ${len} bytes`);
+      assert.equal(zstdContentSize(zstdCompressSync(plain)), len, `zstdCompressSync, ${len} bytes`);
+    }
+    assert.equal(zstdContentSize(Buffer.from('not zstd at all')), null);
+    assert.equal(zstdContentSize(new Compressor().compress(sample(70_000, false, 1)).subarray(0, 6)), null, 'a header cut short');
+  });
+
+  it('Repository.loadTree frees what it read from the cache and decrypted, and returns entries that do not depend on it', async () => {
+    const entries: TreeEntry[] = Array.from({ length: 2000 }, (_, i) => ({
+      kind: NodeKind.file, name: Buffer.from(`file-${String(i).padStart(5, '0')}`), mode: 0o644, uid: 1, gid: 2, mtimeNs: 1_700_000_000_000_000_000n + BigInt(i),
+      ctimeNs: 1_700_000_000_000_000_001n, inode: 1000 + i, nlink: 1, xattrs: [], size: 10 + i, chunks: [createHash('sha256').update(String(i)).digest()],
+      subtree: null, target: null, rdev: 0,
+    }));
+    const plain = encodeTree(entries);
+    let stored: Buffer | null = null;
+    let handedOut: Buffer | null = null;
+    const cache: TreeCache = {
+      get: () => {
+        handedOut = Buffer.from(stored!); // a copy of its own, as a file read from the cache is
+        return handedOut;
+      },
+      put: () => {},
+      drop: () => assert.fail('the cached tree is not damaged'),
+    };
+    const repo = CacheOnlyRepository.make(cache);
+    const id = objectId(repo.keys, ObjectType.tree, plain);
+    stored = compressAndSeal(repo.keys, ObjectType.tree, id, plain);
+    assert.ok(stored.length > 32 * 1024, 'large enough to be a buffer of its own, not a view of the shared pool');
+    const tree = await repo.loadTree(null as unknown as Storage, id);
+    assert.equal((handedOut!.buffer as ArrayBuffer).detached, true, 'the bytes read from the cache are freed');
+    assert.deepEqual(tree, entries);
+    assert.equal(encodeTree(tree).equals(plain), true);
+    // compact entries: "no xattrs" is one shared (frozen) array, not one per entry
+    assert.ok(tree.every((e) => e.xattrs === tree[0]!.xattrs) && Object.isFrozen(tree[0]!.xattrs));
   });
 });

@@ -150,7 +150,7 @@ export interface OpenedObject {
   readonly compression: number;
   /** Stored payload (still compressed if compression != none). */
   readonly payload: Buffer;
-  /** The decrypted bytes that payload is a view of (to be freed early once nothing uses them). */
+  /** The decrypted bytes that payload is a view of: the caller's to release() once payload is done with. */
   readonly inner: Buffer;
 }
 

@@ -253,6 +253,10 @@ export function sameEntry(a: TreeEntry, b: TreeEntry): boolean {
 }
 const EMPTY = Buffer.alloc(0);
 
+/** The xattrs and chunks of entries that have none (frozen: shared by all of them). */
+export const NO_XATTRS: readonly Xattr[] = Object.freeze([]);
+const NO_CHUNKS: readonly Buffer[] = Object.freeze([]);
+
 export function decodeTree(buf: Buffer): TreeEntry[] {
   const r = new Reader(buf, 'tree');
   const version = r.u8();
@@ -278,10 +282,17 @@ export function decodeTree(buf: Buffer): TreeEntry[] {
     const inode = r.uvar();
     const nlink = r.uvar();
     const nx = r.count(MAX_XATTRS, 2);
-    const xattrs: Xattr[] = [];
-    for (let j = 0; j < nx; j++) xattrs.push({ name: Buffer.from(r.bytes(MAX_NAME)), value: Buffer.from(r.bytes(MAX_XATTR_VALUE)) });
+    // Arrays of exactly their length (a first push() gives an array room for 17 elements: 150 bytes
+    // more per entry, and a backup holds a directory's previous entries while it walks it); one
+    // shared empty array for entries without xattrs.
+    let xattrs: readonly Xattr[] = NO_XATTRS;
+    if (nx > 0) {
+      const list = new Array<Xattr>(nx);
+      for (let j = 0; j < nx; j++) list[j] = { name: Buffer.from(r.bytes(MAX_NAME)), value: Buffer.from(r.bytes(MAX_XATTR_VALUE)) };
+      xattrs = list;
+    }
     let size = 0;
-    const chunks: Buffer[] = [];
+    let chunks: readonly Buffer[] = NO_CHUNKS;
     let subtree: Buffer | null = null;
     let target: Buffer | null = null;
     let rdev = 0;
@@ -289,7 +300,11 @@ export function decodeTree(buf: Buffer): TreeEntry[] {
       case NodeKind.file: {
         size = r.uvar();
         const nc = r.count(MAX_ENTRIES, ID_LEN);
-        for (let j = 0; j < nc; j++) chunks.push(Buffer.from(r.raw(ID_LEN)));
+        if (nc > 0) {
+          const list = new Array<Buffer>(nc);
+          for (let j = 0; j < nc; j++) list[j] = Buffer.from(r.raw(ID_LEN));
+          chunks = list;
+        }
         break;
       }
       case NodeKind.dir:

@@ -9,7 +9,7 @@
 import path from 'node:path';
 import {
   type NodeKindCode, type SnapshotRoot, type SnapshotStats, type TreeEntry, type Xattr,
-  NodeKind, ZERO_CHUNK, encodeHead, encodeSnapshotRoot, encodeTree, sameEntry,
+  NO_XATTRS, NodeKind, ZERO_CHUNK, encodeHead, encodeSnapshotRoot, encodeTree, sameEntry,
 } from '../core/format.js';
 import { ObjectType, objectId, type ObjectTypeCode } from '../core/crypto.js';
 import { release } from '../core/memory.js';
@@ -69,6 +69,9 @@ const display = (p: Buffer): string => p.toString('utf8');
 
 const MAX_INFLIGHT_OBJECTS = 256;
 
+/** Chunk-sized read buffers kept for reuse when they come back from sealing. */
+const MAX_FREE_READ_BUFFERS = 4;
+
 /** Files are read into buffers of their own size up to this size, into pooled chunk buffers above it. */
 const SMALL_READ = 64 * 1024;
 
@@ -82,9 +85,10 @@ const SMALL_READ = 64 * 1024;
 export class ReadBuffers {
   private readonly chunk: BufferPool;
   constructor(chunkSize: number, inflightBytes: number) {
-    // as many free buffers kept as can be in flight: when sealing is the slowest step, all of them
-    // come back in turn
-    this.chunk = new BufferPool(chunkSize, Math.ceil(inflightBytes / chunkSize));
+    // at most 4 free buffers kept (fewer when fewer can be in flight): they come back from sealing in
+    // turn, and one per read is taken again soon; 8 (as many as can be in flight) sat unused through
+    // most of a backup after a day's changes, once its one large file was read
+    this.chunk = new BufferPool(chunkSize, Math.min(MAX_FREE_READ_BUFFERS, Math.ceil(inflightBytes / chunkSize)));
   }
 
   /** A buffer of exactly `size` bytes (at most the chunk size), a view of a pooled one. */
@@ -204,8 +208,37 @@ interface Walk {
 }
 
 function joinPath(dir: Buffer, name: Buffer): Buffer {
-  if (dir.length === 1 && dir[0] === 0x2f) return Buffer.concat([dir, name]);
-  return Buffer.concat([dir, Buffer.from('/'), name]);
+  const at = dir.length === 1 && dir[0] === 0x2f ? 1 : dir.length + 1; // "/" + name, else dir + "/" + name
+  const out = Buffer.allocUnsafe(at + name.length);
+  dir.copy(out, 0);
+  out[at - 1] = 0x2f;
+  name.copy(out, at);
+  return out;
+}
+
+/**
+ * Paths of one directory's entries written into one reused buffer, for calls that do not keep them
+ * (the lstat of every entry before any is backed up): no allocation per entry.
+ */
+class ScratchPaths {
+  private buf: Buffer;
+  private readonly at: number;
+  constructor(dir: Buffer) {
+    this.at = dir.length === 1 && dir[0] === 0x2f ? 1 : dir.length + 1;
+    this.buf = Buffer.allocUnsafe(this.at + 256);
+    dir.copy(this.buf, 0);
+    this.buf[this.at - 1] = 0x2f;
+  }
+  /** dir/name, valid until the next call. */
+  path(name: Buffer): Buffer {
+    if (this.at + name.length > this.buf.length) {
+      const grown = Buffer.allocUnsafe(this.at + name.length);
+      this.buf.copy(grown, 0, 0, this.at);
+      this.buf = grown;
+    }
+    name.copy(this.buf, this.at);
+    return this.buf.subarray(0, this.at + name.length);
+  }
 }
 
 function relOf(p: Buffer): string {
@@ -236,6 +269,16 @@ function sameFile(st: SourceStat, prev: TreeEntry | undefined): prev is TreeEntr
     prev.ctimeNs === st.ctimeNs &&
     prev.inode === st.ino
   );
+}
+
+/** Copies of ids in one buffer of their own (views of Node's shared pool would keep all of it alive). */
+function ownedIds(ids: readonly Buffer[]): Buffer[] {
+  const all = Buffer.allocUnsafeSlow(ids.length * 32);
+  return ids.map((id, i) => {
+    const c = all.subarray(i * 32, i * 32 + 32);
+    id.copy(c);
+    return c;
+  });
 }
 
 /** Read exactly `want` bytes at pos, or fewer at end of file. */
@@ -334,7 +377,9 @@ async function readFileChunks(w: Walk, p: Buffer, st: SourceStat, ahead: AheadFi
         chunks.push(ZERO_CHUNK);
         if (pooled) w.reads.give(data);
       } else {
-        const id = objectId(w.repo.keys, ObjectType.data, data);
+        // a copy in Node's shared pool: the digest has an ArrayBuffer of its own (about 200 bytes more
+        // per id, held in the directory's entries until its tree is built)
+        const id = Buffer.from(objectId(w.repo.keys, ObjectType.data, data));
         chunks.push(id);
         w.refs.push(id);
         await w.up.store(ObjectType.data, id, data, pooled ? w.reads : null);
@@ -351,7 +396,9 @@ async function readFileChunks(w: Walk, p: Buffer, st: SourceStat, ahead: AheadFi
   }
   w.stats.filesRead++;
   w.stats.bytesRead += pos;
-  return { chunks, size: pos };
+  // a copy of exactly its length: push() made room for 17 ids (150 bytes more per file held in the
+  // directory's entries)
+  return { chunks: chunks.slice(), size: pos };
 }
 
 const ZEROS = Buffer.alloc(64 * 1024);
@@ -378,25 +425,28 @@ function requestXattrs(w: Walk, p: Buffer, st: SourceStat, prev: TreeEntry | und
   });
 }
 
+/** No chunks: one shared array for all such entries (a directory holds its entries until its tree is built). */
+const NO_CHUNKS: readonly Buffer[] = Object.freeze([]);
+
+/**
+ * A tree entry from an lstat result. One object literal with every field, in the order decodeTree
+ * writes them: every entry has the same shape, with its fields inside the object (spreading a partial
+ * entry and adding fields put some into a separate property array).
+ */
+function entryOf(
+  name: Buffer, st: SourceStat, xattrs: readonly Xattr[], size: number, chunks: readonly Buffer[], subtree: Buffer | null, target: Buffer | null,
+): TreeEntry {
+  return {
+    kind: st.kind, name, mode: st.mode & 0o7777, uid: st.uid, gid: st.gid, mtimeNs: st.mtimeNs, ctimeNs: st.ctimeNs, inode: st.ino,
+    nlink: st.nlink, xattrs: xattrs.length === 0 ? NO_XATTRS : xattrs, size, chunks, subtree, target,
+    rdev: st.kind === NodeKind.file || st.kind === NodeKind.dir || st.kind === NodeKind.symlink ? 0 : st.rdev,
+  };
+}
+
 /** Back up one file system object; returns its tree entry, or null if it was skipped. */
 async function backupNode(
   w: Walk, p: Buffer, name: Buffer, st: SourceStat, prev: TreeEntry | undefined, xattrsP: Promise<Xattr[]> | null, ahead: AheadFile | null = null,
 ): Promise<TreeEntry | null> {
-  const base = {
-    name,
-    mode: st.mode & 0o7777,
-    uid: st.uid,
-    gid: st.gid,
-    mtimeNs: st.mtimeNs,
-    ctimeNs: st.ctimeNs,
-    inode: st.ino,
-    nlink: st.nlink,
-    size: 0,
-    chunks: [] as Buffer[],
-    subtree: null,
-    target: null,
-    rdev: 0,
-  };
   const kind = kindOf(st);
   const xattrs: readonly Xattr[] = xattrsP === null ? (prev?.xattrs ?? []) : await xattrsP;
   switch (kind) {
@@ -410,34 +460,35 @@ async function backupNode(
         w.stats.bytes += prev.size;
         w.progress.bytesDone += prev.size;
         // the common case, nothing at all changed: the previous entry itself (no new object)
-        if (xattrs === prev.xattrs && base.mode === prev.mode && base.uid === prev.uid && base.gid === prev.gid && base.nlink === prev.nlink) return prev;
-        return { ...base, kind, xattrs, size: prev.size, chunks: prev.chunks };
+        if (xattrs === prev.xattrs && (st.mode & 0o7777) === prev.mode && st.uid === prev.uid && st.gid === prev.gid && st.nlink === prev.nlink) return prev;
+        return entryOf(name, st, xattrs, prev.size, prev.chunks, null, null);
       }
       const hkey = st.nlink > 1 ? `${st.dev}:${st.ino}` : null;
       const linked = hkey ? w.hardlinks.get(hkey) : undefined;
       if (linked) {
         for (const c of linked) if (!c.equals(ZERO_CHUNK)) w.refs.push(c);
         w.stats.bytes += st.size;
-        return { ...base, kind, xattrs, size: st.size, chunks: linked };
+        return entryOf(name, st, xattrs, st.size, linked, null, null);
       }
       const { chunks, size } = await readFileChunks(w, p, st, ahead);
-      if (hkey) w.hardlinks.set(hkey, chunks);
+      // kept for the whole run: in memory of their own, not pinning a pool that other ids lie in
+      if (hkey) w.hardlinks.set(hkey, ownedIds(chunks));
       w.stats.bytes += size;
-      return { ...base, kind, xattrs, size, chunks };
+      return entryOf(name, st, xattrs, size, chunks, null, null);
     }
     case NodeKind.dir: {
       w.stats.dirs++;
       const prevTree = prev?.kind === NodeKind.dir && prev.subtree ? await loadPrevTree(w, prev.subtree) : null;
       const subtree = await backupDir(w, p, prevTree, prevTree && prev!.subtree);
-      return { ...base, kind, xattrs, subtree };
+      return entryOf(name, st, xattrs, 0, NO_CHUNKS, subtree, null);
     }
     case NodeKind.symlink: {
       w.stats.symlinks++;
-      return { ...base, kind, xattrs, target: w.fs.readlink(p) };
+      return entryOf(name, st, xattrs, 0, NO_CHUNKS, null, w.fs.readlink(p));
     }
     default:
       w.stats.others++;
-      return { ...base, kind, xattrs, rdev: st.rdev };
+      return entryOf(name, st, xattrs, 0, NO_CHUNKS, null, null);
   }
 }
 
@@ -466,11 +517,13 @@ function readSmallFile(fs: SourceFs, p: Buffer, max: number): Buffer | null {
   }
 }
 
+/** An entry of the directory being backed up, from its lstat until it is backed up. */
 interface Item {
   readonly name: Buffer;
-  readonly child: Buffer;
   readonly st: SourceStat;
   prev: TreeEntry | undefined;
+  /** Its path, from when it enters the window of XATTRS_AHEAD entries. */
+  child: Buffer | null;
   xattrs: Promise<Xattr[]> | null;
   /** The file's first chunk, asked for ahead (ReadAhead). */
   ahead: AheadFile | null;
@@ -506,7 +559,8 @@ function pairRenamedDirs(items: Item[], prevTree: readonly TreeEntry[], matched:
 async function backupDir(w: Walk, p: Buffer, prevTree: TreeEntry[] | null, prevId: Buffer | null): Promise<Buffer> {
   let names: Buffer[];
   try {
-    names = w.fs.readdir(p);
+    // each name readdir gives has an ArrayBuffer of its own; copies lie in Node's shared pool
+    names = w.fs.readdir(p).map((n) => Buffer.from(n));
   } catch (err) {
     warn(w, p, err);
     names = [];
@@ -533,8 +587,9 @@ async function backupDir(w: Walk, p: Buffer, prevTree: TreeEntry[] | null, prevI
     const items: Item[] = [];
     let k = 0;
     const matched = prevTree ? new Uint8Array(prevTree.length) : null;
+    const scratch = new ScratchPaths(p);
     for (const name of names) {
-      const child = joinPath(p, name);
+      const child = scratch.path(name); // not kept: joinPath makes it when the entry's turn comes near
       let st: SourceStat;
       try {
         st = w.fs.lstat(child);
@@ -552,13 +607,18 @@ async function backupDir(w: Walk, p: Buffer, prevTree: TreeEntry[] | null, prevI
           k++;
         }
       }
-      items.push({ name, child, st, prev, xattrs: null, ahead: null });
+      items.push({ name, st, prev, child: null, xattrs: null, ahead: null });
     }
     if (prevTree) pairRenamedDirs(items, prevTree, matched!);
     // Everything but directories first, then the directories: the files read ahead for this directory
     // are all taken before the walk goes down into a subdirectory (which asks for its own).
-    const indexed = items.map((it, i) => ({ it, i }));
-    const order = [...indexed.filter((x) => x.it.st.kind !== NodeKind.dir), ...indexed.filter((x) => x.it.st.kind === NodeKind.dir)];
+    const order = new Uint32Array(items.length);
+    let o = 0;
+    for (let i = 0; i < items.length; i++) if (items[i]!.st.kind !== NodeKind.dir) order[o++] = i;
+    for (let i = 0; i < items.length; i++) if (items[i]!.st.kind === NodeKind.dir) order[o++] = i;
+    // An item is dropped once backed up (its stat, path, xattrs request and read ahead): a directory
+    // of 17,916 files held them all until its tree was built
+    const pending: (Item | null)[] = items;
     const done: (TreeEntry | null)[] = new Array<TreeEntry | null>(items.length).fill(null);
     let asked = 0;
     try {
@@ -567,23 +627,28 @@ async function backupDir(w: Walk, p: Buffer, prevTree: TreeEntry[] | null, prevI
         // entries ahead, not for the whole directory at once: 17,916 pending xattr requests held
         // about 20 MB in one directory of the corpus
         for (; asked < Math.min(order.length, j + XATTRS_AHEAD); asked++) {
-          const next = order[asked]!.it;
-          next.xattrs = requestXattrs(w, next.child, next.st, next.prev);
-          if (w.ahead !== null && readsAhead(w, next.st, next.prev)) next.ahead = w.ahead.request(next.child, Math.min(w.repo.chunkSize, next.st.size));
+          const next = pending[order[asked]!]!;
+          const child = joinPath(p, next.name);
+          next.child = child;
+          next.xattrs = requestXattrs(w, child, next.st, next.prev);
+          if (w.ahead !== null && readsAhead(w, next.st, next.prev)) next.ahead = w.ahead.request(child, Math.min(w.repo.chunkSize, next.st.size));
         }
-        const { it, i } = order[j]!;
+        const i = order[j]!;
+        const it = pending[i]!;
         try {
-          done[i] = await backupNode(w, it.child, it.name, it.st, it.prev, it.xattrs, it.ahead);
+          done[i] = await backupNode(w, it.child!, it.name, it.st, it.prev, it.xattrs, it.ahead);
         } catch (err) {
           if (err instanceof SnapError) throw err;
-          warn(w, it.child, err);
+          warn(w, it.child!, err);
+          if (it.ahead !== null) await w.ahead!.drop(it.ahead); // (taken already, unless the error came first)
         }
+        pending[i] = null;
       }
     } finally {
       // files asked for and not taken (an error ended the walk): closed, their buffers given back
       for (let j = 0; j < asked; j++) {
-        const a = order[j]!.it.ahead;
-        if (a !== null) await w.ahead!.drop(a);
+        const a = pending[order[j]!]?.ahead;
+        if (a) await w.ahead!.drop(a);
       }
     }
     for (const e of done) if (e !== null) entries.push(e);

@@ -14,6 +14,7 @@ import {
   decodeSecret, decodeSnapshotRoot, decodeTree, encodeConfig, encodeKeyFile, encodeSecret,
 } from '../core/format.js';
 import { IdSet, IdList } from '../core/idset.js';
+import { release } from '../core/memory.js';
 import { IntegrityError, SnapError } from '../core/errors.js';
 import type { DirectWriterSpec, ObjectReader, SnapshotInfo, Storage } from '../storage/types.js';
 import type { KeyStore, TreeCache } from './cache.js';
@@ -251,9 +252,11 @@ export class Repository {
     const cached = this.cache?.get(id);
     if (cached) {
       try {
-        return decodeTree(this.openData(id, ObjectType.tree, cached));
+        return decodeTree(this.openData(id, ObjectType.tree, cached)); // (its names and ids are copies)
       } catch {
         this.cache?.drop(id); // a damaged cache entry costs a download, never correctness
+      } finally {
+        release(cached);
       }
     }
     const hex = id.toString('hex');

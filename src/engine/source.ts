@@ -21,6 +21,7 @@ export interface SourceStat {
 
 /** Paths are Buffers: names may be any bytes. Sync calls throw Node errno errors (err.code). */
 export interface SourceFs {
+  /** path may lie in a buffer that the caller reuses after the call: not to be kept. */
   lstat(path: Buffer): SourceStat;
   /** Entry names of a directory (not sorted). */
   readdir(path: Buffer): Buffer[];
