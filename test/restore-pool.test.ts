@@ -6,7 +6,8 @@
  *   an earlier restore (temporary names renamed into place);
  * - a damaged chunk of a one-chunk file and of a multi-chunk file is an integrity error for that path
  *   alone, whichever thread opens it; nothing of the file, and no temporary file, is left behind;
- * - a failure of the file system in a worker (a directory in the way) is reported for that path.
+ * - a failure of the file system in a worker (a directory in the way) is reported for that path;
+ * - a restore of one file opens it on the main thread: no worker thread is started for it.
  */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
@@ -52,6 +53,7 @@ async function restoreInto(repo: Repository, snap: SnapshotRecord, src: string, 
     target: Buffer.from(target),
     fs: new LocalTargetFs(),
     threads,
+    inlineFirst: 0, // (else the first 64 chunks are opened on the main thread)
     onWarning: (p, m) => warnings.push(`${p}: ${m}`),
   });
   assert.equal(warnings.length, result.errors.length, `one warning per error: ${warnings.join('\n')}`);
@@ -131,4 +133,18 @@ test('restore: a file system failure in a worker thread names the path', async (
   assert.match(r.errors[0]!.message, /a directory is in the way/);
   assert.equal(fs.readFileSync(path.join(target, 'src', 'small', 'f7'), 'utf8'), fs.readFileSync(path.join(src, 'small', 'f7'), 'utf8'));
   assert.deepEqual(leftovers(target), []);
+});
+
+test('restore: one file is opened on the main thread, without starting a worker', async () => {
+  const { src, repo, snap } = await setUp();
+  const target = await tempDir('restore-pool-one');
+  const threadsNow = () => fs.readdirSync('/proc/self/task').length;
+  const before = threadsNow();
+  let most = before;
+  const watch = setInterval(() => (most = Math.max(most, threadsNow())), 1);
+  const result = await restore(repo, snap, Buffer.from(path.join(src, 'small', 'f7')), { target: Buffer.from(target), fs: new LocalTargetFs(), threads: 2 });
+  clearInterval(watch);
+  assert.deepEqual(result.errors, []);
+  assert.equal(fs.readFileSync(path.join(target, 'f7'), 'utf8'), fs.readFileSync(path.join(src, 'small', 'f7'), 'utf8'));
+  assert.equal(most, before, 'no thread was started');
 });
