@@ -9,7 +9,8 @@
  * Files of one chunk are fetched in batches (Storage.getObjects: one round trip for many objects) and
  * written as their objects arrive; larger files, symlinks and directories are restored in tree order
  * meanwhile. What must follow a batched file (its directory's metadata, a hard link to it) waits for
- * the batch.
+ * the batch. With more than one core, chunks are opened and written by worker threads (RestorePool);
+ * a batch, or a larger file, is done once they have answered for all of it.
  */
 import { createHash } from 'node:crypto';
 import { availableParallelism } from 'node:os';
@@ -18,7 +19,7 @@ import { SnapError, IntegrityError } from '../core/errors.js';
 import type { Repository, SnapshotRecord } from './repository.js';
 import type { TargetFs } from './source.js';
 import { getObjects } from '../storage/types.js';
-import { openChunk } from './open.js';
+import { Decompressor, openChunk } from './open.js';
 import type { RestorePool } from './restore-pool.js';
 import { type SmallFile, renameIntoPlace, replaceExisting, writeSmallFile } from './restore-write.js';
 
@@ -68,6 +69,8 @@ interface Ctx {
   readonly pool: RestorePool | null;
   /** Chunks opened so far (the first RestoreOptions.inlineFirst on the main thread). */
   opened: number;
+  /** zstd for the chunks opened on the main thread. */
+  readonly z: Decompressor;
 }
 
 /** The pool that opens and writes the next chunk, or null for the main thread. */
@@ -211,7 +214,7 @@ async function restoreChunks(c: Ctx, dest: Buffer, e: TreeEntry): Promise<void> 
         written.push(pool.chunk(e.chunks[i]!, data, expected, fd, i * cs).then(() => void (c.result.bytes += expected)));
         return;
       }
-      c.fs.write(fd, openChunk(c.repo.keys, e.chunks[i]!, data, expected), i * cs);
+      c.fs.write(fd, openChunk(c.repo.keys, e.chunks[i]!, data, expected, c.z), i * cs);
       c.result.bytes += expected;
     };
     await getObjects(c.snap.reader, ids, each).catch((err: unknown) => {
@@ -324,7 +327,7 @@ async function sendBatch(c: Ctx): Promise<void> {
         written.push(pool.file(job.e.chunks[0]!, data, smallFile(c, job)).then((timesSet) => smallWritten(c, job, timesSet, size), (err: unknown) => failed(job, err)));
         return;
       }
-      writeSmall(c, job, openChunk(c.repo.keys, job.e.chunks[0]!, data, job.e.size));
+      writeSmall(c, job, openChunk(c.repo.keys, job.e.chunks[0]!, data, job.e.size, c.z));
     } catch (err) {
       failed(job, err);
     }
@@ -471,7 +474,7 @@ export async function restore(repo: Repository, snap: SnapshotRecord, subpath: B
   const threads = opts.threads ?? Math.min(availableParallelism() - 1, 3);
   const workerFs = threads > 0 ? (opts.fs.workerFs?.() ?? null) : null;
   const pool = workerFs ? repo.restorePool(workerFs, threads) : null;
-  const c: Ctx = { repo, snap, opts, fs: opts.fs, result, links: new Map(), pending: [], lastProgress: 0, tmpSeq: 0, batch: newBatch(), inflight: [], pool, opened: 0 };
+  const c: Ctx = { repo, snap, opts, fs: opts.fs, result, links: new Map(), pending: [], lastProgress: 0, tmpSeq: 0, batch: newBatch(), inflight: [], pool, opened: 0, z: new Decompressor() };
   const st = opts.fs.lstat(opts.target);
   if (st === null) opts.fs.mkdir(opts.target);
   else if (st.kind !== NodeKind.dir) throw new SnapError('usage', `Restore target ${opts.target.toString('utf8')} is not a directory`);
