@@ -11,7 +11,6 @@ import { PassThrough } from 'node:stream';
 import { describe, it, mock } from 'node:test';
 import { ExitStatus, SnapError, isSnapError } from '../src/core/errors.js';
 import {
-  FrameDecoder,
   FrameReader,
   LIST_BATCH,
   MAX_FRAME_LENGTH,
@@ -34,6 +33,7 @@ import {
   encodeResponse,
 } from '../src/core/protocol.js';
 import type { Frame, ObjectToPut, Request, Response } from '../src/core/protocol.js';
+import { FrameDecoder } from './frame-decoder.js';
 import { RemoteStorage } from '../src/drivers/ssh.js';
 import { parseSshTarget, sshIdentity, sshInvocation } from '../src/drivers/sshkeys.js';
 import { LocalDirStorage } from '../src/drivers/localdir.js';
@@ -261,6 +261,14 @@ describe('protocol codec', () => {
     assert.equal(r.read(two.subarray(18), out), 40);
     assert.ok(r.atBoundary && !r.waiting);
     assert.deepEqual(out, frames(two));
+    // oneFrame: read() returns once a frame is complete (the caller reuses its memory for the next)
+    const one = new FrameReader((_type, n) => Buffer.alloc(n));
+    const got: Frame[] = [];
+    assert.equal(one.read(two, got, true), 9);
+    assert.equal(got.length, 1);
+    assert.equal(one.read(two.subarray(9), got, true), 9 + 40);
+    assert.ok(one.atBoundary);
+    assert.deepEqual(got, frames(two));
     // the length limits hold as for FrameDecoder
     const bad = new FrameReader((_type, n) => Buffer.alloc(n));
     const head = Buffer.alloc(4);

@@ -204,97 +204,10 @@ export function encodeFrame(type: number, id: number, payload: readonly Buffer[]
 }
 
 /**
- * Incremental frame decoder: push() the bytes as they arrive, get the complete frames back. A length
- * outside [FRAME_HEAD, maxLength] throws SnapError('protocol') as soon as its 4 bytes are in, before
- * anything is allocated for it; the decoder then refuses further input. It holds at most one partial
- * frame, never allocates more than that frame's (checked) length.
- */
-export class FrameDecoder {
-  private chunks: Buffer[] = [];
-  private have = 0;
-  private failed = false;
-  private readonly maxLength: number;
-  constructor(maxLength = MAX_FRAME_LENGTH) {
-    this.maxLength = maxLength;
-  }
-
-  /** Bytes held for a frame not yet complete. */
-  get buffered(): number {
-    return this.have;
-  }
-
-  push(bytes: Buffer): Frame[] {
-    const frames: Frame[] = [];
-    if (this.failed) throw protocolError('input after a framing error');
-    if (bytes.length > 0) {
-      this.chunks.push(bytes);
-      this.have += bytes.length;
-    }
-    for (;;) {
-      if (this.have < 4) break;
-      const len = this.peekLength();
-      if (len < FRAME_HEAD || len > this.maxLength) {
-        this.failed = true;
-        this.chunks = [];
-        this.have = 0;
-        throw protocolError(
-          len < FRAME_HEAD ? `frame length ${len} is too small` : `frame length ${len} exceeds the limit of ${this.maxLength}`,
-        );
-      }
-      if (this.have < 4 + len) break;
-      const frame = this.take(4 + len);
-      frames.push({ type: frame[4]!, id: frame.readUInt32BE(5), payload: frame.subarray(4 + FRAME_HEAD) });
-    }
-    return frames;
-  }
-
-  /** Whether the input so far ended on a frame boundary. */
-  get atBoundary(): boolean {
-    return this.have === 0;
-  }
-
-  private peekLength(): number {
-    const first = this.chunks[0]!;
-    if (first.length >= 4) return first.readUInt32BE(0);
-    const four = Buffer.alloc(4);
-    let off = 0;
-    for (const c of this.chunks) {
-      off += c.copy(four, off, 0, Math.min(c.length, 4 - off));
-      if (off === 4) break;
-    }
-    return four.readUInt32BE(0);
-  }
-
-  /** Removes and returns the next n bytes (n <= have, checked by the caller against the limit). */
-  private take(n: number): Buffer {
-    const first = this.chunks[0]!;
-    if (first.length >= n) {
-      const out = first.subarray(0, n);
-      if (first.length === n) this.chunks.shift();
-      else this.chunks[0] = first.subarray(n);
-      this.have -= n;
-      return out;
-    }
-    const out = Buffer.allocUnsafe(n);
-    let off = 0;
-    while (off < n) {
-      const c = this.chunks[0]!;
-      const k = Math.min(c.length, n - off);
-      c.copy(out, off, 0, k);
-      off += k;
-      if (k === c.length) this.chunks.shift();
-      else this.chunks[0] = c.subarray(k);
-    }
-    this.have -= n;
-    return out;
-  }
-}
-
-/**
  * Frame decoder for a receiver that bounds its memory (the server). It copies every byte out of the
  * chunks it is given, so the caller may reuse a chunk's memory as soon as read() returns, into one
  * payload buffer per frame that `alloc(type, length)` provides once the frame's header is in. The
- * length is checked as soon as its 4 bytes are in, as by FrameDecoder. alloc may refuse (null) while
+ * length is checked as soon as its 4 bytes are in, before anything is allocated for it. alloc may refuse (null) while
  * memory is short: read() then stops right after that header and reports how far it got; the caller
  * keeps the rest of its bytes and calls read() again (with them, or with an empty buffer) later.
  */
