@@ -255,7 +255,7 @@ const EMPTY = Buffer.alloc(0);
 
 /** The xattrs and chunks of entries that have none (frozen: shared by all of them). */
 export const NO_XATTRS: readonly Xattr[] = Object.freeze([]);
-const NO_CHUNKS: readonly Buffer[] = Object.freeze([]);
+export const NO_CHUNKS: readonly Buffer[] = Object.freeze([]);
 
 export function decodeTree(buf: Buffer): TreeEntry[] {
   const r = new Reader(buf, 'tree');

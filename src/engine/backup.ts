@@ -9,7 +9,7 @@
 import path from 'node:path';
 import {
   type NodeKindCode, type SnapshotRoot, type SnapshotStats, type TreeEntry, type Xattr,
-  NO_XATTRS, NodeKind, ZERO_CHUNK, encodeHead, encodeSnapshotRoot, encodeTree, sameEntry,
+  NO_CHUNKS, NO_XATTRS, NodeKind, ZERO_CHUNK, encodeHead, encodeSnapshotRoot, encodeTree, sameEntry,
 } from '../core/format.js';
 import { ObjectType, objectId, type ObjectTypeCode } from '../core/crypto.js';
 import { release } from '../core/memory.js';
@@ -424,9 +424,6 @@ function requestXattrs(w: Walk, p: Buffer, st: SourceStat, prev: TreeEntry | und
     return [];
   });
 }
-
-/** No chunks: one shared array for all such entries (a directory holds its entries until its tree is built). */
-const NO_CHUNKS: readonly Buffer[] = Object.freeze([]);
 
 /**
  * A tree entry from an lstat result. One object literal with every field, in the order decodeTree
