@@ -1,6 +1,6 @@
 import path from 'node:path';
 import { restore } from '../engine/restore.js';
-import { smallYoungGeneration } from '../programs/runtime.js';
+import { boundedHeapGrowth, smallYoungGeneration } from '../programs/runtime.js';
 import { LocalTargetFs } from '../drivers/localfs.js';
 import { SnapError } from '../core/errors.js';
 import { type Command, commonHelp, fmtBytes, parseSnapshotRef } from './common.js';
@@ -30,6 +30,7 @@ Exit status: 0 done, 6 some files failed authentication or were missing (named o
     if (target === undefined) throw new SnapError('usage', 'restore: --target DIR is required');
     const { ref, path: sub } = parseSnapshotRef(arg);
     smallYoungGeneration();
+    boundedHeapGrowth();
     const repo = await ctx.openRepo();
     const snap = await repo.resolveSnapshot(ref);
     const fs = new LocalTargetFs();
