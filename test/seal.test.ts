@@ -138,6 +138,32 @@ describe('IdList and IdSet', () => {
       assert.equal(set.has(other), false);
     }
   });
+  it('IdSet built over a list adds the ids listed there by number, without a copy, and frees itself on dispose', () => {
+    const base = new IdList();
+    for (const id of ids.slice(0, 10_000)) base.push(id);
+    const refs = new IdList();
+    const set = new IdSet(base.sortedUnique(), refs);
+    for (const id of ids) {
+      const n = refs.push(id); // a reference to every id; only those not yet in the set are added
+      if (!set.has(id)) set.addListed(n);
+    }
+    for (const id of ids.slice(0, 500)) refs.push(id); // references to known ids, not added
+    assert.equal(refs.length, ids.length + 500, 'the set pushed nothing into the list');
+    assert.equal(set.size, ids.length);
+    for (const id of ids) assert.ok(set.has(id));
+    for (let i = 0; i < 20_000; i++) {
+      const other = Buffer.from(ids[i]!);
+      other[0] = other[0]! ^ 0x80; // differs in the first byte only
+      assert.equal(set.has(other), false);
+    }
+    set.add(ids[3]!); // known: the list stays as it is
+    assert.equal(refs.length, ids.length + 500);
+    set.dispose();
+    assert.equal(set.size, 0);
+    assert.equal(set.has(ids[1]!), false);
+    assert.equal(set.has(ids[60_000]!), false);
+    assert.equal(refs.sortedUnique().length, ids.length * 32, 'the list is intact');
+  });
 });
 
 /** A repository over no storage, with the given tree cache (loadTree reads the cache first). */
