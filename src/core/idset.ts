@@ -52,7 +52,10 @@ export class IdList {
   pushHex(hex: string): void {
     this.push(Buffer.from(hex, 'hex'));
   }
-  /** Sorted, de-duplicated concatenation of the ids (transient memory: 12 bytes per id besides it). */
+  /**
+   * Sorted, de-duplicated concatenation of the ids. Transient memory besides the result: 12 bytes per
+   * id while sorting, 4 while copying (the sort keys are freed before the result is allocated).
+   */
   sortedUnique(): Buffer {
     const n = this.ids.length;
     const ids = this.ids;
@@ -69,6 +72,7 @@ export class IdList {
       const ob = ids.offsetOf(b);
       return ids.blockOf(a).compare(ids.blockOf(b), ob, ob + ID_BYTES, oa, oa + ID_BYTES);
     });
+    release(keys); // before the copy is made: the peak of a commit
     const out = Buffer.allocUnsafe(n * ID_BYTES);
     let m = 0;
     for (let k = 0; k < n; k++) {
@@ -79,6 +83,7 @@ export class IdList {
       block.copy(out, m * ID_BYTES, off, off + ID_BYTES);
       m++;
     }
+    release(order);
     return out.subarray(0, m * ID_BYTES);
   }
 }
