@@ -14,7 +14,7 @@ import { fileURLToPath } from 'node:url';
 import { isSnapError } from '../src/core/errors.js';
 import type { ErrorCode } from '../src/core/errors.js';
 import { BtrfsStorage } from '../src/drivers/btrfs.js';
-import { LocalDirStorage, ReadAheadGate } from '../src/drivers/localdir.js';
+import { LocalDirStorage, ReadAheadGate, sortedIdsDiff } from '../src/drivers/localdir.js';
 import { openStorage } from '../src/drivers/open.js';
 import { RemoteStorage } from '../src/drivers/ssh.js';
 import { readObjectsInto } from '../src/storage/types.js';
@@ -503,6 +503,24 @@ describe('object files of the directory storages (dirwriter.ts)', () => {
     const again = await new LocalDirStorage(dir, { clock: () => T0 }).lock('again');
     assert.ok(existsSync(file(tornToo)), 'no uncommitted session, no scan');
     await again.release();
+  });
+});
+
+describe('sortedIdsDiff (a commit against a prefix directory)', () => {
+  const id = (first: number, last: number): Buffer => Buffer.concat([Buffer.from([0x5a, first]), Buffer.alloc(29), Buffer.from([last])]);
+  const hex = (b: Buffer): string => b.toString('hex');
+  it('finds the ids with no object and the objects no id lists, walking both sorted lists together', () => {
+    const [a, b, c, d, e, f] = [id(1, 0), id(2, 0), id(2, 1), id(3, 0), id(4, 9), id(255, 255)];
+    const r = sortedIdsDiff(Buffer.concat([a, c, e, f]), [b, c, d, f].map(hex));
+    assert.equal(r.missing, 2);
+    assert.equal(r.firstMissing, hex(a));
+    assert.deepEqual(r.unlisted, [b, d].map(hex));
+    const none = sortedIdsDiff(Buffer.concat([a, b]), [a, b].map(hex));
+    assert.deepEqual([none.missing, none.firstMissing, none.unlisted], [0, undefined, []]);
+    const empty = sortedIdsDiff(Buffer.alloc(0), [hex(a), hex(f)]);
+    assert.deepEqual([empty.missing, empty.unlisted], [0, [hex(a), hex(f)]]);
+    const noDir = sortedIdsDiff(Buffer.concat([b, d]), []);
+    assert.deepEqual([noDir.missing, noDir.firstMissing, noDir.unlisted], [2, hex(b), []]);
   });
 });
 

@@ -549,6 +549,28 @@ class IndexCursor {
     return this.next - this.chunk.length + this.pos;
   }
 
+  /**
+   * The ids of one prefix (the next in the index) as one Buffer of whole ids, in index order: no
+   * string per id (a commit compares them with a directory listing, sortedIdsDiff).
+   */
+  async takeBytes(prefix: number): Promise<Buffer> {
+    const parts: Buffer[] = [];
+    for (;;) {
+      if (this.pos >= this.chunk.length) {
+        if (this.next >= this.index.length) break;
+        this.chunk = await this.index.read(this.next, Math.min(INDEX_CHUNK, this.index.length - this.next), this.scratch);
+        this.next += this.chunk.length;
+        this.pos = 0;
+      }
+      if (this.chunk[this.pos] !== prefix) break;
+      let end = this.pos + ID_BYTES;
+      while (end < this.chunk.length && this.chunk[end] === prefix) end += ID_BYTES;
+      parts.push(Buffer.from(this.chunk.subarray(this.pos, end))); // a copy: the scratch is read into again
+      this.pos = end;
+    }
+    return parts.length === 1 ? parts[0]! : Buffer.concat(parts);
+  }
+
   async take(prefix: number): Promise<Set<string>> {
     const ids = new Set<string>();
     for (;;) {
@@ -589,6 +611,41 @@ export async function takeIndexPrefix(
   } finally {
     if (fh === null) await handle.close();
   }
+}
+
+/** The names in one prefix directory that are object ids of that prefix, sorted. */
+async function objectNames(dir: string, prefix: number): Promise<string[]> {
+  return objectNamesOf(await readdirOrEmpty(dir), prefix);
+}
+
+function objectNamesOf(names: string[], prefix: number): string[] {
+  const p = prefixName(prefix);
+  return names.filter((name) => name.startsWith(p) && isValidObjectId(name)).sort();
+}
+
+/**
+ * Compares the ids of one prefix from an index (whole 32-byte ids, sorted) with the object names of
+ * its directory (sorted), walking both together: the ids with no object (their count and the first),
+ * and the objects no id lists. Neither side becomes a set of strings: a commit of 1,000,000 ids
+ * made two per id, promoted to the old generation while the directory was read, and the server's
+ * heap grew by about 20 MB.
+ */
+export function sortedIdsDiff(ids: Buffer, names: readonly string[]): { missing: number; firstMissing: string | undefined; unlisted: string[] } {
+  let missing = 0;
+  let firstMissing: string | undefined;
+  const unlisted: string[] = [];
+  let j = 0;
+  for (let off = 0; off + ID_BYTES <= ids.length; off += ID_BYTES) {
+    const id = ids.toString('hex', off, off + ID_BYTES);
+    while (j < names.length && names[j]! < id) unlisted.push(names[j++]!);
+    if (j < names.length && names[j] === id) j++;
+    else {
+      missing++;
+      firstMissing ??= id;
+    }
+  }
+  while (j < names.length) unlisted.push(names[j++]!);
+  return { missing, firstMissing, unlisted };
 }
 
 export function prefixName(p: number): string {
@@ -1093,13 +1150,11 @@ export abstract class DirStorage extends DirReader implements Storage {
   private async eachUnlisted(index: IndexSource, each: (path: string) => Promise<void>, temp?: (path: string) => Promise<void>): Promise<void> {
     const cursor = new IndexCursor(index);
     for (let p = 0; p < 256; p++) {
-      const prefix = prefixName(p);
-      const listed = await cursor.take(p);
-      const dir = join(this.current, 'objects', prefix);
-      for (const name of await readdirOrEmpty(dir)) {
-        if (isValidObjectId(name) && name.startsWith(prefix) && !listed.has(name)) await each(join(dir, name));
-        else if (temp && name.startsWith(TMP_PREFIX)) await temp(join(dir, name));
-      }
+      const listed = await cursor.takeBytes(p);
+      const dir = join(this.current, 'objects', prefixName(p));
+      const names = await readdirOrEmpty(dir);
+      if (temp) for (const name of names) if (name.startsWith(TMP_PREFIX)) await temp(join(dir, name));
+      for (const name of sortedIdsDiff(listed, objectNamesOf(names, p)).unlisted) await each(join(dir, name));
     }
   }
 
@@ -1223,14 +1278,11 @@ export abstract class DirStorage extends DirReader implements Storage {
     let missing = 0;
     let first: string | undefined;
     for (let p = 0; p < 256; p++) {
-      const wanted = await cursor.take(p);
-      const dir = join(this.current, 'objects', prefixName(p));
-      const present = new Set(await readdirOrEmpty(dir));
-      for (const id of wanted) {
-        if (present.has(id)) continue;
-        missing++;
-        first ??= id;
-      }
+      const wanted = await cursor.takeBytes(p);
+      if (wanted.length === 0) continue;
+      const diff = sortedIdsDiff(wanted, await objectNames(join(this.current, 'objects', prefixName(p)), p));
+      missing += diff.missing;
+      first ??= diff.firstMissing;
     }
     if (first !== undefined) {
       throw new IntegrityError(
