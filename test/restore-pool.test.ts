@@ -2,8 +2,9 @@
  * A restore with worker threads (engine/restore-pool.ts) on the real file system, against the same
  * restore on the main thread:
  * - small files, empty files, a file of several chunks (compressible and not), hard links, sub-second
- *   times and a symlink restore exactly with 0, 1 and 2 worker threads, into a fresh target and over
- *   an earlier restore (temporary names renamed into place);
+ *   times, modes the umask would cut or with special bits, and a symlink restore exactly with 0, 1 and
+ *   2 worker threads, into a fresh target and over an earlier restore (temporary names renamed into
+ *   place);
  * - a damaged chunk of a one-chunk file and of a multi-chunk file is an integrity error for that path
  *   alone, whichever thread opens it; nothing of the file, and no temporary file, is left behind;
  * - a failure of the file system in a worker (a directory in the way) is reported for that path;
@@ -40,6 +41,10 @@ async function setUp(): Promise<{ src: string; repo: Repository; snap: SnapshotR
   // a time with nanoseconds is set by path, after the worker wrote the file
   fs.utimesSync(path.join(src, 'small', 'f10'), 1_700_000_000.123456, 1_700_000_000.123456);
   fs.chmodSync(path.join(src, 'small', 'f11'), 0o640);
+  // modes the umask would cut (the file is created with its mode, then given it by fchmod), read-only,
+  // and with special bits (created 0600, then given its mode)
+  const modes: Array<[string, number]> = [['f13', 0o777], ['f14', 0o444], ['f16', 0o604], ['f17', 0o4755], ['f19', 0o1644], ['f22', 0o2711]];
+  for (const [name, mode] of modes) fs.chmodSync(path.join(src, 'small', name), mode);
 
   const r = await makeRepo();
   expectExit(await runCli(['backup', '--repo', r.repo, src], { env: r.env }), 'backup');
