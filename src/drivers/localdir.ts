@@ -571,19 +571,11 @@ class IndexCursor {
     return parts.length === 1 ? parts[0]! : Buffer.concat(parts);
   }
 
+  /** The ids of one prefix (the next in the index) as hex strings. */
   async take(prefix: number): Promise<Set<string>> {
+    const bytes = await this.takeBytes(prefix);
     const ids = new Set<string>();
-    for (;;) {
-      if (this.pos >= this.chunk.length) {
-        if (this.next >= this.index.length) break;
-        this.chunk = await this.index.read(this.next, Math.min(INDEX_CHUNK, this.index.length - this.next), this.scratch);
-        this.next += this.chunk.length;
-        this.pos = 0;
-      }
-      if (this.chunk[this.pos] !== prefix) break;
-      ids.add(this.chunk.toString('hex', this.pos, this.pos + ID_BYTES));
-      this.pos += ID_BYTES;
-    }
+    for (let off = 0; off < bytes.length; off += ID_BYTES) ids.add(bytes.toString('hex', off, off + ID_BYTES));
     return ids;
   }
 }
