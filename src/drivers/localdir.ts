@@ -605,11 +605,7 @@ export async function takeIndexPrefix(
   }
 }
 
-/** The names in one prefix directory that are object ids of that prefix, sorted. */
-async function objectNames(dir: string, prefix: number): Promise<string[]> {
-  return objectNamesOf(await readdirOrEmpty(dir), prefix);
-}
-
+/** Those of a prefix directory's names that are object ids of that prefix, sorted. */
 function objectNamesOf(names: string[], prefix: number): string[] {
   const p = prefixName(prefix);
   return names.filter((name) => name.startsWith(p) && isValidObjectId(name)).sort();
@@ -1272,7 +1268,7 @@ export abstract class DirStorage extends DirReader implements Storage {
     for (let p = 0; p < 256; p++) {
       const wanted = await cursor.takeBytes(p);
       if (wanted.length === 0) continue;
-      const diff = sortedIdsDiff(wanted, await objectNames(join(this.current, 'objects', prefixName(p)), p));
+      const diff = sortedIdsDiff(wanted, objectNamesOf(await readdirOrEmpty(join(this.current, 'objects', prefixName(p))), p));
       missing += diff.missing;
       first ??= diff.firstMissing;
     }
