@@ -163,7 +163,7 @@ export class IdSet {
   private slotOf(id: Buffer): number {
     const t = this.table;
     const first = id.readUInt32LE(0);
-    for (let i = this.hash(this.idHash(id)); t[i] !== 0; i = (i + 1) & this.mask) {
+    for (let i = this.home(id, 0); t[i] !== 0; i = (i + 1) & this.mask) {
       const n = t[i]! - 1;
       const block = this.added.blockOf(n);
       const off = this.added.offsetOf(n);
@@ -171,17 +171,12 @@ export class IdSet {
     }
     return -1;
   }
-  /** Bytes 4-7 of an id, the hash (ids are keyed MACs, uniformly distributed). */
-  private idHash(id: Uint8Array): number {
-    return id[4]! | (id[5]! << 8) | (id[6]! << 16) | (id[7]! << 24);
-  }
-  private hash(h: number): number {
-    return h & this.mask;
+  /** The first slot to probe for the id at off in b: its bytes 4-7 (ids are keyed MACs, uniformly distributed). */
+  private home(b: Uint8Array, off: number): number {
+    return (b[off + 4]! | (b[off + 5]! << 8) | (b[off + 6]! << 16) | (b[off + 7]! << 24)) & this.mask;
   }
   private insert(n: number): void {
-    const block = this.added.blockOf(n);
-    const off = this.added.offsetOf(n) + 4;
-    let i = this.hash(block[off]! | (block[off + 1]! << 8) | (block[off + 2]! << 16) | (block[off + 3]! << 24));
+    let i = this.home(this.added.blockOf(n), this.added.offsetOf(n));
     while (this.table[i] !== 0) i = (i + 1) & this.mask;
     this.table[i] = n + 1;
   }
