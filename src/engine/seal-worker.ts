@@ -10,6 +10,7 @@ import { deriveKeys, type ObjectTypeCode } from '../core/crypto.js';
 import { release } from '../core/memory.js';
 import { Sealer, type SealBatch, type SealDone, type SealWorkerData } from './seal.js';
 import { errnoCode } from '../core/errors.js';
+import { ID_BYTES } from '../core/idset.js';
 
 const data = workerData as SealWorkerData;
 const sealer = new Sealer(deriveKeys(Buffer.from(data.master)), data.chunkSize);
@@ -19,7 +20,7 @@ const writer: Promise<Write | null> = data.writer
   ? import(data.writer.module).then((m: { createWriter: (arg: unknown) => Write }) => m.createWriter(data.writer!.arg))
   : Promise.resolve(null);
 
-port.on('message', async ({ jobs, stored }: SealBatch) => {
+port.on('message', async ({ jobs, ids, stored }: SealBatch) => {
   for (const b of stored) sealer.reuse(b);
   let write: Write | null = null;
   let setupError: string | null = null;
@@ -30,10 +31,10 @@ port.on('message', async ({ jobs, stored }: SealBatch) => {
   }
   const replies: SealDone[] = [];
   const transfer: ArrayBuffer[] = [];
-  for (const job of jobs) {
+  for (const [k, job] of jobs.entries()) {
     try {
       if (setupError) throw new Error(setupError);
-      const id = Buffer.from(job.id);
+      const id = Buffer.from(ids.buffer, ids.byteOffset + k * ID_BYTES, ID_BYTES);
       const sealed = sealer.seal(job.type as ObjectTypeCode, id, job.plain);
       const back = job.recycle ? { plain: job.plain } : {};
       if (job.recycle) transfer.push(job.plain.buffer as ArrayBuffer);
@@ -58,5 +59,6 @@ port.on('message', async ({ jobs, stored }: SealBatch) => {
       replies.push({ seq: job.seq, error: err instanceof Error ? err.message : String(err), ...(typeof errno === 'string' ? { errno } : {}), ...back });
     }
   }
+  release(ids);
   port.postMessage(replies, transfer);
 });

@@ -9,6 +9,7 @@ import { ZstdCompress, zstdCompressSync, constants as zc } from 'node:zlib';
 import { type Keys, type ObjectTypeCode, Compression, ObjectType, sealObject, sealedSize } from '../core/crypto.js';
 import { release } from '../core/memory.js';
 import type { DirectWriterSpec } from '../storage/types.js';
+import { ID_BYTES } from '../core/idset.js';
 import { ioFailure } from '../core/errors.js';
 import type { ZstdInternals } from './open.js';
 
@@ -136,6 +137,7 @@ let randomPool = Buffer.alloc(0);
 let randomOffset = 0;
 function pooledRandom(n: number): Buffer {
   if (randomOffset + n > randomPool.length) {
+    release(randomPool); // its slices were copied where they were used (sealObject)
     randomPool = randomBytes(Math.max(65536, n));
     randomOffset = 0;
   }
@@ -147,7 +149,6 @@ function pooledRandom(n: number): Buffer {
 export interface SealJob {
   readonly seq: number;
   readonly type: ObjectTypeCode;
-  readonly id: Uint8Array;
   readonly plain: Uint8Array;
   /** Send plain's buffer back with the reply, for the caller to read into again (BufferPool). */
   readonly recycle: boolean;
@@ -169,6 +170,12 @@ export interface SealDone {
 /** What the main thread sends a worker: objects to seal, and sealed objects it has stored (Sealer.reuse). */
 export interface SealBatch {
   readonly jobs: SealJob[];
+  /**
+   * The jobs' ids, ID_BYTES each and in the jobs' order, in one buffer that moves with the batch: a
+   * Uint8Array per job would be copied into an ArrayBuffer of its own on each side, dead memory the
+   * threads free late (see copyOut in core/crypto.ts).
+   */
+  readonly ids: Uint8Array;
   readonly stored: Uint8Array[];
 }
 
@@ -232,6 +239,8 @@ export class SealPool {
   private readonly workers: Worker[] = [];
   private readonly load: number[] = [];
   private readonly outbox: SealJob[][] = [];
+  /** The ids of the outbox's jobs, in the same order. */
+  private readonly outIds: Buffer[][] = [];
   /** Stored objects on their way back to the workers (with the next batch). */
   private readonly returning: Uint8Array[] = [];
   private readonly waiting = new Map<
@@ -280,6 +289,7 @@ export class SealPool {
       this.workers.push(w);
       this.load.push(0);
       this.outbox.push([]);
+      this.outIds.push([]);
     }
   }
 
@@ -306,10 +316,14 @@ export class SealPool {
     this.outbox.forEach((jobs, i) => {
       if (jobs.length === 0) return;
       this.outbox[i] = [];
+      const ids = Buffer.allocUnsafeSlow(jobs.length * ID_BYTES);
+      this.outIds[i]!.forEach((id, k) => id.copy(ids, k * ID_BYTES, 0, ID_BYTES));
+      this.outIds[i] = [];
       // as many stored objects back as this batch will seal, so that the worker need not allocate
       const stored = this.returning.splice(0, jobs.length);
-      const batch: SealBatch = { jobs, stored };
+      const batch: SealBatch = { jobs, ids, stored };
       this.workers[i]!.postMessage(batch, [
+        ids.buffer,
         ...jobs.filter((j) => j.recycle || (j.plain.byteOffset === 0 && j.plain.byteLength === j.plain.buffer.byteLength)).map((j) => j.plain.buffer as ArrayBuffer),
         ...stored.map((b) => b.buffer as ArrayBuffer),
       ]);
@@ -355,7 +369,8 @@ export class SealPool {
     this.load[best]!++;
     const box = this.outbox[best]!;
     // a recycled buffer moves whole, with its view; anything else moves when it owns its buffer
-    box.push({ seq, type, id: new Uint8Array(id), plain: recycle ? plain : ownedBuffer(plain), recycle: recycle !== null });
+    box.push({ seq, type, plain: recycle ? plain : ownedBuffer(plain), recycle: recycle !== null });
+    this.outIds[best]!.push(id);
     const promise = new Promise<Buffer | number>((resolve, reject) => this.waiting.set(seq, { resolve, reject, worker: best, recycle }));
     if (box.length >= MAX_BATCH) this.flush();
     else if (!this.flushScheduled) {
