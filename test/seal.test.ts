@@ -119,8 +119,19 @@ describe('IdList and IdSet', () => {
     const l = new IdList();
     for (const id of ids) l.push(id);
     for (let i = 0; i < ids.length; i += 97) l.push(ids[i]!);
-    const expected = [...new Set(ids.map((b) => b.toString('hex')))].sort().join('');
+    // ids that tie on their first 6 bytes (the sort's key) and differ after
+    const twins = ids.slice(0, 3_000).map((id) => {
+      const t = Buffer.from(id);
+      t[20] = t[20]! ^ 0x40;
+      return t;
+    });
+    for (const t of twins) l.push(t);
+    const expected = [...new Set([...ids, ...twins].map((b) => b.toString('hex')))].sort().join('');
     assert.equal(l.sortedUnique().toString('hex'), expected);
+    assert.equal(l.length, 0, 'the list is emptied');
+    l.push(ids[7]!);
+    l.push(ids[7]!);
+    assert.equal(l.sortedUnique().toString('hex'), ids[7]!.toString('hex'), 'and can be filled again');
     assert.equal(new IdList().sortedUnique().length, 0);
   });
   it('IdSet finds the sorted ids and the added ones, and nothing else', () => {

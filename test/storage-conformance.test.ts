@@ -211,6 +211,23 @@ function storageConformance(driver: string, factory: Factory | null, checks: Dri
       assert.deepEqual(await collect(storage), sorted);
     });
 
+    it('commit takes the index in parts, read as if concatenated, and checks it across their borders', async () => {
+      const { storage, ids } = await setup(make, 40);
+      const sorted = [...ids].sort();
+      const kept = sorted.filter((_, i) => i % 3 !== 1);
+      const whole = indexOf(kept);
+      const cuts = [0, 32, 5 * 32, 6 * 32, whole.length]; // parts of 1, 4, 1 and the rest of the ids
+      const parts = cuts.slice(1).map((end, i) => whole.subarray(cuts[i]!, end));
+      const swapped = [parts[1]!, parts[0]!, ...parts.slice(2)]; // sorted within each part, not across
+      await rejectsWith(storage.commit(headOf(kept[0]!), swapped), 'integrity');
+      const missing = [...parts.slice(0, 3), indexOf([kept[6]!, 'ff'.repeat(32)])];
+      await rejectsWith(storage.commit(headOf(kept[0]!), missing), 'integrity', /f{64}/);
+      assert.deepEqual(await storage.listSnapshots(), []);
+      await storage.commit(headOf(kept[0]!), parts);
+      assert.deepEqual(await storage.readFile('index'), whole);
+      assert.deepEqual(await collect(storage), kept, 'the ids that no part lists are pruned');
+    });
+
     it('commit writes head and index, prunes unlisted objects; the earlier snapshot keeps them', async () => {
       const { storage, ids, blobs } = await setup(make, 3);
       const first = await storage.commit(headOf(ids[0]!), indexOf(ids));

@@ -29,6 +29,58 @@ export class IdBlocks {
     this.n++;
     return i;
   }
+  /**
+   * Moves the ids into the given order: afterwards the id at i is the one that was at order[i].
+   * order must be a permutation of 0..length-1; it is overwritten (each slot set to its own index
+   * once done). One id at a time follows each cycle of the permutation, so no second copy is made.
+   */
+  permute(order: Uint32Array): void {
+    const w = this.words();
+    const tmp = new Uint32Array(WORDS);
+    for (let start = 0; start < this.n; start++) {
+      if (order[start] === start) continue;
+      copyWords(w, start, tmp, 0);
+      let j = start;
+      for (;;) {
+        const k = order[j]!;
+        order[j] = j;
+        if (k === start) {
+          copyWords([tmp], 0, w[j >>> BLOCK_SHIFT]!, (j & (BLOCK_IDS - 1)) * WORDS);
+          break;
+        }
+        copyWords(w, k, w[j >>> BLOCK_SHIFT]!, (j & (BLOCK_IDS - 1)) * WORDS);
+        j = k;
+      }
+    }
+  }
+  /**
+   * The ids without adjacent duplicates (the list is sorted by permute first), in order, as views of
+   * the list's blocks (the last one cut to what it holds); the list is left empty and the views are
+   * the caller's.
+   */
+  drainUnique(): Buffer[] {
+    // in place first: the ids kept move down over the duplicates
+    const w = this.words();
+    let m = 0;
+    for (let i = 0; i < this.n; i++) {
+      if (m > 0 && sameWords(w, i, m - 1)) continue;
+      if (i !== m) copyWords(w, i, w[m >>> BLOCK_SHIFT]!, (m & (BLOCK_IDS - 1)) * WORDS);
+      m++;
+    }
+    const parts: Buffer[] = [];
+    this.blocks.forEach((block, b) => {
+      const held = Math.min(BLOCK_IDS, m - b * BLOCK_IDS);
+      if (held > 0) parts.push(block.subarray(0, held * ID_BYTES));
+      else release(block); // held only duplicates
+    });
+    this.blocks.length = 0;
+    this.n = 0;
+    return parts;
+  }
+  /** The blocks as 32-bit words: ids are moved and compared 8 words at a time (a Buffer.copy per id cost 3 times as much). */
+  private words(): Uint32Array[] {
+    return this.blocks.map((b) => new Uint32Array(b.buffer, b.byteOffset, b.length / 4));
+  }
   /** The block that holds id number i; the id starts at offsetOf(i) in it. */
   blockOf(i: number): Buffer {
     return this.blocks[i >>> BLOCK_SHIFT]!;
@@ -36,6 +88,26 @@ export class IdBlocks {
   offsetOf(i: number): number {
     return (i & (BLOCK_IDS - 1)) * ID_BYTES;
   }
+}
+
+/** 32-bit words per id. */
+const WORDS = ID_BYTES / 4;
+
+/** Copies id number i of the blocks w into to at word at. */
+function copyWords(w: Uint32Array[], i: number, to: Uint32Array, at: number): void {
+  const from = w[i >>> BLOCK_SHIFT]!;
+  const o = (i & (BLOCK_IDS - 1)) * WORDS;
+  for (let k = 0; k < WORDS; k++) to[at + k] = from[o + k]!;
+}
+
+/** Whether ids number i and j of the blocks w are the same. */
+function sameWords(w: Uint32Array[], i: number, j: number): boolean {
+  const a = w[i >>> BLOCK_SHIFT]!;
+  const b = w[j >>> BLOCK_SHIFT]!;
+  const oa = (i & (BLOCK_IDS - 1)) * WORDS;
+  const ob = (j & (BLOCK_IDS - 1)) * WORDS;
+  for (let k = 0; k < WORDS; k++) if (a[oa + k] !== b[ob + k]) return false;
+  return true;
 }
 
 /** Append-only list of ids; sortedUnique() gives the clear-text index format. */
@@ -53,43 +125,102 @@ export class IdList {
     this.push(Buffer.from(hex, 'hex'));
   }
   /**
-   * Sorted, de-duplicated concatenation of the ids. Transient memory besides the result: 12 bytes per
-   * id while sorting, 4 while copying (the sort keys are freed before the result is allocated).
+   * Sorted, de-duplicated concatenation of the ids in one Buffer (for an IdSet); the list is empty
+   * afterwards. Transient memory: a second copy while it is made (sortedParts has none).
    */
   sortedUnique(): Buffer {
+    const parts = this.sortedParts();
+    if (parts.length === 1) return parts[0]!;
+    const out = Buffer.concat(parts);
+    for (const p of parts) release(new Uint8Array(p.buffer as ArrayBuffer));
+    return out;
+  }
+  /**
+   * The sorted, de-duplicated ids as parts to be read in order (the index of a commit: storage takes
+   * it in parts); the list is empty afterwards, and an IdSet built over it must not be used. The ids
+   * are sorted where they lie, in the list's own blocks, which become the parts: 8 bytes per id of
+   * scratch (sortOrder), and no second copy. (A copy into one Buffer
+   * while the blocks were freed one by one did not help: glibc keeps freed blocks in the middle of
+   * its heap, so the copy came on top; 1,000,000 ids over SSH, docs/DESIGN.md section 13.)
+   */
+  sortedParts(): Buffer[] {
+    const order = this.sortOrder();
+    this.ids.permute(order);
+    release(new Uint8Array(order.buffer as ArrayBuffer)); // (a view of the first half of the sort's memory)
+    return this.ids.drainUnique();
+  }
+  /**
+   * The ids' numbers in the order of their ids, in 8 bytes per id (4 once done). Each id's first bits
+   * and its number are packed into one 64-bit integer, sorted by the typed array's own sort (in place,
+   * outside the JavaScript heap; a sort with a comparator copied the array onto the heap first, 16
+   * bytes per id, and was slower); runs whose packed bits tie are then sorted by their whole ids.
+   */
+  private sortOrder(): Uint32Array {
     const n = this.ids.length;
     const ids = this.ids;
-    const keys = new Float64Array(n);
-    const order = new Uint32Array(n);
+    const numberBits = Math.max(1, Math.ceil(Math.log2(n + 1)));
+    const numberMask = numberBits >= 32 ? 0xffffffff : 2 ** numberBits - 1;
+    const packed = new BigUint64Array(n);
+    const words = new Uint32Array(packed.buffer); // little-endian: the low word first
+    if (new Uint8Array(Uint32Array.of(1).buffer)[0] !== 1) throw new Error('IdList.sortOrder assumes a little-endian machine');
     for (let i = 0; i < n; i++) {
-      keys[i] = ids.blockOf(i).readUIntBE(ids.offsetOf(i), 6);
-      order[i] = i;
-    }
-    order.sort((a, b) => {
-      const d = keys[a]! - keys[b]!;
-      if (d !== 0) return d;
-      const oa = ids.offsetOf(a);
-      const ob = ids.offsetOf(b);
-      return ids.blockOf(a).compare(ids.blockOf(b), ob, ob + ID_BYTES, oa, oa + ID_BYTES);
-    });
-    release(keys); // before the copy is made: the peak of a commit
-    const out = Buffer.allocUnsafe(n * ID_BYTES);
-    let m = 0;
-    for (let k = 0; k < n; k++) {
-      const i = order[k]!;
       const block = ids.blockOf(i);
       const off = ids.offsetOf(i);
-      if (m > 0 && block.compare(out, (m - 1) * ID_BYTES, m * ID_BYTES, off, off + ID_BYTES) === 0) continue;
-      block.copy(out, m * ID_BYTES, off, off + ID_BYTES);
-      m++;
+      words[2 * i + 1] = block.readUInt32BE(off);
+      words[2 * i] = ((block.readUInt32BE(off + 4) & ~numberMask) | i) >>> 0;
     }
-    release(order);
-    return out.subarray(0, m * ID_BYTES);
+    packed.sort();
+    // ties of the packed bits (ids alike in their first 64 - numberBits bits): order them by whole id
+    const same = (a: number, b: number): boolean => words[2 * a + 1] === words[2 * b + 1] && (words[2 * a]! & ~numberMask) === (words[2 * b]! & ~numberMask);
+    for (let k = 0; k < n; ) {
+      let end = k + 1;
+      while (end < n && same(k, end)) end++;
+      if (end - k > 1) {
+        const run = Array.from({ length: end - k }, (_, r) => words[2 * (k + r)]! & numberMask).sort((a, b) => {
+          const oa = ids.offsetOf(a);
+          const ob = ids.offsetOf(b);
+          return ids.blockOf(a).compare(ids.blockOf(b), ob, ob + ID_BYTES, oa, oa + ID_BYTES);
+        });
+        run.forEach((v, r) => (words[2 * (k + r)] = ((words[2 * (k + r)]! & ~numberMask) | v) >>> 0));
+      }
+      k = end;
+    }
+    // the numbers, moved down into the first half of the same memory (word k is read before it is written)
+    for (let k = 0; k < n; k++) words[k] = words[2 * k]! & numberMask;
+    return words.subarray(0, n);
   }
 }
 
 /**
- * Membership over a sorted id buffer, plus ids added later. The added ids are kept in blocks
+ * Membership in a sorted list of ids held elsewhere than in one Buffer (the kept index, read from
+ * its file on demand: drivers/cachedir.ts).
+ */
+export interface SortedIds {
+  readonly count: number;
+  has(id: Buffer): boolean;
+  /** Lets go of what it holds (an open file); has() must not be called afterwards. */
+  dispose(): void;
+}
+
+/** Whether the sorted ids in b hold id (binary search; the first 4 bytes compared as a number). */
+export function sortedHas(s: Buffer, id: Buffer): boolean {
+  const key = id.readUInt32BE(0);
+  let lo = 0;
+  let hi = s.length / ID_BYTES - 1;
+  while (lo <= hi) {
+    const mid = (lo + hi) >>> 1;
+    const k = s.readUInt32BE(mid * ID_BYTES);
+    // compare the first 4 bytes in JavaScript; the rest only on a tie
+    const c = k !== key ? k - key : s.compare(id, 4, ID_BYTES, mid * ID_BYTES + 4, (mid + 1) * ID_BYTES);
+    if (c === 0) return true;
+    if (c < 0) lo = mid + 1;
+    else hi = mid - 1;
+  }
+  return false;
+}
+
+/**
+ * Membership over a sorted id buffer (or SortedIds), plus ids added later. The added ids are kept in blocks
  * (IdBlocks, 32 bytes each) and found through an open-addressing hash table of their numbers
  * (a Uint32Array at most half full: 8-16 bytes per id), not in a Set of strings: a backup that adds
  * 100,000 objects keeps about 4.5 MiB outside the JavaScript heap instead of 100,000 long-lived
@@ -102,14 +233,14 @@ export class IdList {
  * instead of 40-48.
  */
 export class IdSet {
-  private sorted: Buffer;
+  private sorted: Buffer | SortedIds;
   private readonly list: IdList;
   private readonly added: IdBlocks;
   private addedCount = 0;
   /** Slot i holds 1 + the number of an added id in `added`, or 0 when free. */
   private table = new Uint32Array(0);
   private mask = -1;
-  constructor(sorted: Buffer, list: IdList = new IdList()) {
+  constructor(sorted: Buffer | SortedIds, list: IdList = new IdList()) {
     this.sorted = sorted;
     this.list = list;
     this.added = list.ids;
@@ -118,22 +249,12 @@ export class IdSet {
     return new IdSet(Buffer.alloc(0));
   }
   get size(): number {
-    return this.sorted.length / ID_BYTES + this.addedCount;
+    const s = this.sorted;
+    return (Buffer.isBuffer(s) ? s.length / ID_BYTES : s.count) + this.addedCount;
   }
   has(id: Buffer): boolean {
     const s = this.sorted;
-    const key = id.readUInt32BE(0);
-    let lo = 0;
-    let hi = s.length / ID_BYTES - 1;
-    while (lo <= hi) {
-      const mid = (lo + hi) >>> 1;
-      const k = s.readUInt32BE(mid * ID_BYTES);
-      // compare the first 4 bytes in JavaScript; the rest only on a tie
-      const c = k !== key ? k - key : s.compare(id, 4, ID_BYTES, mid * ID_BYTES + 4, (mid + 1) * ID_BYTES);
-      if (c === 0) return true;
-      if (c < 0) lo = mid + 1;
-      else hi = mid - 1;
-    }
+    if (Buffer.isBuffer(s) ? sortedHas(s, id) : s.has(id)) return true;
     return this.addedCount > 0 && this.slotOf(id) >= 0;
   }
   /** Adds id (a copy of it, in the list the set was built over). */
@@ -152,7 +273,8 @@ export class IdSet {
   }
   /** Frees the set's memory (its sorted buffer, when the set owns all of it); the set is empty after. */
   dispose(): void {
-    release(this.sorted);
+    if (Buffer.isBuffer(this.sorted)) release(this.sorted);
+    else this.sorted.dispose();
     release(this.table);
     this.sorted = Buffer.alloc(0);
     this.table = new Uint32Array(0);

@@ -3,6 +3,10 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { createHash } from 'node:crypto';
 import type { KeyStore, TreeCache } from '../engine/cache.js';
+import { type IndexBytes, indexParts } from '../storage/types.js';
+import { ID_BYTES, type SortedIds, sortedHas } from '../core/idset.js';
+import { release } from '../core/memory.js';
+import { SnapError } from '../core/errors.js';
 
 export { defaultCacheRoot, defaultConfigRoot } from './localpaths.js';
 
@@ -53,28 +57,45 @@ export class DirTreeCache implements TreeCache {
       /* ignore */
     }
   }
-  getIndex(head: string): Buffer | null {
-    let data: Buffer;
+  /**
+   * The kept index for head, checked whole (its SHA-256) but not held: lookups read it from the open
+   * file (KeptIndex), so that what current holds costs no memory per object.
+   */
+  getIndex(head: string): SortedIds | null {
+    let fd: number;
     try {
-      data = fs.readFileSync(this.indexFile);
+      fd = fs.openSync(this.indexFile, 'r');
     } catch {
       return null;
     }
-    const start = INDEX_MAGIC.length + 65;
-    if (data.length < start + 32 || (data.length - start - 32) % 32 !== 0) return null;
-    if (data.toString('latin1', 0, start) !== `${INDEX_MAGIC}${head}\n`) return null;
-    const body = data.subarray(0, data.length - 32);
-    if (!createHash('sha256').update(body).digest().equals(data.subarray(data.length - 32))) return null;
-    return data.subarray(start, data.length - 32);
+    try {
+      const kept = checkKeptIndex(fd, head);
+      if (kept) return kept;
+    } catch {
+      /* unreadable: not used */
+    }
+    fs.closeSync(fd);
+    return null;
   }
-  putIndex(head: string, index: Buffer): void {
+  putIndex(head: string, index: IndexBytes): void {
     if (!this.ok) return;
     const tmp = `${this.indexFile}.${process.pid}.tmp`;
     try {
       const header = Buffer.from(`${INDEX_MAGIC}${head}\n`, 'latin1');
-      const hash = createHash('sha256').update(header).update(index).digest();
+      const parts = [header, ...indexParts(index)];
+      const hash = createHash('sha256');
+      for (const part of parts) hash.update(part);
+      parts.push(hash.digest());
       fs.mkdirSync(path.dirname(this.indexFile), { recursive: true, mode: 0o700 });
-      fs.writeFileSync(tmp, Buffer.concat([header, index, hash]), { mode: 0o600 });
+      // part by part, not one write of a concatenation: that would be a second copy of the index
+      const fd = fs.openSync(tmp, 'w', 0o600);
+      try {
+        for (const part of parts) {
+          for (let off = 0; off < part.length; ) off += fs.writeSync(fd, part, off);
+        }
+      } finally {
+        fs.closeSync(fd);
+      }
       fs.renameSync(tmp, this.indexFile);
     } catch {
       fs.rmSync(tmp, { force: true });
@@ -147,5 +168,100 @@ export class DirKeyStore implements KeyStore {
     const tmp = path.join(dir, `.${name}.${process.pid}.tmp`);
     await fs.promises.writeFile(tmp, data, { mode: 0o600 });
     await fs.promises.rename(tmp, path.join(dir, name));
+  }
+}
+
+/** Ids per bucket of a kept index: a lookup reads one bucket (2 KiB), found by its first id's key. */
+const BUCKET_IDS = 64;
+
+/** Reads exactly buf.length bytes at pos; false when the file ends first. */
+function readAt(fd: number, buf: Buffer, pos: number): boolean {
+  for (let off = 0; off < buf.length; ) {
+    const n = fs.readSync(fd, buf, off, buf.length - off, pos + off);
+    if (n === 0) return false;
+    off += n;
+  }
+  return true;
+}
+
+/**
+ * The kept index in fd, if it is whole and for head: read once in 1 MiB pieces to check its SHA-256,
+ * keeping only the first 6 bytes of every BUCKET_IDS-th id (8 bytes per 64 ids).
+ */
+function checkKeptIndex(fd: number, head: string): KeptIndex | null {
+  const size = fs.fstatSync(fd).size;
+  const start = INDEX_MAGIC.length + 65;
+  if (size < start + ID_BYTES || (size - start - ID_BYTES) % ID_BYTES !== 0) return null;
+  const header = Buffer.alloc(start);
+  if (!readAt(fd, header, 0) || header.toString('latin1') !== `${INDEX_MAGIC}${head}\n`) return null;
+  const count = (size - start - ID_BYTES) / ID_BYTES;
+  const fences = new Float64Array(Math.ceil(count / BUCKET_IDS));
+  const hash = createHash('sha256').update(header);
+  const piece = Buffer.allocUnsafeSlow(512 * BUCKET_IDS * ID_BYTES);
+  try {
+    for (let i = 0; i < count; ) {
+      const n = Math.min(count - i, piece.length / ID_BYTES);
+      const ids = piece.subarray(0, n * ID_BYTES);
+      if (!readAt(fd, ids, start + i * ID_BYTES)) return null;
+      hash.update(ids);
+      for (let k = 0; k < n; k += BUCKET_IDS) fences[(i + k) / BUCKET_IDS] = ids.readUIntBE(k * ID_BYTES, 6);
+      i += n;
+    }
+  } finally {
+    release(piece);
+  }
+  const sum = Buffer.alloc(32);
+  if (!readAt(fd, sum, size - 32) || !hash.digest().equals(sum)) return null;
+  return new KeptIndex(fd, start, count, fences);
+}
+
+/**
+ * A kept index searched in its file: the bucket an id would be in is found among the fences in memory
+ * and read (2 KiB, from the page cache after the check). A backup asks only about the objects it would
+ * upload (new chunks and trees), so a few microseconds per lookup are cheap next to the 32 bytes per
+ * object that the index would take in memory. The file may be unlinked meanwhile (dropIndex): the open
+ * descriptor keeps it readable.
+ */
+class KeptIndex implements SortedIds {
+  private fd: number;
+  private readonly start: number;
+  readonly count: number;
+  private readonly fences: Float64Array;
+  private scratch = Buffer.allocUnsafeSlow(BUCKET_IDS * ID_BYTES);
+  constructor(fd: number, start: number, count: number, fences: Float64Array) {
+    this.fd = fd;
+    this.start = start;
+    this.count = count;
+    this.fences = fences;
+  }
+  has(id: Buffer): boolean {
+    const key = id.readUIntBE(0, 6);
+    const f = this.fences;
+    // the last bucket whose first id's key is <= key; earlier ones too while their keys tie with it
+    let lo = 0;
+    let hi = f.length - 1;
+    let last = -1;
+    while (lo <= hi) {
+      const mid = (lo + hi) >>> 1;
+      if (f[mid]! <= key) {
+        last = mid;
+        lo = mid + 1;
+      } else hi = mid - 1;
+    }
+    if (last < 0) return false;
+    let first = last;
+    while (first > 0 && f[first] === key) first--;
+    const from = first * BUCKET_IDS;
+    const n = Math.min(this.count, (last + 1) * BUCKET_IDS) - from;
+    if (this.scratch.length < n * ID_BYTES) this.scratch = Buffer.allocUnsafeSlow(n * ID_BYTES);
+    const ids = this.scratch.subarray(0, n * ID_BYTES);
+    if (this.fd < 0 || !readAt(this.fd, ids, this.start + from * ID_BYTES)) {
+      throw new SnapError('io', `The kept index in the cache ended early or was closed; run the backup again with --no-cache`);
+    }
+    return sortedHas(ids, id);
+  }
+  dispose(): void {
+    if (this.fd >= 0) fs.closeSync(this.fd);
+    this.fd = -1;
   }
 }

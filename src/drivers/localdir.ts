@@ -50,9 +50,9 @@ import * as fsp from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { join, resolve } from 'node:path';
 import { IntegrityError, ioFailure, SnapError } from '../core/errors.js';
-import { isValidFileName, isValidObjectId, readObjectsOneByOne } from '../storage/types.js';
+import { indexParts, isValidFileName, isValidObjectId, readObjectsOneByOne } from '../storage/types.js';
 import { DIR_MODE, INCOMPLETE_MODE, writeObjectFile } from './dirwriter.js';
-import type { DirectWriterSpec, Lock, ObjectReader, ObjectSink, SnapshotInfo, StagedIndex, Storage } from '../storage/types.js';
+import type { DirectWriterSpec, IndexBytes, Lock, ObjectReader, ObjectSink, SnapshotInfo, StagedIndex, Storage } from '../storage/types.js';
 
 export interface DirStorageOptions {
   /** Source of snapshot names and times (ms since the epoch); Date.now by default. */
@@ -455,6 +455,29 @@ export const INDEX_CHUNK = 256 * 1024;
 
 function bufferSource(buf: Buffer): IndexSource {
   return { length: buf.length, read: async (pos, n) => buf.subarray(pos, pos + n) };
+}
+
+/** Parts read as if concatenated; a read that spans parts is copied into scratch. */
+function partsSource(parts: readonly Buffer[]): IndexSource {
+  if (parts.length === 1) return bufferSource(parts[0]!);
+  const starts: number[] = [];
+  let length = 0;
+  for (const p of parts) {
+    starts.push(length);
+    length += p.length;
+  }
+  return {
+    length,
+    read: async (pos, n, scratch) => {
+      let i = starts.findLastIndex((s) => s <= pos);
+      if (pos + n <= starts[i]! + parts[i]!.length) return parts[i]!.subarray(pos - starts[i]!, pos - starts[i]! + n);
+      for (let done = 0; done < n; i++) {
+        const from = pos + done - starts[i]!;
+        done += parts[i]!.copy(scratch, done, from, Math.min(parts[i]!.length, from + n - done));
+      }
+      return scratch.subarray(0, n);
+    },
+  };
 }
 
 export function fileSource(fh: fsp.FileHandle, length: number, label: string): IndexSource {
@@ -1161,8 +1184,8 @@ export abstract class DirStorage extends DirReader implements Storage {
     return this.recovering;
   }
 
-  async commit(head: Buffer, index: Buffer): Promise<SnapshotInfo> {
-    return this.commitIndex(head, bufferSource(index));
+  async commit(head: Buffer, index: IndexBytes): Promise<SnapshotInfo> {
+    return this.commitIndex(head, partsSource(indexParts(index)));
   }
 
   /**

@@ -34,7 +34,8 @@ import {
   expectedResponses,
 } from '../core/protocol.js';
 import type { Frame, ObjectToPut, Request, Response, Scope } from '../core/protocol.js';
-import type { Lock, ObjectReader, SnapshotInfo, Storage } from '../storage/types.js';
+import type { IndexBytes, Lock, ObjectReader, SnapshotInfo, Storage } from '../storage/types.js';
+import { indexLength, indexParts } from '../storage/types.js';
 import { parseSshTarget, sshInvocation } from './sshkeys.js';
 import type { SshInvocationOptions } from './sshkeys.js';
 
@@ -650,25 +651,29 @@ export class RemoteStorage extends RemoteReader implements Storage {
    * unanswered), then COMMIT names its length. After a failed part no more parts are sent; the COMMIT
    * then names what was sent, and the server answers it with that failure without committing.
    */
-  async commit(head: Buffer, index: Buffer): Promise<SnapshotInfo> {
-    if (index.length % ID_BYTES !== 0) {
-      throw new SnapError('integrity', `Cannot commit to ${this.location}: index of ${index.length} bytes is not a whole number of 32-byte ids`);
+  async commit(head: Buffer, index: IndexBytes): Promise<SnapshotInfo> {
+    const length = indexLength(index);
+    if (indexParts(index).some((p) => p.length % ID_BYTES !== 0)) {
+      throw new SnapError('integrity', `Cannot commit to ${this.location}: index of ${length} bytes is not a whole number of 32-byte ids`);
     }
-    if (index.length > MAX_INDEX_BYTES) {
-      throw new SnapError('usage', `Cannot commit to ${this.location}: ${index.length / ID_BYTES} objects exceed the protocol's limit of ${MAX_INDEX_BYTES / ID_BYTES}`);
+    if (length > MAX_INDEX_BYTES) {
+      throw new SnapError('usage', `Cannot commit to ${this.location}: ${length / ID_BYTES} objects exceed the protocol's limit of ${MAX_INDEX_BYTES / ID_BYTES}`);
     }
     let failure: unknown = null;
     const inFlight: Promise<void>[] = [];
     let sent = 0;
-    while (sent < index.length && failure === null) {
-      if (inFlight.length >= INDEX_PARTS_IN_FLIGHT) {
-        await inFlight.shift();
-        continue;
+    for (const whole of indexParts(index)) {
+      for (let at = 0; at < whole.length && failure === null; ) {
+        if (inFlight.length >= INDEX_PARTS_IN_FLIGHT) {
+          await inFlight.shift();
+          continue;
+        }
+        const ids = whole.subarray(at, Math.min(whole.length, at + INDEX_PART_BYTES));
+        const part = this.conn.callInOrder({ type: 'indexPart', offset: sent, ids });
+        inFlight.push(part.then((res) => void expect(res, 'ok'), (err: unknown) => void (failure ??= err)));
+        sent += ids.length;
+        at += ids.length;
       }
-      const ids = index.subarray(sent, Math.min(index.length, sent + INDEX_PART_BYTES));
-      const part = this.conn.callInOrder({ type: 'indexPart', offset: sent, ids });
-      inFlight.push(part.then((res) => void expect(res, 'ok'), (err: unknown) => void (failure ??= err)));
-      sent += ids.length;
     }
     const committed = this.conn.callInOrder({ type: 'commit', head, indexLength: sent });
     await Promise.all(inFlight);

@@ -762,6 +762,7 @@ export async function backup(repo: Repository, opts: BackupOptions): Promise<Bac
       if (!(err instanceof CommitRefused) || cached === null) throw err instanceof CommitRefused ? err.cause : err;
       cached = null;
     } finally {
+      known.dispose(); // (the kept index's open file, on every way out)
       await pool.close();
     }
   }
@@ -816,9 +817,9 @@ async function runBackup(
   await up.drain();
   step('commit');
   // what current held is no longer needed: its memory (32 bytes per object) is freed before the
-  // sort takes its own (44 bytes per reference)
+  // sort takes its own (8 bytes per reference); the index is the references' own blocks, sorted
   known.dispose();
-  const index = refs.sortedUnique();
+  const index = refs.sortedParts();
   let snapshot: SnapshotInfo;
   try {
     snapshot = await repo.storage.commit(encodeHead(rootId.toString('hex')), index);

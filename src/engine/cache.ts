@@ -1,3 +1,6 @@
+import type { SortedIds } from '../core/idset.js';
+import type { IndexBytes } from '../storage/types.js';
+
 /**
  * The local cache of tree objects (still encrypted, exactly as stored), so that a backup can compare
  * against the previous snapshot without downloading its trees. Losing it costs time, never correctness:
@@ -12,9 +15,9 @@ export interface TreeCache {
    * it; a backup whose current still has that head takes it as the list of objects current holds,
    * instead of listing them. Optional: a cache without it makes every backup list current.
    */
-  getIndex?(head: string): Buffer | null;
+  getIndex?(head: string): SortedIds | null;
   /** Keep the index just committed with `head` (replacing any other). */
-  putIndex?(head: string, index: Buffer): void;
+  putIndex?(head: string, index: IndexBytes): void;
   /** Forget the kept index (a backup that may upload objects outside it does this first). */
   dropIndex?(): void;
 }

@@ -94,6 +94,22 @@ export interface DirectWriterSpec {
   readonly arg: unknown;
 }
 
+/**
+ * The index a commit is given: one Buffer, or parts read in order as if concatenated (each a whole
+ * number of ids), so that a client never needs a contiguous copy of a large index (IdList.sortedParts).
+ */
+export type IndexBytes = Buffer | readonly Buffer[];
+
+/** The parts of an index, in order. */
+export function indexParts(index: IndexBytes): readonly Buffer[] {
+  return Buffer.isBuffer(index) ? [index] : (index as readonly Buffer[]);
+}
+
+/** Total bytes of an index. */
+export function indexLength(index: IndexBytes): number {
+  return indexParts(index).reduce((n, p) => n + p.length, 0);
+}
+
 export interface Lock {
   release(): Promise<void>;
 }
@@ -122,7 +138,7 @@ export interface Storage extends ObjectReader {
   /** Store an object in current (atomic, idempotent). */
   putObject(id: string, data: Buffer): Promise<void>;
   /** Check, prune, make durable and seal current; returns the new snapshot. */
-  commit(head: Buffer, index: Buffer): Promise<SnapshotInfo>;
+  commit(head: Buffer, index: IndexBytes): Promise<SnapshotInfo>;
   /** Sealed snapshots, oldest first. */
   listSnapshots(): Promise<SnapshotInfo[]>;
   /** Read-only view of one sealed snapshot; SnapError('not-found') if absent. */
