@@ -77,7 +77,7 @@ export class IdBlocks {
     this.n = 0;
     return parts;
   }
-  /** The blocks as 32-bit words: ids are moved and compared 8 words at a time (a Buffer.copy per id cost 3 times as much). */
+  /** The blocks as 32-bit words: ids are moved and compared 8 words at a time (Buffer.copy per id: 3x the time). */
   private words(): Uint32Array[] {
     return this.blocks.map((b) => new Uint32Array(b.buffer, b.byteOffset, b.length / 4));
   }
@@ -139,9 +139,9 @@ export class IdList {
    * The sorted, de-duplicated ids as parts to be read in order (the index of a commit: storage takes
    * it in parts); the list is empty afterwards, and an IdSet built over it must not be used. The ids
    * are sorted where they lie, in the list's own blocks, which become the parts: 8 bytes per id of
-   * scratch (sortOrder), and no second copy. (A copy into one Buffer
-   * while the blocks were freed one by one did not help: glibc keeps freed blocks in the middle of
-   * its heap, so the copy came on top; 1,000,000 ids over SSH, docs/DESIGN.md section 13.)
+   * scratch (sortOrder), and no second copy. (A copy into one Buffer while the blocks were freed one
+   * by one did not help: glibc keeps freed blocks in the middle of its heap, so the copy came on top;
+   * 1,000,000 ids over SSH, docs/DESIGN.md section 13.)
    */
   sortedParts(): Buffer[] {
     const order = this.sortOrder();
@@ -220,8 +220,8 @@ export function sortedHas(s: Buffer, id: Buffer): boolean {
 }
 
 /**
- * Membership over a sorted id buffer (or SortedIds), plus ids added later. The added ids are kept in blocks
- * (IdBlocks, 32 bytes each) and found through an open-addressing hash table of their numbers
+ * Membership over sorted ids (a Buffer, or SortedIds), plus ids added later. The added ids are kept
+ * in blocks (IdBlocks, 32 bytes each) and found through an open-addressing hash table of their numbers
  * (a Uint32Array at most half full: 8-16 bytes per id), not in a Set of strings: a backup that adds
  * 100,000 objects keeps about 4.5 MiB outside the JavaScript heap instead of 100,000 long-lived
  * strings that the garbage collector must promote and trace (I8). Ids are keyed MACs, so their

@@ -816,8 +816,9 @@ async function runBackup(
   await up.store(ObjectType.snapshot, rootId, refs.push(rootId), rootPlain);
   await up.drain();
   step('commit');
-  // what current held is no longer needed: its memory (32 bytes per object) is freed before the
-  // sort takes its own (8 bytes per reference); the index is the references' own blocks, sorted
+  // what current held is no longer needed: its memory (32 bytes per object after a listing, the
+  // kept index's open file otherwise) is freed before the sort takes its own (8 bytes per
+  // reference); the index is the references' own blocks, sorted
   known.dispose();
   const index = refs.sortedParts();
   let snapshot: SnapshotInfo;
