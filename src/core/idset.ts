@@ -36,7 +36,7 @@ export class IdBlocks {
    */
   permute(order: Uint32Array): void {
     const w = this.words();
-    const tmp = new Uint32Array(WORDS);
+    const tmp = [new Uint32Array(WORDS)]; // one id, as id number 0 of its own blocks
     for (let start = 0; start < this.n; start++) {
       if (order[start] === start) continue;
       copyWords(w, start, tmp, 0);
@@ -45,10 +45,10 @@ export class IdBlocks {
         const k = order[j]!;
         order[j] = j;
         if (k === start) {
-          copyWords([tmp], 0, w[j >>> BLOCK_SHIFT]!, (j & (BLOCK_IDS - 1)) * WORDS);
+          copyWords(tmp, 0, w, j);
           break;
         }
-        copyWords(w, k, w[j >>> BLOCK_SHIFT]!, (j & (BLOCK_IDS - 1)) * WORDS);
+        copyWords(w, k, w, j);
         j = k;
       }
     }
@@ -64,7 +64,7 @@ export class IdBlocks {
     let m = 0;
     for (let i = 0; i < this.n; i++) {
       if (m > 0 && sameWords(w, i, m - 1)) continue;
-      if (i !== m) copyWords(w, i, w[m >>> BLOCK_SHIFT]!, (m & (BLOCK_IDS - 1)) * WORDS);
+      if (i !== m) copyWords(w, i, w, m);
       m++;
     }
     const parts: Buffer[] = [];
@@ -93,11 +93,13 @@ export class IdBlocks {
 /** 32-bit words per id. */
 const WORDS = ID_BYTES / 4;
 
-/** Copies id number i of the blocks w into to at word at. */
-function copyWords(w: Uint32Array[], i: number, to: Uint32Array, at: number): void {
-  const from = w[i >>> BLOCK_SHIFT]!;
-  const o = (i & (BLOCK_IDS - 1)) * WORDS;
-  for (let k = 0; k < WORDS; k++) to[at + k] = from[o + k]!;
+/** Copies id number i of the blocks w over id number j of the blocks to. */
+function copyWords(w: Uint32Array[], i: number, to: Uint32Array[], j: number): void {
+  const a = w[i >>> BLOCK_SHIFT]!;
+  const b = to[j >>> BLOCK_SHIFT]!;
+  const oa = (i & (BLOCK_IDS - 1)) * WORDS;
+  const ob = (j & (BLOCK_IDS - 1)) * WORDS;
+  for (let k = 0; k < WORDS; k++) b[ob + k] = a[oa + k]!;
 }
 
 /** Whether ids number i and j of the blocks w are the same. */

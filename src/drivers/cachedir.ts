@@ -81,8 +81,7 @@ export class DirTreeCache implements TreeCache {
     if (!this.ok) return;
     const tmp = `${this.indexFile}.${process.pid}.tmp`;
     try {
-      const header = Buffer.from(`${INDEX_MAGIC}${head}\n`, 'latin1');
-      const parts = [header, ...indexParts(index)];
+      const parts = [keptIndexHeader(head), ...indexParts(index)];
       const hash = createHash('sha256');
       for (const part of parts) hash.update(part);
       parts.push(hash.digest());
@@ -171,6 +170,11 @@ export class DirKeyStore implements KeyStore {
   }
 }
 
+/** The first bytes of a kept index: its magic line and the head it belongs to (64 hex and a newline). */
+function keptIndexHeader(head: string): Buffer {
+  return Buffer.from(`${INDEX_MAGIC}${head}\n`, 'latin1');
+}
+
 /** Ids per bucket of a kept index: a lookup reads one bucket (2 KiB), found by its first id's key. */
 const BUCKET_IDS = 64;
 
@@ -190,10 +194,11 @@ function readAt(fd: number, buf: Buffer, pos: number): boolean {
  */
 function checkKeptIndex(fd: number, head: string): KeptIndex | null {
   const size = fs.fstatSync(fd).size;
-  const start = INDEX_MAGIC.length + 65;
+  const expected = keptIndexHeader(head);
+  const start = expected.length;
   if (size < start + ID_BYTES || (size - start - ID_BYTES) % ID_BYTES !== 0) return null;
   const header = Buffer.alloc(start);
-  if (!readAt(fd, header, 0) || header.toString('latin1') !== `${INDEX_MAGIC}${head}\n`) return null;
+  if (!readAt(fd, header, 0) || !header.equals(expected)) return null;
   const count = (size - start - ID_BYTES) / ID_BYTES;
   const fences = new Float64Array(Math.ceil(count / BUCKET_IDS));
   const hash = createHash('sha256').update(header);
