@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
 import { describe, it } from 'node:test';
 import { constants as zc, zstdCompressSync, zstdDecompressSync } from 'node:zlib';
-import { Compression, ObjectType, deriveKeys, objectId, openObject, sealObject, sealedSize, type Rng } from '../src/core/crypto.js';
+import { Compression, OBJECT_HEADER_LEN, ObjectType, deriveKeys, objectId, openObject, sealObject, sealedSize, type Rng } from '../src/core/crypto.js';
 import { IdList, IdSet } from '../src/core/idset.js';
 import { release } from '../src/core/memory.js';
 import { Compressor, Sealer, ZSTD_LEVEL, compressAndSeal } from '../src/engine/seal.js';
@@ -57,6 +57,20 @@ describe('Compressor', () => {
 });
 
 describe('Sealer', () => {
+  it('gives every object a fresh salt and nonce across refills of its random pool, and each opens', () => {
+    const s = new Sealer(keys, 1 << 20);
+    const headers = new Set<string>();
+    const n = 6_000; // 28 bytes of salt and nonce each: more than two 64 KiB draws
+    for (let i = 0; i < n; i++) {
+      const plain = Buffer.from(`object ${i % 10}`); // the same few plaintexts again and again
+      const id = objectId(keys, ObjectType.data, plain);
+      const sealed = s.seal(ObjectType.data, id, plain);
+      headers.add(sealed.toString('hex', 1, OBJECT_HEADER_LEN));
+      assert.deepEqual(openObject(keys, id, sealed).payload, plain);
+      s.reuse(sealed);
+    }
+    assert.equal(headers.size, n, 'no (salt, nonce) is used twice');
+  });
   it('seals objects that open to their plaintext; large ones into pooled buffers that reuse() hands out again', () => {
     const chunk = 1 << 20;
     const s = new Sealer(keys, chunk);
