@@ -9,7 +9,7 @@ import { execFile, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { isSnapError } from '../src/core/errors.js';
-import { KEY_KDF_ROUNDS, askpassEnv, checkPassphrase, ensureKeyPair, parseSshTarget, recordHostKeys, sshIdentity, sshInvocation, sshUrl, type SshIdentity } from '../src/drivers/sshkeys.js';
+import { KEY_KDF_ROUNDS, askpassEnv, checkPassphrase, ensureKeyPair, kexPreference, parseSshTarget, recordHostKeys, sshIdentity, sshInvocation, sshUrl, type SshIdentity } from '../src/drivers/sshkeys.js';
 import { expectExit, jsonLines, runCli } from './cli-helpers.js';
 import { tempDir } from './env.js';
 import { startSshd } from './sshd.js';
@@ -77,6 +77,18 @@ function keyFileKdf(file: string): { cipher: string; kdf: string; rounds: number
   const saltLen = opts.readUInt32BE(0);
   return { cipher, kdf, rounds: opts.readUInt32BE(4 + saltLen) };
 }
+
+test('kexPreference puts curve25519 first, and leaves ML-KEM lists, lists without curve25519 and lists that start with it', () => {
+  const line = (list: string): string[] => ['user alice', `kexalgorithms ${list}`, 'ciphers aes128-gcm@openssh.com'];
+  const openssh92 = 'sntrup761x25519-sha512@openssh.com,curve25519-sha256,curve25519-sha256@libssh.org,ecdh-sha2-nistp256,diffie-hellman-group14-sha256';
+  assert.equal(kexPreference(line(openssh92)), 'curve25519-sha256,curve25519-sha256@libssh.org,sntrup761x25519-sha512@openssh.com,ecdh-sha2-nistp256,diffie-hellman-group14-sha256');
+  // only the order changes: what the configuration leaves out stays out
+  assert.equal(kexPreference(line('sntrup761x25519-sha512@openssh.com,ecdh-sha2-nistp256,curve25519-sha256')), 'curve25519-sha256,sntrup761x25519-sha512@openssh.com,ecdh-sha2-nistp256');
+  assert.equal(kexPreference(line('mlkem768x25519-sha256,sntrup761x25519-sha512,curve25519-sha256')), null);
+  assert.equal(kexPreference(line('sntrup761x25519-sha512@openssh.com,ecdh-sha2-nistp256')), null);
+  assert.equal(kexPreference(line('curve25519-sha256@libssh.org,curve25519-sha256,sntrup761x25519-sha512@openssh.com')), null);
+  assert.equal(kexPreference(['user alice']), null);
+});
 
 test('a new SSH key is encrypted with bcrypt-pbkdf at KEY_KDF_ROUNDS rounds', async () => {
   const saved = process.env['SNAPCRYPT_TEST_WEAK_KDF'];
@@ -186,6 +198,15 @@ test('ssh logs in non-interactively through askpass; setup records the host key;
     const r = await sshRun(url, PASS, id, 'whatever');
     assert.equal(r.code, 0, r.stderr);
     assert.equal(r.stdout, 'ok\n');
+    // the key exchange: curve25519 ahead of sntrup761x25519 (or ML-KEM where ssh offers it), never the costly one
+    const v = await sshRun(url, PASS, id, 'whatever', ['-v']);
+    assert.equal(v.code, 0, v.stderr);
+    const kex = /kex: algorithm: (\S+)/.exec(v.stderr)?.[1];
+    assert.ok(kex === 'curve25519-sha256' || kex?.startsWith('mlkem'), `negotiated ${kex}`);
+    // ... unless the user's own options name the exchanges: theirs are kept
+    const own = await sshRun(url, PASS, id, 'whatever', ['-v', '-o', 'KexAlgorithms=ecdh-sha2-nistp256']);
+    assert.equal(own.code, 0, own.stderr);
+    assert.match(own.stderr, /kex: algorithm: ecdh-sha2-nistp256/);
     // with a wrong passphrase the key does not load and nothing else is tried
     const w = await sshRun(url, Buffer.from('wrong'), id, 'whatever');
     assert.notEqual(w.code, 0);

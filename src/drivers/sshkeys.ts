@@ -385,18 +385,52 @@ function globMatch(pattern: string, name: string): boolean {
   return re.test(name);
 }
 
-/** Refuses (usage) when the effective ssh configuration would send the askpass secret (SendEnv). */
-async function checkSendEnv(args: readonly string[], what: string): Promise<void> {
+/** The effective ssh configuration for a command line (`ssh -G`), one "key value" line each; null if ssh refused it. */
+async function effectiveConfig(args: readonly string[]): Promise<{ lines: string[] } | { error: string }> {
   const g = await run('ssh', ['-G', ...args], { timeoutMs: 10_000 });
-  if (g.code !== 0) throw new SnapError('usage', `ssh -G failed for ${what}: ${g.stderr.trim()}`);
-  for (const line of g.stdout.split('\n')) {
-    const m = /^sendenv\s+(.+)$/i.exec(line.trim());
+  if (g.code !== 0) return { error: g.stderr.trim() };
+  return { lines: g.stdout.split('\n').map((l) => l.trim()) };
+}
+
+/** Refuses (usage) when the effective ssh configuration would send the askpass secret (SendEnv). */
+function checkSendEnv(lines: readonly string[]): void {
+  for (const line of lines) {
+    const m = /^sendenv\s+(.+)$/i.exec(line);
     if (m && !m[1]!.startsWith('-') && globMatch(m[1]!, ASKPASS_SECRET_ENV)) {
       throw new SnapError('usage', `The ssh configuration would send ${ASKPASS_SECRET_ENV} to the server (SendEnv ${m[1]})`, {
         hint: 'narrow SendEnv in ~/.ssh/config or /etc/ssh/ssh_config',
       });
     }
   }
+}
+
+const CURVE25519 = ['curve25519-sha256', 'curve25519-sha256@libssh.org'];
+
+/**
+ * The key exchanges of an effective configuration (ssh -G's "kexalgorithms" line), reordered with
+ * curve25519 first, or null to leave them as they are. OpenSSH 9.0 to 9.8 offer sntrup761x25519 first,
+ * whose key generation cost this client 140 ms of CPU per connection (the benchmark's connection:
+ * 0.46 s with it, 0.31 s with curve25519-sha256). Its worth is against a recording decrypted years
+ * later; what a snapcrypt connection carries is what the server stores anyway (sealed objects, their
+ * ids, sealed key files: docs/THREAT-MODEL.md), so such a recording shows no more than the server
+ * has. Left as they are: lists that name ML-KEM (OpenSSH 9.9 and later offer it first: post-quantum
+ * and cheap), lists without curve25519, and lists that already start with it. Only the order
+ * changes: the user's configuration still decides which exchanges are allowed.
+ */
+export function kexPreference(lines: readonly string[]): string | null {
+  const line = lines.find((l) => /^kexalgorithms\s/i.test(l));
+  if (line === undefined) return null;
+  const list = line.split(/\s+/)[1]!.split(',');
+  if (list.some((a) => a.startsWith('mlkem'))) return null;
+  const fast = list.filter((a) => CURVE25519.includes(a));
+  if (fast.length === 0 || list.slice(0, fast.length).every((a) => fast.includes(a))) return null;
+  return [...fast, ...list.filter((a) => !fast.includes(a))].join(',');
+}
+
+/** Whether ssh options given by the user set an option themselves (-o Name=..., -oName ...; names are case-insensitive). */
+function setsOption(extra: readonly string[], name: string): boolean {
+  const re = new RegExp(`^(-o)?\\s*${name}\\s*[= ]`, 'i');
+  return extra.some((a, i) => re.test(a) && (a.startsWith('-o') || extra[i - 1] === '-o'));
 }
 
 export interface SshInvocationOptions {
@@ -421,11 +455,12 @@ export interface SshInvocation {
  * The one place where snapcrypt's ssh command lines are made (RemoteStorage.connectSsh, so every
  * ssh:// repository, runs what this returns). Common to both cases:
  *   -o Ciphers=<AES-GCM first> -o ServerAliveInterval=15 -o ServerAliveCountMax=4 -e none -T
- *   ... [extraOptions] [-p PORT] [-l USER] -- HOST REMOTE-COMMAND
+ *   ... [-o KexAlgorithms=<curve25519 first>] [extraOptions] [-p PORT] [-l USER] -- HOST REMOTE-COMMAND
+ * The key exchanges are those of the effective configuration (`ssh -G`), reordered (kexPreference).
  * - snapcrypt's key exists (`snapcrypt setup` made it) and a passphrase source is given: the options of
  *   snapcryptKeyOptions(), the port 22 when the target names none (setup recorded the host key for
- *   that port), and an environment that feeds the passphrase to ssh through askpass. The effective
- *   configuration is checked first (`ssh -G`): if it would send the secret (SendEnv), SnapError('usage').
+ *   that port), and an environment that feeds the passphrase to ssh through askpass. If the effective
+ *   configuration would send the secret (SendEnv), or ssh refuses it, SnapError('usage').
  * - otherwise: the user's own ssh configuration, keys and agent, with BatchMode=yes (ssh never prompts:
  *   a key that needs a passphrase must be in the agent).
  */
@@ -439,13 +474,25 @@ export async function sshInvocation(target: SshTarget, remoteCommand: string, op
     target.host,
   ];
   const id = opts.identity ?? sshIdentity();
+  /** The key exchanges in a cheaper order (kexPreference), unless the user's options set them. */
+  const kex = (lines: readonly string[]): string[] => {
+    const order = setsOption(extra, 'KexAlgorithms') ? null : kexPreference(lines);
+    return order === null ? [] : ['-o', `KexAlgorithms=${order}`];
+  };
   if (opts.passphrase !== undefined && keyExists(id)) {
-    const args = [...common, ...snapcryptKeyOptions(id), ...extra, ...destination(target.port ?? 22)];
-    await checkSendEnv(args, sshUrl(target));
+    const own = [...common, ...snapcryptKeyOptions(id)];
+    const rest = [...extra, ...destination(target.port ?? 22)];
+    const config = await effectiveConfig([...own, ...rest]);
+    if ('error' in config) throw new SnapError('usage', `ssh -G failed for ${sshUrl(target)}: ${config.error}`);
+    checkSendEnv(config.lines);
     const env = askpassEnv(await opts.passphrase(), id);
-    return { args: [...args, remoteCommand], env, snapcryptKey: true };
+    return { args: [...own, ...kex(config.lines), ...rest, remoteCommand], env, snapcryptKey: true };
   }
-  return { args: [...common, '-o', 'BatchMode=yes', ...extra, ...destination(target.port), remoteCommand], env: undefined, snapcryptKey: false };
+  const own = [...common, '-o', 'BatchMode=yes'];
+  const rest = [...extra, ...destination(target.port)];
+  // (a configuration ssh refuses is reported by ssh itself, when it runs)
+  const config = await effectiveConfig([...own, ...rest]);
+  return { args: [...own, ...('lines' in config ? kex(config.lines) : []), ...rest, remoteCommand], env: undefined, snapcryptKey: false };
 }
 
 // ---------------------------------------------------------------------------------------------
