@@ -538,6 +538,45 @@ describe('sortedIdsDiff (a commit against a prefix directory)', () => {
     assert.deepEqual([empty.missing, empty.unlisted], [0, [hex(a), hex(f)]]);
     const noDir = sortedIdsDiff(Buffer.concat([b, d]), []);
     assert.deepEqual([noDir.missing, noDir.firstMissing, noDir.unlisted], [2, hex(b), []]);
+    // names of 64 characters that are not ids (upper case, not hex) match nothing and are not unlisted
+    const odd = [hex(b).toUpperCase(), hex(c).slice(0, 63) + 'g'].sort();
+    const mixed = sortedIdsDiff(Buffer.concat([c, d]), [...odd, hex(c), hex(e)].sort());
+    assert.deepEqual([mixed.missing, mixed.firstMissing, mixed.unlisted], [1, hex(d), [hex(e)]]);
+  });
+});
+
+describe('commit reads the object directories once to check and to prune (LocalDirStorage)', () => {
+  it('prunes the objects the new index drops, also more than the list kept between the two (10,000), and no name that is not an id', async () => {
+    const dir = join(await tempDir('prune-once'), 'repo');
+    const storage = new LocalDirStorage(dir, { clock: () => T0 });
+    await storage.init(CONFIG);
+    const objects = (from: number, n: number): string[] => Array.from({ length: n }, (_, i) => idOf(Buffer.from(`object ${from + i}`)));
+    const write = async (ids: readonly string[]): Promise<void> => {
+      for (const id of ids) await storage.putObject(id, Buffer.from(id));
+    };
+    const kept = objects(0, 20);
+    const fewDropped = objects(20, 30);
+    const manyDropped = objects(100, 10_050);
+    await write([...kept, ...fewDropped]);
+    // names in the object directories that are not ids (64 characters, or an id's temp file)
+    const prefixDir = join(dir, 'current', 'objects', kept[0]!.slice(0, 2));
+    const foreign = [kept[0]!.slice(0, 2) + 'G'.repeat(62), kept[0]!.toUpperCase().replace(/^../, kept[0]!.slice(0, 2))];
+    for (const name of foreign) await fsp.writeFile(join(prefixDir, name), 'not an object');
+    await fsp.writeFile(join(prefixDir, `.tmp-${kept[0]!}`), 'torn');
+    await storage.commit(headOf(kept[0]!), indexOf([...kept, ...fewDropped]));
+    assert.deepEqual(await collect(storage), [...kept, ...fewDropped].sort(), 'listed objects all kept');
+    // fewer unlisted than the list holds: pruned from the one reading
+    await storage.commit(headOf(kept[0]!), indexOf(kept));
+    assert.deepEqual(await collect(storage), [...kept].sort());
+    const left = (await fsp.readdir(prefixDir)).filter((n) => !kept.includes(n)).sort();
+    assert.deepEqual(left, [...foreign].sort(), 'names that are not ids are left, temp files removed');
+    // more than the list holds: read again, all pruned all the same
+    await write(manyDropped);
+    await storage.commit(headOf(kept[0]!), indexOf([...kept, ...manyDropped]));
+    assert.equal((await collect(storage)).length, kept.length + manyDropped.length);
+    await storage.commit(headOf(kept[0]!), indexOf(kept));
+    assert.deepEqual(await collect(storage), [...kept].sort(), 'every dropped object pruned');
+    assert.deepEqual((await fsp.readdir(prefixDir)).filter((n) => !kept.includes(n)).sort(), [...foreign].sort());
   });
 });
 
