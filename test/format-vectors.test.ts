@@ -12,16 +12,16 @@ import { test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { zstdDecompressSync } from 'node:zlib';
 import {
-  type KdfParams, type ObjectTypeCode, type Rng,
-  Compression, DEFAULT_KDF, DEFAULT_SCRYPT, MIN_PADDED_SIZE, OBJECT_HEADER_LEN, OBJECT_OVERHEAD, OBJECT_VERSION,
+  type IdHashCode, type KdfParams, type ObjectTypeCode, type Rng,
+  Compression, DEFAULT_KDF, IdHash, DEFAULT_SCRYPT, MIN_PADDED_SIZE, OBJECT_HEADER_LEN, OBJECT_OVERHEAD, OBJECT_VERSION,
   ObjectType, TEST_KDF, WRAP_LABEL, checkObjectId, deriveKeys, deriveWrapKey, objectId, openObject, padme,
   paddedObjectSize, sealObject, unwrapSecret, wrapAad, wrapSecret,
 } from '../src/core/crypto.js';
 import {
   type RepoConfig, type RepoSecret, type SnapshotRoot, type TreeEntry,
-  DEFAULT_CHUNK_SIZE, FORMAT_NAME, FORMAT_VERSION, ID_LEN, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, NodeKind, TREE_VERSION,
+  DEFAULT_CHUNK_SIZE, FORMAT_NAME, FORMAT_VERSION, FORMAT_VERSION_2, ID_LEN, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, NodeKind, TREE_VERSION,
   ZERO_CHUNK, decodeConfig, decodeHead, decodeKeyFile, decodeSecret, decodeSnapshotRoot, decodeTree, encodeConfig,
-  encodeHead, encodeIndex, encodeKeyFile, encodeSecret, encodeSnapshotRoot, encodeTree, sameEntry,
+  encodeHead, encodeIndex, encodeKeyFile, encodeSecret, encodeSnapshotRoot, encodeTree, formatVersionOf, sameEntry,
 } from '../src/core/format.js';
 import { IntegrityError, SnapError } from '../src/core/errors.js';
 import { Repository } from '../src/engine/repository.js';
@@ -71,7 +71,7 @@ interface KeyFileVector {
   salt: string;
   nonce: string;
   created: string;
-  secret: { master: string; repoId: string; chunkSize: number };
+  secret: { master: string; repoId: string; chunkSize: number; idHash?: number };
   secretEncoded: string;
   wrapKey: string;
   aad: string;
@@ -98,12 +98,8 @@ interface Vectors {
   keyFiles: KeyFileVector[];
 }
 
-const VECTORS_PATH = join(dirname(fileURLToPath(import.meta.url)), '../../test/vectors/format-v1.json');
-const V = JSON.parse(readFileSync(VECTORS_PATH, 'utf8')) as Vectors;
 const H = (s: string): Buffer => Buffer.from(s, 'hex');
 const hex = (b: Uint8Array): string => Buffer.from(b).toString('hex');
-const master = H(V.master);
-const keys = deriveKeys(master);
 
 /** An Rng that hands out exactly the recorded salt (16 bytes) and then nonce (12 bytes). */
 function replayRng(...values: Buffer[]): Rng & { left(): number } {
@@ -126,13 +122,10 @@ function entryOf(j: EntryJson): TreeEntry {
   };
 }
 
-const secretOf = (k: KeyFileVector): RepoSecret => ({ master: H(k.secret.master), repoId: k.secret.repoId, chunkSize: k.secret.chunkSize });
-
 /** A Repository over no storage, for sealPlain/openData (which never touch the storage). */
 class VectorRepository extends Repository {
-  static make(): VectorRepository {
-    const secret: RepoSecret = { master, repoId: V.config.value.id, chunkSize: DEFAULT_CHUNK_SIZE };
-    return new VectorRepository(null as unknown as Storage, V.config.value, secret, 'vector', null);
+  static make(config: RepoConfig, secret: RepoSecret): VectorRepository {
+    return new VectorRepository(null as unknown as Storage, config, secret, 'vector', null);
   }
 }
 
@@ -156,201 +149,226 @@ function keyOnlyStorage(config: Buffer, keyFiles: Record<string, Buffer>): Stora
 
 // ---------------------------------------------------------------------------------------------
 
-test('format vectors: constants of format version 1', () => {
-  assert.equal(V.format, FORMAT_NAME);
-  assert.equal(V.version, 1);
-  assert.deepEqual(V.constants, {
-    FORMAT_VERSION, OBJECT_VERSION, TREE_VERSION, ID_LEN, MIN_PADDED_SIZE, OBJECT_HEADER_LEN: OBJECT_HEADER_LEN,
-    OBJECT_OVERHEAD, SALT_LEN: 16, NONCE_LEN: 12, TAG_LEN: 16, DEFAULT_CHUNK_SIZE, MIN_CHUNK_SIZE, MAX_CHUNK_SIZE,
-    WRAP_LABEL, OBJECT_LABEL: 'snapcrypt/v1/object', ID_INFO: 'snapcrypt/v1/id', ENC_INFO: 'snapcrypt/v1/enc',
-    ObjectType: { ...ObjectType }, Compression: { ...Compression }, NodeKind: { ...NodeKind },
-    DEFAULT_KDF: { ...DEFAULT_KDF }, DEFAULT_SCRYPT: { ...DEFAULT_SCRYPT }, TEST_KDF: { ...TEST_KDF },
-    ZERO_CHUNK: hex(ZERO_CHUNK),
+/** The tests of one vector file: format version 1 (ids by HMAC-SHA256) or 2 (ids by HMAC-BLAKE2b). */
+function vectorTests(version: 1 | 2): void {
+  const V = JSON.parse(readFileSync(join(dirname(fileURLToPath(import.meta.url)), `../../test/vectors/format-v${version}.json`), 'utf8')) as Vectors;
+  const idHash = version === 1 ? IdHash.sha256 : IdHash.blake2b;
+  const master = H(V.master);
+  const keys = deriveKeys(master, idHash);
+  const secretOf = (k: KeyFileVector): RepoSecret => ({ master: H(k.secret.master), repoId: k.secret.repoId, chunkSize: k.secret.chunkSize, idHash: (k.secret.idHash ?? IdHash.sha256) as IdHashCode });
+
+  test(`format v${version} vectors: constants of format version ${version}`, () => {
+    assert.equal(V.format, FORMAT_NAME);
+    assert.equal(V.version, version);
+    assert.equal(formatVersionOf(idHash), version);
+    assert.deepEqual(V.constants, {
+      FORMAT_VERSION: version, ...(version === 1 ? {} : { IdHash: { ...IdHash } }), OBJECT_VERSION, TREE_VERSION, ID_LEN, MIN_PADDED_SIZE, OBJECT_HEADER_LEN: OBJECT_HEADER_LEN,
+      OBJECT_OVERHEAD, SALT_LEN: 16, NONCE_LEN: 12, TAG_LEN: 16, DEFAULT_CHUNK_SIZE, MIN_CHUNK_SIZE, MAX_CHUNK_SIZE,
+      WRAP_LABEL, OBJECT_LABEL: 'snapcrypt/v1/object', ID_INFO: 'snapcrypt/v1/id', ENC_INFO: 'snapcrypt/v1/enc',
+      ObjectType: { ...ObjectType }, Compression: { ...Compression }, NodeKind: { ...NodeKind },
+      DEFAULT_KDF: { ...DEFAULT_KDF }, DEFAULT_SCRYPT: { ...DEFAULT_SCRYPT }, TEST_KDF: { ...TEST_KDF },
+      ZERO_CHUNK: hex(ZERO_CHUNK),
+    });
+    // The values themselves, as FORMAT.md states them.
+    assert.equal(FORMAT_VERSION, 1);
+    assert.equal(FORMAT_VERSION_2, 2);
+    assert.deepEqual(IdHash, { sha256: 1, blake2b: 2 });
+    assert.equal(OBJECT_VERSION, 1);
+    assert.equal(TREE_VERSION, 1);
+    assert.equal(OBJECT_HEADER_LEN, 29);
+    assert.equal(OBJECT_OVERHEAD, 45);
+    assert.equal(MIN_PADDED_SIZE, 256);
+    assert.equal(DEFAULT_CHUNK_SIZE, 1 << 20);
+    assert.deepEqual(DEFAULT_KDF, { name: 'argon2id', memoryKiB: 65536, passes: 3, parallelism: 4 });
+    assert.deepEqual(DEFAULT_SCRYPT, { name: 'scrypt', N: 131072, r: 8, p: 1 });
   });
-  // The values themselves, as FORMAT.md states them.
-  assert.equal(FORMAT_VERSION, 1);
-  assert.equal(OBJECT_VERSION, 1);
-  assert.equal(TREE_VERSION, 1);
-  assert.equal(OBJECT_HEADER_LEN, 29);
-  assert.equal(OBJECT_OVERHEAD, 45);
-  assert.equal(MIN_PADDED_SIZE, 256);
-  assert.equal(DEFAULT_CHUNK_SIZE, 1 << 20);
-  assert.deepEqual(DEFAULT_KDF, { name: 'argon2id', memoryKiB: 65536, passes: 3, parallelism: 4 });
-  assert.deepEqual(DEFAULT_SCRYPT, { name: 'scrypt', N: 131072, r: 8, p: 1 });
-});
 
-test('format vectors: HKDF-SHA256 derives the id key and the encryption key from the master secret', () => {
-  assert.equal(master.length, 64);
-  assert.equal(hex(keys.idKey), V.keys.idKey);
-  assert.equal(hex(keys.encKey), V.keys.encKey);
-});
+  test(`format v${version} vectors: HKDF-SHA256 derives the id key and the encryption key from the master secret`, () => {
+    assert.equal(master.length, 64);
+    assert.equal(hex(keys.idKey), V.keys.idKey);
+    assert.equal(hex(keys.encKey), V.keys.encKey);
+  });
 
-test('format vectors: Padmé and the padded object size', () => {
-  for (const [n, p] of V.padme) assert.equal(padme(n), p, `padme(${n})`);
-  for (const [n, p] of V.paddedObjectSize) assert.equal(paddedObjectSize(n), p, `paddedObjectSize(${n})`);
-});
+  test(`format v${version} vectors: Padmé and the padded object size`, () => {
+    for (const [n, p] of V.padme) assert.equal(padme(n), p, `padme(${n})`);
+    for (const [n, p] of V.paddedObjectSize) assert.equal(paddedObjectSize(n), p, `paddedObjectSize(${n})`);
+  });
 
-test('format vectors: object ids and sealed objects are exact', () => {
-  assert.ok(V.objects.length >= 6);
-  for (const o of V.objects) {
-    const plain = H(o.plaintext);
-    const id = objectId(keys, o.type, plain);
-    assert.equal(hex(id), o.id, `${o.name}: id`);
-    const rng = replayRng(H(o.salt), H(o.nonce));
-    const sealed = sealObject(keys, id, o.type, o.compression, H(o.payload), rng);
-    assert.equal(rng.left(), 0, `${o.name}: salt and nonce both drawn`);
-    assert.equal(sealed.length, o.size, `${o.name}: size`);
-    assert.equal(hex(sealed), o.sealed, `${o.name}: sealed bytes`);
-    // The layout FORMAT.md describes: version, salt, nonce, ..., tag; the size is the padded size.
-    assert.equal(sealed[0], 1);
-    assert.equal(hex(sealed.subarray(1, 17)), o.salt);
-    assert.equal(hex(sealed.subarray(17, 29)), o.nonce);
-    assert.equal(hex(Buffer.concat([sealed.subarray(0, 29), id])), o.aad);
-    const varintLen = o.payload.length / 2 < 128 ? 1 : o.payload.length / 2 < 16384 ? 2 : 3;
-    assert.equal(sealed.length, paddedObjectSize(2 + varintLen + o.payload.length / 2));
-  }
-});
+  test(`format v${version} vectors: object ids and sealed objects are exact`, () => {
+    assert.ok(V.objects.length >= 6);
+    for (const o of V.objects) {
+      const plain = H(o.plaintext);
+      const id = objectId(keys, o.type, plain);
+      assert.equal(hex(id), o.id, `${o.name}: id`);
+      const rng = replayRng(H(o.salt), H(o.nonce));
+      const sealed = sealObject(keys, id, o.type, o.compression, H(o.payload), rng);
+      assert.equal(rng.left(), 0, `${o.name}: salt and nonce both drawn`);
+      assert.equal(sealed.length, o.size, `${o.name}: size`);
+      assert.equal(hex(sealed), o.sealed, `${o.name}: sealed bytes`);
+      // The layout FORMAT.md describes: version, salt, nonce, ..., tag; the size is the padded size.
+      assert.equal(sealed[0], 1);
+      assert.equal(hex(sealed.subarray(1, 17)), o.salt);
+      assert.equal(hex(sealed.subarray(17, 29)), o.nonce);
+      assert.equal(hex(Buffer.concat([sealed.subarray(0, 29), id])), o.aad);
+      const varintLen = o.payload.length / 2 < 128 ? 1 : o.payload.length / 2 < 16384 ? 2 : 3;
+      assert.equal(sealed.length, paddedObjectSize(2 + varintLen + o.payload.length / 2));
+    }
+  });
 
-test('format vectors: sealed objects open to their type, compression, payload and plaintext', () => {
-  const repo = VectorRepository.make();
-  for (const o of V.objects) {
+  test(`format v${version} vectors: sealed objects open to their type, compression, payload and plaintext`, () => {
+    const repo = VectorRepository.make(V.config.value, { master, repoId: V.config.value.id, chunkSize: DEFAULT_CHUNK_SIZE, idHash });
+    for (const o of V.objects) {
+      const id = H(o.id);
+      const opened = openObject(keys, id, H(o.sealed));
+      assert.equal(opened.type, o.type, o.name);
+      assert.equal(opened.compression, o.compression, o.name);
+      assert.equal(hex(opened.payload), o.payload, o.name);
+      const plain = o.compression === Compression.zstd ? zstdDecompressSync(opened.payload) : opened.payload;
+      assert.equal(hex(plain), o.plaintext, o.name);
+      checkObjectId(keys, id, o.type, plain);
+      assert.equal(hex(repo.openData(id, o.type, H(o.sealed))), o.plaintext, `${o.name}: Repository.openData`);
+    }
+  });
+
+  test(`format v${version} vectors: any change to a sealed object, or another id, fails authentication`, () => {
+    const o = V.objects[0]!;
     const id = H(o.id);
-    const opened = openObject(keys, id, H(o.sealed));
-    assert.equal(opened.type, o.type, o.name);
-    assert.equal(opened.compression, o.compression, o.name);
-    assert.equal(hex(opened.payload), o.payload, o.name);
-    const plain = o.compression === Compression.zstd ? zstdDecompressSync(opened.payload) : opened.payload;
-    assert.equal(hex(plain), o.plaintext, o.name);
-    checkObjectId(keys, id, o.type, plain);
-    assert.equal(hex(repo.openData(id, o.type, H(o.sealed))), o.plaintext, `${o.name}: Repository.openData`);
+    const sealed = H(o.sealed);
+    for (const pos of [0, 1, 16, 17, 28, 29, 100, sealed.length - 17, sealed.length - 1]) {
+      const bad = Buffer.from(sealed);
+      bad[pos]! ^= 0x01;
+      assert.throws(() => openObject(keys, id, bad), IntegrityError, `flipped byte ${pos}`);
+    }
+    assert.throws(() => openObject(keys, id, sealed.subarray(0, sealed.length - 1)), IntegrityError, 'truncated');
+    assert.throws(() => openObject(keys, id, Buffer.concat([sealed, Buffer.alloc(1)])), IntegrityError, 'extended');
+    assert.throws(() => openObject(keys, H(V.objects[1]!.id), sealed), IntegrityError, 'under another id');
+    const other = deriveKeys(Buffer.alloc(64, 0x55));
+    assert.throws(() => openObject(other, id, sealed), IntegrityError, 'under another master secret');
+    const repo = VectorRepository.make(V.config.value, { master, repoId: V.config.value.id, chunkSize: DEFAULT_CHUNK_SIZE, idHash });
+    assert.throws(() => repo.openData(id, ObjectType.tree, sealed), IntegrityError, 'as another type');
+  });
+
+  test(`format v${version} vectors: objects are compressed with zstd only from 128 bytes and when it saves more than 3%`, async () => {
+    const repo = VectorRepository.make(V.config.value, { master, repoId: V.config.value.id, chunkSize: DEFAULT_CHUNK_SIZE, idHash });
+    for (const c of V.compressionDecisions) {
+      const plain = H(c.plaintext);
+      const sealed = await repo.sealPlain(ObjectType.data, plain);
+      const id = objectId(keys, ObjectType.data, plain);
+      assert.equal(openObject(keys, id, sealed).compression, c.compression, `${plain.length} bytes`);
+      assert.equal(hex(repo.openData(id, ObjectType.data, sealed)), c.plaintext);
+    }
+  });
+
+  test(`format v${version} vectors: the tree encoding decodes to the entries and re-encodes identically`, () => {
+    const encoded = H(V.tree.encoded);
+    const expected = V.tree.entries.map(entryOf);
+    const kinds = new Set(expected.map((e) => e.kind));
+    for (const k of Object.values(NodeKind)) assert.ok(kinds.has(k), `a vector entry of kind ${k}`);
+    assert.deepEqual(decodeTree(encoded), expected);
+    assert.equal(hex(encodeTree(expected)), V.tree.encoded);
+    assert.equal(hex(encodeTree(decodeTree(encoded))), V.tree.encoded);
+    assert.equal(hex(objectId(keys, ObjectType.tree, encoded)), V.tree.id);
+    assert.equal(V.emptyTree.encoded, '0100');
+    assert.deepEqual(decodeTree(H(V.emptyTree.encoded)), []);
+    assert.equal(hex(objectId(keys, ObjectType.tree, H(V.emptyTree.encoded))), V.emptyTree.id);
+  });
+
+  test(`format v${version} vectors: the snapshot root decodes to its value and re-encodes identically`, () => {
+    const encoded = Buffer.from(V.snapshotRoot.encoded, 'utf8');
+    const root = decodeSnapshotRoot(encoded);
+    assert.deepEqual({ ...root, paths: root.paths.map(hex) }, V.snapshotRoot.value);
+    assert.equal(encodeSnapshotRoot(root).toString('utf8'), V.snapshotRoot.encoded);
+    const fromValue: SnapshotRoot = { ...V.snapshotRoot.value, paths: V.snapshotRoot.value.paths.map(H) };
+    assert.equal(encodeSnapshotRoot(fromValue).toString('utf8'), V.snapshotRoot.encoded);
+    assert.equal(hex(objectId(keys, ObjectType.snapshot, encoded)), V.snapshotRoot.id);
+    assert.equal(root.tree, V.tree.id);
+  });
+
+  test(`format v${version} vectors: head, index and config`, () => {
+    assert.equal(hex(encodeHead(V.head.rootId)), V.head.encoded);
+    assert.equal(decodeHead(H(V.head.encoded)), V.head.rootId);
+    assert.equal(V.head.rootId, V.snapshotRoot.id);
+    assert.equal(hex(encodeIndex(V.index.ids.map(H))), V.index.encoded);
+    const sortedUnique = [...new Set(V.index.ids)].sort();
+    assert.equal(V.index.encoded, sortedUnique.join(''));
+    assert.equal(encodeConfig(V.config.value).toString('utf8'), V.config.encoded);
+    assert.deepEqual(decodeConfig(Buffer.from(V.config.encoded), 'vectors'), V.config.value);
+  });
+
+  test(`format v${version} vectors: key files cover the test KDF, default Argon2id and default scrypt`, () => {
+    assert.deepEqual(V.keyFiles.map((k) => k.kdf), [TEST_KDF, DEFAULT_KDF, DEFAULT_SCRYPT]);
+  });
+
+  for (const k of V.keyFiles) {
+    test(`format v${version} vectors: key file ${k.name} encodes, derives, wraps and unwraps exactly`, async () => {
+      const file = Buffer.from(k.file, 'utf8');
+      const kf = decodeKeyFile(file, k.name);
+      assert.deepEqual(kf.kdf, k.kdf);
+      assert.equal(hex(kf.salt), k.salt);
+      assert.equal(hex(kf.nonce), k.nonce);
+      assert.equal(hex(kf.data), k.data);
+      assert.equal(kf.created, k.created);
+      assert.equal(encodeKeyFile(kf).toString('utf8'), k.file);
+      assert.equal(hex(encodeSecret(secretOf(k))), k.secretEncoded);
+      assert.equal(hex(wrapAad(kf.kdf, kf.salt)), k.aad);
+      const wrapKey = await deriveWrapKey(Buffer.from(k.passphrase), kf.kdf, kf.salt);
+      assert.equal(hex(wrapKey), k.wrapKey);
+      assert.equal(hex(wrapSecret(wrapKey, H(k.aad), kf.nonce, H(k.secretEncoded))), k.data);
+      const plain = unwrapSecret(wrapKey, wrapAad(kf.kdf, kf.salt), kf.nonce, kf.data);
+      assert.ok(plain, 'the passphrase opens the key file');
+      assert.equal(hex(plain), k.secretEncoded);
+      assert.deepEqual(decodeSecret(plain), secretOf(k));
+      // A wrong passphrase fails.
+      const wrong = await deriveWrapKey(Buffer.from(k.wrongPassphrase), kf.kdf, kf.salt);
+      assert.equal(unwrapSecret(wrong, wrapAad(kf.kdf, kf.salt), kf.nonce, kf.data), null);
+      // The KDF parameters and the salt are bound as associated data.
+      const otherKdf: KdfParams = kf.kdf.name === 'argon2id' ? { ...kf.kdf, passes: kf.kdf.passes + 1 } : { ...kf.kdf, r: kf.kdf.r + 1 };
+      assert.equal(unwrapSecret(wrapKey, wrapAad(otherKdf, kf.salt), kf.nonce, kf.data), null);
+      assert.equal(unwrapSecret(wrapKey, wrapAad(kf.kdf, Buffer.alloc(32)), kf.nonce, kf.data), null);
+    });
   }
-});
 
-test('format vectors: any change to a sealed object, or another id, fails authentication', () => {
-  const o = V.objects[0]!;
-  const id = H(o.id);
-  const sealed = H(o.sealed);
-  for (const pos of [0, 1, 16, 17, 28, 29, 100, sealed.length - 17, sealed.length - 1]) {
-    const bad = Buffer.from(sealed);
-    bad[pos]! ^= 0x01;
-    assert.throws(() => openObject(keys, id, bad), IntegrityError, `flipped byte ${pos}`);
-  }
-  assert.throws(() => openObject(keys, id, sealed.subarray(0, sealed.length - 1)), IntegrityError, 'truncated');
-  assert.throws(() => openObject(keys, id, Buffer.concat([sealed, Buffer.alloc(1)])), IntegrityError, 'extended');
-  assert.throws(() => openObject(keys, H(V.objects[1]!.id), sealed), IntegrityError, 'under another id');
-  const other = deriveKeys(Buffer.alloc(64, 0x55));
-  assert.throws(() => openObject(other, id, sealed), IntegrityError, 'under another master secret');
-  const repo = VectorRepository.make();
-  assert.throws(() => repo.openData(id, ObjectType.tree, sealed), IntegrityError, 'as another type');
-});
+  test(`format v${version} vectors: Repository.open unwraps the key file with the passphrase and refuses a wrong one`, async () => {
+    const k = V.keyFiles[0]!;
+    const storage = keyOnlyStorage(Buffer.from(V.config.encoded), { '0123456789abcdef': Buffer.from(k.file) });
+    const repo = await Repository.open(storage, Buffer.from(k.passphrase));
+    assert.equal(hex(repo.secret.master), V.master);
+    assert.equal(hex(repo.keys.idKey), V.keys.idKey);
+    assert.equal(repo.chunkSize, k.secret.chunkSize);
+    assert.equal(repo.keys.idHash, idHash);
+    assert.equal(hex(objectId(repo.keys, ObjectType.data, Buffer.from('hello, snapcrypt\n'))), V.objects[0]!.id, 'the id function the secret names');
+    await assert.rejects(Repository.open(storage, Buffer.from(k.wrongPassphrase)), (err: unknown) => err instanceof SnapError && err.code === 'wrong-password');
+  });
 
-test('format vectors: objects are compressed with zstd only from 128 bytes and when it saves more than 3%', async () => {
-  const repo = VectorRepository.make();
-  for (const c of V.compressionDecisions) {
-    const plain = H(c.plaintext);
-    const sealed = await repo.sealPlain(ObjectType.data, plain);
-    const id = objectId(keys, ObjectType.data, plain);
-    assert.equal(openObject(keys, id, sealed).compression, c.compression, `${plain.length} bytes`);
-    assert.equal(hex(repo.openData(id, ObjectType.data, sealed)), c.plaintext);
-  }
-});
-
-test('format vectors: the tree encoding decodes to the entries and re-encodes identically', () => {
-  const encoded = H(V.tree.encoded);
-  const expected = V.tree.entries.map(entryOf);
-  const kinds = new Set(expected.map((e) => e.kind));
-  for (const k of Object.values(NodeKind)) assert.ok(kinds.has(k), `a vector entry of kind ${k}`);
-  assert.deepEqual(decodeTree(encoded), expected);
-  assert.equal(hex(encodeTree(expected)), V.tree.encoded);
-  assert.equal(hex(encodeTree(decodeTree(encoded))), V.tree.encoded);
-  assert.equal(hex(objectId(keys, ObjectType.tree, encoded)), V.tree.id);
-  assert.equal(V.emptyTree.encoded, '0100');
-  assert.deepEqual(decodeTree(H(V.emptyTree.encoded)), []);
-  assert.equal(hex(objectId(keys, ObjectType.tree, H(V.emptyTree.encoded))), V.emptyTree.id);
-});
-
-test('format vectors: the snapshot root decodes to its value and re-encodes identically', () => {
-  const encoded = Buffer.from(V.snapshotRoot.encoded, 'utf8');
-  const root = decodeSnapshotRoot(encoded);
-  assert.deepEqual({ ...root, paths: root.paths.map(hex) }, V.snapshotRoot.value);
-  assert.equal(encodeSnapshotRoot(root).toString('utf8'), V.snapshotRoot.encoded);
-  const fromValue: SnapshotRoot = { ...V.snapshotRoot.value, paths: V.snapshotRoot.value.paths.map(H) };
-  assert.equal(encodeSnapshotRoot(fromValue).toString('utf8'), V.snapshotRoot.encoded);
-  assert.equal(hex(objectId(keys, ObjectType.snapshot, encoded)), V.snapshotRoot.id);
-  assert.equal(root.tree, V.tree.id);
-});
-
-test('format vectors: head, index and config', () => {
-  assert.equal(hex(encodeHead(V.head.rootId)), V.head.encoded);
-  assert.equal(decodeHead(H(V.head.encoded)), V.head.rootId);
-  assert.equal(V.head.rootId, V.snapshotRoot.id);
-  assert.equal(hex(encodeIndex(V.index.ids.map(H))), V.index.encoded);
-  const sortedUnique = [...new Set(V.index.ids)].sort();
-  assert.equal(V.index.encoded, sortedUnique.join(''));
-  assert.equal(encodeConfig(V.config.value).toString('utf8'), V.config.encoded);
-  assert.deepEqual(decodeConfig(Buffer.from(V.config.encoded), 'vectors'), V.config.value);
-});
-
-test('format vectors: key files cover the test KDF, default Argon2id and default scrypt', () => {
-  assert.deepEqual(V.keyFiles.map((k) => k.kdf), [TEST_KDF, DEFAULT_KDF, DEFAULT_SCRYPT]);
-});
-
-for (const k of V.keyFiles) {
-  test(`format vectors: key file ${k.name} encodes, derives, wraps and unwraps exactly`, async () => {
-    const file = Buffer.from(k.file, 'utf8');
-    const kf = decodeKeyFile(file, k.name);
-    assert.deepEqual(kf.kdf, k.kdf);
-    assert.equal(hex(kf.salt), k.salt);
-    assert.equal(hex(kf.nonce), k.nonce);
-    assert.equal(hex(kf.data), k.data);
-    assert.equal(kf.created, k.created);
-    assert.equal(encodeKeyFile(kf).toString('utf8'), k.file);
-    assert.equal(hex(encodeSecret(secretOf(k))), k.secretEncoded);
-    assert.equal(hex(wrapAad(kf.kdf, kf.salt)), k.aad);
-    const wrapKey = await deriveWrapKey(Buffer.from(k.passphrase), kf.kdf, kf.salt);
-    assert.equal(hex(wrapKey), k.wrapKey);
-    assert.equal(hex(wrapSecret(wrapKey, H(k.aad), kf.nonce, H(k.secretEncoded))), k.data);
-    const plain = unwrapSecret(wrapKey, wrapAad(kf.kdf, kf.salt), kf.nonce, kf.data);
-    assert.ok(plain, 'the passphrase opens the key file');
-    assert.equal(hex(plain), k.secretEncoded);
-    assert.deepEqual(decodeSecret(plain), secretOf(k));
-    // A wrong passphrase fails.
-    const wrong = await deriveWrapKey(Buffer.from(k.wrongPassphrase), kf.kdf, kf.salt);
-    assert.equal(unwrapSecret(wrong, wrapAad(kf.kdf, kf.salt), kf.nonce, kf.data), null);
-    // The KDF parameters and the salt are bound as associated data.
-    const otherKdf: KdfParams = kf.kdf.name === 'argon2id' ? { ...kf.kdf, passes: kf.kdf.passes + 1 } : { ...kf.kdf, r: kf.kdf.r + 1 };
-    assert.equal(unwrapSecret(wrapKey, wrapAad(otherKdf, kf.salt), kf.nonce, kf.data), null);
-    assert.equal(unwrapSecret(wrapKey, wrapAad(kf.kdf, Buffer.alloc(32)), kf.nonce, kf.data), null);
+  test(`format v${version} vectors: readers reject unknown versions`, () => {
+    const o = V.objects[0]!;
+    const sealed = H(o.sealed);
+    sealed[0] = 2;
+    assert.throws(() => openObject(keys, H(o.id), sealed), /unknown version 2/);
+    const tree = H(V.tree.encoded);
+    tree[0] = 2;
+    assert.throws(() => decodeTree(tree), /unknown tree version 2/);
+    const root = JSON.parse(V.snapshotRoot.encoded) as Record<string, unknown>;
+    assert.throws(() => decodeSnapshotRoot(Buffer.from(JSON.stringify({ ...root, version: 2 }))), (e: unknown) => e instanceof SnapError && e.code === 'unsupported-version');
+    const kf = JSON.parse(V.keyFiles[0]!.file) as Record<string, unknown>;
+    assert.throws(() => decodeKeyFile(Buffer.from(JSON.stringify({ ...kf, version: 2 })), 'k'), (e: unknown) => e instanceof SnapError && e.code === 'unsupported-version');
+    assert.throws(() => decodeConfig(Buffer.from(JSON.stringify({ ...V.config.value, version: 3 })), 'r'), (e: unknown) => e instanceof SnapError && e.code === 'unsupported-version');
+    const secret = H(V.keyFiles[0]!.secretEncoded);
+    secret[0] = 3;
+    assert.throws(() => decodeSecret(secret), /unknown secret version 3/);
+    if (version === 2) {
+      // the id function byte, the last of a version 2 secret: only 1 and 2 are known
+      const fn = H(V.keyFiles[0]!.secretEncoded);
+      assert.equal(fn[fn.length - 1], IdHash.blake2b);
+      fn[fn.length - 1] = 3;
+      assert.throws(() => decodeSecret(fn), /unknown id function 3/);
+      assert.throws(() => decodeSecret(fn.subarray(0, fn.length - 1)), /key secret/, 'a version 2 secret without its id function');
+    }
   });
 }
 
-test('format vectors: Repository.open unwraps the key file with the passphrase and refuses a wrong one', async () => {
-  const k = V.keyFiles[0]!;
-  const storage = keyOnlyStorage(Buffer.from(V.config.encoded), { '0123456789abcdef': Buffer.from(k.file) });
-  const repo = await Repository.open(storage, Buffer.from(k.passphrase));
-  assert.equal(hex(repo.secret.master), V.master);
-  assert.equal(hex(repo.keys.idKey), V.keys.idKey);
-  assert.equal(repo.chunkSize, k.secret.chunkSize);
-  await assert.rejects(Repository.open(storage, Buffer.from(k.wrongPassphrase)), (err: unknown) => err instanceof SnapError && err.code === 'wrong-password');
-});
-
-test('format vectors: readers reject unknown versions', () => {
-  const o = V.objects[0]!;
-  const sealed = H(o.sealed);
-  sealed[0] = 2;
-  assert.throws(() => openObject(keys, H(o.id), sealed), /unknown version 2/);
-  const tree = H(V.tree.encoded);
-  tree[0] = 2;
-  assert.throws(() => decodeTree(tree), /unknown tree version 2/);
-  const root = JSON.parse(V.snapshotRoot.encoded) as Record<string, unknown>;
-  assert.throws(() => decodeSnapshotRoot(Buffer.from(JSON.stringify({ ...root, version: 2 }))), (e: unknown) => e instanceof SnapError && e.code === 'unsupported-version');
-  const kf = JSON.parse(V.keyFiles[0]!.file) as Record<string, unknown>;
-  assert.throws(() => decodeKeyFile(Buffer.from(JSON.stringify({ ...kf, version: 2 })), 'k'), (e: unknown) => e instanceof SnapError && e.code === 'unsupported-version');
-  assert.throws(() => decodeConfig(Buffer.from(JSON.stringify({ ...V.config.value, version: 2 })), 'r'), (e: unknown) => e instanceof SnapError && e.code === 'unsupported-version');
-  const secret = H(V.keyFiles[0]!.secretEncoded);
-  secret[0] = 2;
-  assert.throws(() => decodeSecret(secret), /unknown secret version/);
-});
+vectorTests(1);
+vectorTests(2);
 
 test('sameEntry is true exactly when two entries encode to the same tree bytes', () => {
   const base: TreeEntry = {

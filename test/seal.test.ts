@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
 import { describe, it } from 'node:test';
 import { constants as zc, zstdCompressSync, zstdDecompressSync } from 'node:zlib';
-import { Compression, OBJECT_HEADER_LEN, ObjectType, deriveKeys, objectId, openObject, sealObject, sealedSize, type Rng } from '../src/core/crypto.js';
+import { Compression, IdHash, OBJECT_HEADER_LEN, ObjectType, deriveKeys, objectId, openObject, sealObject, sealedSize, type Rng } from '../src/core/crypto.js';
 import { IdList, IdSet } from '../src/core/idset.js';
 import { release } from '../src/core/memory.js';
 import { Compressor, Sealer, ZSTD_LEVEL, compressAndSeal } from '../src/engine/seal.js';
@@ -194,7 +194,7 @@ describe('IdList and IdSet', () => {
 /** A repository over no storage, with the given tree cache (loadTree reads the cache first). */
 class CacheOnlyRepository extends Repository {
   static make(cache: TreeCache): CacheOnlyRepository {
-    const secret = { master: Buffer.alloc(64, 7), repoId: '0'.repeat(32), chunkSize: DEFAULT_CHUNK_SIZE };
+    const secret = { master: Buffer.alloc(64, 7), repoId: '0'.repeat(32), chunkSize: DEFAULT_CHUNK_SIZE, idHash: IdHash.sha256 };
     return new CacheOnlyRepository(null as unknown as Storage, { format: FORMAT_NAME, version: FORMAT_VERSION, id: secret.repoId }, secret, 'test', cache);
   }
 }

@@ -8,6 +8,7 @@ import { openStorage } from '../drivers/open.js';
 import { openTreeCache } from '../drivers/cachedir.js';
 import { makeExcluder } from '../core/excluder.js';
 import { type Command, commonHelp, fmtBytes, table } from './common.js';
+import { preferredIdHash } from './init.js';
 
 const DEMO_PASSPHRASE = 'snapcrypt demo passphrase';
 
@@ -46,7 +47,7 @@ ${commonHelp}`,
     const pass = Buffer.from(DEMO_PASSPHRASE);
     const storage = await openStorage(repoDir);
     if (!(await storage.exists())) {
-      await Repository.init(storage, pass);
+      await Repository.init(storage, pass, { idHash: preferredIdHash() });
       ctx.out(`created repository ${repoDir} (passphrase: "${DEMO_PASSPHRASE}")`);
     }
     const repo = await Repository.open(storage, pass, openTreeCache(ctx.cacheRoot()));

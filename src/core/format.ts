@@ -4,10 +4,13 @@
  */
 import { Reader, Writer } from './codec.js';
 import { SnapError } from './errors.js';
-import { type KdfParams, checkKdfParams } from './crypto.js';
+import { type IdHashCode, type KdfParams, IdHash, checkKdfParams, isIdHash } from './crypto.js';
 
 export const FORMAT_NAME = 'snapcrypt';
+/** Format version 1: object ids by HMAC-SHA256. */
 export const FORMAT_VERSION = 1;
+/** Format version 2: version 1 with the id function named in the secret (docs/FORMAT.md section 14). */
+export const FORMAT_VERSION_2 = 2;
 export const TREE_VERSION = 1;
 export const ID_LEN = 32;
 /** An all-zero chunk id in a file's content list means "a chunk of zeros" (stored as a hole). */
@@ -16,6 +19,11 @@ export const ZERO_CHUNK = Buffer.alloc(ID_LEN);
 export const DEFAULT_CHUNK_SIZE = 1024 * 1024;
 export const MIN_CHUNK_SIZE = 64 * 1024;
 export const MAX_CHUNK_SIZE = 16 * 1024 * 1024;
+
+/** The format version of a repository with this id function: 1 for HMAC-SHA256 (readable by every reader), else 2. */
+export function formatVersionOf(idHash: IdHashCode): number {
+  return idHash === IdHash.sha256 ? FORMAT_VERSION : FORMAT_VERSION_2;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Repository config (clear text, no secrets)
@@ -40,13 +48,14 @@ export function decodeConfig(buf: Buffer, where: string): RepoConfig {
   }
   const o = c as Record<string, unknown>;
   if (o?.['format'] !== FORMAT_NAME) throw new SnapError('not-a-repository', `${where} is not a snapcrypt repository`);
-  if (o['version'] !== FORMAT_VERSION) {
-    throw new SnapError('unsupported-version', `Repository ${where} has format version ${String(o['version'])}; this snapcrypt reads version ${FORMAT_VERSION}`, { hint: 'upgrade snapcrypt' });
+  const version = o['version'];
+  if (version !== FORMAT_VERSION && version !== FORMAT_VERSION_2) {
+    throw new SnapError('unsupported-version', `Repository ${where} has format version ${String(version)}; this snapcrypt reads versions ${FORMAT_VERSION} and ${FORMAT_VERSION_2}`, { hint: 'upgrade snapcrypt' });
   }
   if (typeof o['id'] !== 'string' || !/^[0-9a-f]{32}$/.test(o['id'])) {
     throw new SnapError('not-a-repository', `${where} has a malformed repository id`);
   }
-  return { format: FORMAT_NAME, version: FORMAT_VERSION, id: o['id'] };
+  return { format: FORMAT_NAME, version, id: o['id'] };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -114,21 +123,28 @@ export interface RepoSecret {
   readonly master: Buffer; // 64 bytes
   readonly repoId: string;
   readonly chunkSize: number;
+  /** The id function: HMAC-SHA256 in a secret of version 1, the byte after the chunk size in version 2. */
+  readonly idHash: IdHashCode;
 }
 
+/** Version 1 (no id function: HMAC-SHA256) when the id function is HMAC-SHA256, else version 2. */
 export function encodeSecret(s: RepoSecret): Buffer {
-  return new Writer(128).u8(1).raw(s.master).str(s.repoId).uvar(s.chunkSize).finish();
+  const w = new Writer(128).u8(s.idHash === IdHash.sha256 ? 1 : 2).raw(s.master).str(s.repoId).uvar(s.chunkSize);
+  return (s.idHash === IdHash.sha256 ? w : w.u8(s.idHash)).finish();
 }
 
 export function decodeSecret(buf: Buffer): RepoSecret {
   const r = new Reader(buf, 'key secret');
-  if (r.u8() !== 1) r.fail('unknown secret version');
+  const version = r.u8();
+  if (version !== 1 && version !== 2) r.fail(`unknown secret version ${version}`);
   const master = Buffer.from(r.raw(64));
   const repoId = r.str(64);
   const chunkSize = r.uvar();
+  const idHash = version === 1 ? IdHash.sha256 : r.u8();
   r.end();
   if (chunkSize < MIN_CHUNK_SIZE || chunkSize > MAX_CHUNK_SIZE) r.fail(`chunk size ${chunkSize} out of range`);
-  return { master, repoId, chunkSize };
+  if (!isIdHash(idHash)) return r.fail(`unknown id function ${idHash}`);
+  return { master, repoId, chunkSize, idHash };
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -5,12 +5,12 @@
 import { createHash, randomBytes } from 'node:crypto';
 import os from 'node:os';
 import {
-  type Keys, type KdfParams, type ObjectTypeCode, DEFAULT_KDF, ObjectType, TEST_KDF,
+  type IdHashCode, type Keys, type KdfParams, type ObjectTypeCode, DEFAULT_KDF, IdHash, ObjectType, TEST_KDF,
   deriveKeys, deriveWrapKey, objectId, unwrapSecret, wrapAad, wrapSecret,
 } from '../core/crypto.js';
 import {
   type RepoConfig, type RepoSecret, type SnapshotRoot, type TreeEntry,
-  DEFAULT_CHUNK_SIZE, FORMAT_NAME, FORMAT_VERSION, decodeConfig, decodeHead, decodeKeyFile,
+  DEFAULT_CHUNK_SIZE, FORMAT_NAME, decodeConfig, decodeHead, decodeKeyFile, formatVersionOf,
   decodeSecret, decodeSnapshotRoot, decodeTree, encodeConfig, encodeKeyFile, encodeSecret,
 } from '../core/format.js';
 import { IdSet, IdList } from '../core/idset.js';
@@ -65,7 +65,7 @@ export class Repository {
     this.storage = storage;
     this.config = config;
     this.secret = secret;
-    this.keys = deriveKeys(secret.master);
+    this.keys = deriveKeys(secret.master, secret.idHash);
     this.keyName = keyName;
     this.cache = cache;
   }
@@ -74,14 +74,18 @@ export class Repository {
     return this.secret.chunkSize;
   }
 
-  /** Create a new repository on an empty storage area. */
-  static async init(storage: Storage, passphrase: Buffer, opts: { chunkSize?: number; keyStore?: KeyStore | null } = {}): Promise<string> {
+  /**
+   * Create a new repository on an empty storage area. idHash: its id function (default HMAC-SHA256,
+   * format version 1; HMAC-BLAKE2b makes it version 2).
+   */
+  static async init(storage: Storage, passphrase: Buffer, opts: { chunkSize?: number; keyStore?: KeyStore | null; idHash?: IdHashCode } = {}): Promise<string> {
     if (await storage.exists()) {
       throw new SnapError('exists', `Cannot create repository at ${storage.location}: a repository already exists there`);
     }
     const chunkSize = opts.chunkSize ?? DEFAULT_CHUNK_SIZE;
-    const config: RepoConfig = { format: FORMAT_NAME, version: FORMAT_VERSION, id: rng(16).toString('hex') };
-    const secret: RepoSecret = { master: rng(64), repoId: config.id, chunkSize };
+    const idHash = opts.idHash ?? IdHash.sha256;
+    const config: RepoConfig = { format: FORMAT_NAME, version: formatVersionOf(idHash), id: rng(16).toString('hex') };
+    const secret: RepoSecret = { master: rng(64), repoId: config.id, chunkSize, idHash };
     const keyFile = await makeKeyFile(secret, passphrase, kdfForNewKeys());
     await storage.init(encodeConfig(config));
     const keyName = rng(8).toString('hex');
@@ -227,7 +231,7 @@ export class Repository {
 
   /** Worker threads that open chunks and write them into a restore's target (the caller closes it). */
   restorePool(fs: DirectWriterSpec, threads: number): RestorePool {
-    return new RestorePool(this.secret.master, fs, threads);
+    return new RestorePool(this.secret.master, this.secret.idHash, fs, threads);
   }
 
   /** Decrypt, decompress and authenticate one object. */

@@ -10,6 +10,7 @@
  * writer.
  */
 import { Worker } from 'node:worker_threads';
+import type { IdHashCode } from '../core/crypto.js';
 import { type ErrorCode, IntegrityError, SnapError } from '../core/errors.js';
 import { release } from '../core/memory.js';
 import type { DirectWriterSpec } from '../storage/types.js';
@@ -53,6 +54,8 @@ export interface RestoreReply {
 
 export interface RestoreWorkerData {
   readonly master: Uint8Array;
+  /** The repository's id function (chunks are checked against their ids). */
+  readonly idHash: IdHashCode;
   readonly fs: DirectWriterSpec;
 }
 
@@ -96,8 +99,8 @@ export class RestorePool {
   private readonly data: RestoreWorkerData;
   private readonly threads: number;
 
-  constructor(master: Buffer, fs: DirectWriterSpec, threads: number) {
-    this.data = { master, fs };
+  constructor(master: Buffer, idHash: IdHashCode, fs: DirectWriterSpec, threads: number) {
+    this.data = { master, idHash, fs };
     this.threads = Math.max(1, threads);
   }
 

@@ -10,7 +10,7 @@ import { writeSmallFile, type FileWriterFs } from './restore-write.js';
 import { type RestoreBatch, type RestoreDone, type RestoreWorkerData, toJobError } from './restore-pool.js';
 
 const data = workerData as RestoreWorkerData;
-const keys = deriveKeys(Buffer.from(data.master));
+const keys = deriveKeys(Buffer.from(data.master), data.idHash);
 const port = parentPort!;
 const target: Promise<FileWriterFs> = import(data.fs.module).then((m: { createTargetFs: (arg: unknown) => FileWriterFs }) => m.createTargetFs(data.fs.arg));
 const z = new Decompressor();

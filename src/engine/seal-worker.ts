@@ -13,7 +13,7 @@ import { errnoCode } from '../core/errors.js';
 import { ID_BYTES } from '../core/idset.js';
 
 const data = workerData as SealWorkerData;
-const sealer = new Sealer(deriveKeys(Buffer.from(data.master)), data.chunkSize);
+const sealer = new Sealer(deriveKeys(Buffer.from(data.master), data.idHash), data.chunkSize);
 const port = parentPort!;
 type Write = (id: string, bytes: Uint8Array) => void;
 const writer: Promise<Write | null> = data.writer

@@ -6,7 +6,7 @@ import { randomBytes } from 'node:crypto';
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { ZstdCompress, zstdCompressSync, constants as zc } from 'node:zlib';
-import { type Keys, type ObjectTypeCode, Compression, ObjectType, sealObject, sealedSize } from '../core/crypto.js';
+import { type IdHashCode, type Keys, type ObjectTypeCode, Compression, ObjectType, sealObject, sealedSize } from '../core/crypto.js';
 import { release } from '../core/memory.js';
 import type { DirectWriterSpec } from '../storage/types.js';
 import { ID_BYTES } from '../core/idset.js';
@@ -181,6 +181,7 @@ export interface SealBatch {
 
 export interface SealWorkerData {
   readonly master: Uint8Array;
+  readonly idHash: IdHashCode;
   readonly chunkSize: number;
   readonly writer: DirectWriterSpec | null;
 }
@@ -276,7 +277,7 @@ export class SealPool {
   /** Workers start with the first chunk to seal: a backup with no change needs none. */
   private start(): void {
     for (let i = 0; i < this.threads; i++) {
-      const data: SealWorkerData = { master: this.master, chunkSize: this.chunkSize, writer: this.writer };
+      const data: SealWorkerData = { master: this.master, idHash: this.keys.idHash, chunkSize: this.chunkSize, writer: this.writer };
       // a small young generation: garbage is freed sooner
       const w = new Worker(new URL('./seal-worker.js', import.meta.url), { workerData: data, resourceLimits: { maxYoungGenerationSizeMb: 4 } });
       w.on('message', (batch: SealDone[]) => {

@@ -1,8 +1,10 @@
 /**
- * Generator of the format test vectors test/vectors/format-v1.json (docs/FORMAT.md, appendix A).
+ * Generator of the format test vectors test/vectors/format-v1.json and format-v2.json (docs/FORMAT.md,
+ * appendix A). Version 2 differs from version 1 only in the id function (HMAC-BLAKE2b-512 cut to 32
+ * bytes, named in the secret), so its file has the same vectors under that function.
  *
- *   npx tsc -p . && node dist/test/vectors/generate.js           # (re)write the JSON
- *   npx tsc -p . && node dist/test/vectors/generate.js --check   # exit 1 if the JSON would change
+ *   npx tsc -p . && node dist/test/vectors/generate.js           # write the JSON files that are missing
+ *   npx tsc -p . && node dist/test/vectors/generate.js --check   # exit 1 if a JSON file would differ
  *
  * Every input is fixed: the master secret is the bytes 00..3f, salts and nonces come from a
  * deterministic rng (SHA-256 of a label and a counter) handed to sealObject, passphrases and key-file
@@ -11,18 +13,18 @@
  * the vector stays valid either way). Regenerating the file is a format change: bump the version.
  */
 import { createHash, createHmac } from 'node:crypto';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { constants as zc, zstdCompressSync } from 'node:zlib';
 import {
-  type KdfParams, type Keys, type ObjectTypeCode, type Rng,
-  Compression, DEFAULT_KDF, DEFAULT_SCRYPT, MIN_PADDED_SIZE, OBJECT_VERSION, ObjectType, TEST_KDF, WRAP_LABEL,
+  type IdHashCode, type KdfParams, type Keys, type ObjectTypeCode, type Rng,
+  Compression, DEFAULT_KDF, IdHash, DEFAULT_SCRYPT, MIN_PADDED_SIZE, OBJECT_VERSION, ObjectType, TEST_KDF, WRAP_LABEL,
   deriveKeys, deriveWrapKey, objectId, padme, paddedObjectSize, sealObject, wrapAad, wrapSecret,
 } from '../../src/core/crypto.js';
 import {
   type SnapshotRoot, type TreeEntry,
-  DEFAULT_CHUNK_SIZE, FORMAT_NAME, FORMAT_VERSION, ID_LEN, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, NodeKind, TREE_VERSION,
+  DEFAULT_CHUNK_SIZE, FORMAT_NAME, FORMAT_VERSION, FORMAT_VERSION_2, ID_LEN, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, NodeKind, TREE_VERSION,
   ZERO_CHUNK, encodeConfig, encodeHead, encodeIndex, encodeKeyFile, encodeSecret, encodeSnapshotRoot, encodeTree,
 } from '../../src/core/format.js';
 
@@ -126,7 +128,8 @@ interface KeyFileVector {
   salt: string;
   nonce: string;
   created: string;
-  secret: { master: string; repoId: string; chunkSize: number };
+  /** idHash only in version 2 (version 1: HMAC-SHA256, not named). */
+  secret: { master: string; repoId: string; chunkSize: number; idHash?: number };
   secretEncoded: string;
   wrapKey: string;
   aad: string;
@@ -134,12 +137,12 @@ interface KeyFileVector {
   file: string;
 }
 
-async function keyFileVector(name: string, kdf: KdfParams, master: Buffer, repoId: string): Promise<KeyFileVector> {
+async function keyFileVector(name: string, kdf: KdfParams, master: Buffer, repoId: string, idHash: IdHashCode): Promise<KeyFileVector> {
   const passphrase = 'correct horse battery staple';
   const salt = fixedBytes(`keyfile/${name}/salt`, 32);
   const nonce = fixedBytes(`keyfile/${name}/nonce`, 12);
   const created = '2026-01-01T00:00:00.000Z';
-  const secret = { master, repoId, chunkSize: DEFAULT_CHUNK_SIZE };
+  const secret = { master, repoId, chunkSize: DEFAULT_CHUNK_SIZE, idHash };
   const secretEncoded = encodeSecret(secret);
   const wrapKey = await deriveWrapKey(Buffer.from(passphrase), kdf, salt);
   const aad = wrapAad(kdf, salt);
@@ -147,14 +150,17 @@ async function keyFileVector(name: string, kdf: KdfParams, master: Buffer, repoI
   const file = encodeKeyFile({ version: 1, kdf, salt, nonce, data, created });
   return {
     name, passphrase, wrongPassphrase: 'correct horse battery stapler', kdf, salt: hex(salt), nonce: hex(nonce), created,
-    secret: { master: hex(master), repoId, chunkSize: secret.chunkSize }, secretEncoded: hex(secretEncoded),
+    secret: { master: hex(master), repoId, chunkSize: secret.chunkSize, ...(idHash === IdHash.sha256 ? {} : { idHash }) }, secretEncoded: hex(secretEncoded),
     wrapKey: hex(wrapKey), aad: hex(aad), data: hex(data), file: file.toString('utf8'),
   };
 }
 
-export async function buildVectors(): Promise<Record<string, unknown>> {
+/** The vectors of format version 1 (ids by HMAC-SHA256) or 2 (ids by HMAC-BLAKE2b). */
+export async function buildVectors(version: 1 | 2 = 1): Promise<Record<string, unknown>> {
+  const idHash = version === 1 ? IdHash.sha256 : IdHash.blake2b;
+  const formatVersion = version === 1 ? FORMAT_VERSION : FORMAT_VERSION_2;
   const master = Buffer.from(Array.from({ length: 64 }, (_, i) => i));
-  const keys = deriveKeys(master);
+  const keys = deriveKeys(master, idHash);
   const repoId = '00112233445566778899aabbccddeeff';
 
   // Objects: a small chunk, a chunk with a two-byte length varint, a compressible chunk.
@@ -213,17 +219,17 @@ export async function buildVectors(): Promise<Record<string, unknown>> {
   const innerSizes = [0, 3, 19, 210, 211, 212, 259, 260, 1000, 65541, 1048581, 16777220];
 
   const keyFiles = [
-    await keyFileVector('test-kdf', TEST_KDF, master, repoId),
-    await keyFileVector('argon2id-default', DEFAULT_KDF, master, repoId),
-    await keyFileVector('scrypt-default', DEFAULT_SCRYPT, master, repoId),
+    await keyFileVector('test-kdf', TEST_KDF, master, repoId, idHash),
+    await keyFileVector('argon2id-default', DEFAULT_KDF, master, repoId, idHash),
+    await keyFileVector('scrypt-default', DEFAULT_SCRYPT, master, repoId, idHash),
   ];
 
   return {
-    description: 'snapcrypt on-disk format version 1: test vectors (docs/FORMAT.md, appendix A). Generated by test/vectors/generate.ts; checked by test/format-vectors.test.ts. All binary values are lower-case hex.',
+    description: `snapcrypt on-disk format version ${formatVersion}: test vectors (docs/FORMAT.md, appendix A). Generated by test/vectors/generate.ts; checked by test/format-vectors.test.ts. All binary values are lower-case hex.`,
     format: FORMAT_NAME,
-    version: FORMAT_VERSION,
+    version: formatVersion,
     constants: {
-      FORMAT_VERSION, OBJECT_VERSION, TREE_VERSION, ID_LEN, MIN_PADDED_SIZE,
+      FORMAT_VERSION: formatVersion, ...(version === 1 ? {} : { IdHash }), OBJECT_VERSION, TREE_VERSION, ID_LEN, MIN_PADDED_SIZE,
       OBJECT_HEADER_LEN: 29, OBJECT_OVERHEAD: 45, SALT_LEN: 16, NONCE_LEN: 12, TAG_LEN: 16,
       DEFAULT_CHUNK_SIZE, MIN_CHUNK_SIZE, MAX_CHUNK_SIZE,
       WRAP_LABEL, OBJECT_LABEL: 'snapcrypt/v1/object', ID_INFO: 'snapcrypt/v1/id', ENC_INFO: 'snapcrypt/v1/enc',
@@ -253,30 +259,37 @@ export async function buildVectors(): Promise<Record<string, unknown>> {
     },
     head: { rootId: hex(rootId), encoded: hex(encodeHead(hex(rootId))) },
     index: { ids: indexIds.map(hex), encoded: hex(encodeIndex([...indexIds])) },
-    config: { value: { format: FORMAT_NAME, version: FORMAT_VERSION, id: repoId }, encoded: encodeConfig({ format: FORMAT_NAME, version: FORMAT_VERSION, id: repoId }).toString('utf8') },
+    config: { value: { format: FORMAT_NAME, version: formatVersion, id: repoId }, encoded: encodeConfig({ format: FORMAT_NAME, version: formatVersion, id: repoId }).toString('utf8') },
     keyFiles,
   };
 }
 
-/** dist/test/vectors/generate.js -> test/vectors/format-v1.json in the source tree. */
-export const VECTORS_PATH = join(dirname(fileURLToPath(import.meta.url)), '../../../test/vectors/format-v1.json');
+/** dist/test/vectors/generate.js -> test/vectors/format-vN.json in the source tree. */
+export const vectorsPath = (version: 1 | 2): string => join(dirname(fileURLToPath(import.meta.url)), `../../../test/vectors/format-v${version}.json`);
 
 async function main(): Promise<number> {
-  const text = `${JSON.stringify(await buildVectors(), null, 1)}\n`;
-  if (process.argv.includes('--check')) {
-    let old = '';
-    try {
-      old = readFileSync(VECTORS_PATH, 'utf8');
-    } catch {
-      /* missing */
+  let status = 0;
+  for (const version of [1, 2] as const) {
+    const path = vectorsPath(version);
+    const text = `${JSON.stringify(await buildVectors(version), null, 1)}\n`;
+    if (process.argv.includes('--check')) {
+      let old = '';
+      try {
+        old = readFileSync(path, 'utf8');
+      } catch {
+        /* missing */
+      }
+      if (old === text) continue;
+      process.stderr.write(`${path} differs from what the generator produces now\n`);
+      status = 1;
+    } else if (existsSync(path)) {
+      process.stdout.write(`kept ${path} (a vector file, once written, is not rewritten: docs/FORMAT.md section 14)\n`);
+    } else {
+      writeFileSync(path, text);
+      process.stdout.write(`wrote ${path}\n`);
     }
-    if (old === text) return 0;
-    process.stderr.write(`${VECTORS_PATH} differs from what the generator produces now\n`);
-    return 1;
   }
-  writeFileSync(VECTORS_PATH, text);
-  process.stdout.write(`wrote ${VECTORS_PATH}\n`);
-  return 0;
+  return status;
 }
 
 if (process.argv[1] !== undefined && fileURLToPath(import.meta.url) === process.argv[1]) {
