@@ -2,26 +2,31 @@
 /** The snapcrypt client: parses the command line, runs one command, maps errors to exit statuses. */
 import { SnapError, ExitStatus, exitStatusOf } from '../core/errors.js';
 import { type Command, Ctx, parse } from '../cli/common.js';
-import { initCommand } from '../cli/init.js';
-import { backupCommand } from '../cli/backup.js';
-import { snapshotsCommand } from '../cli/snapshots.js';
-import { lsCommand } from '../cli/ls.js';
-import { restoreCommand } from '../cli/restore.js';
-import { verifyCommand } from '../cli/verify.js';
-import { keyCommand } from '../cli/key.js';
-import { demoCommand } from '../cli/demo.js';
-import { setupCommand } from '../cli/setup.js';
 import { dropOutputToClosedPipes, finish } from './runtime.js';
 
 const VERSION = '0.1.0';
-const commands: Command[] = [initCommand, backupCommand, snapshotsCommand, lsCommand, restoreCommand, verifyCommand, keyCommand, setupCommand, demoCommand];
+/**
+ * The commands, each loaded when it runs: a command then compiles only its own modules (a one-file
+ * restore loaded all of them, 57-80 ms, against 45-54 ms for restore's).
+ */
+const commands: ReadonlyArray<readonly [string, () => Promise<Command>]> = [
+  ['init', async () => (await import('../cli/init.js')).initCommand],
+  ['backup', async () => (await import('../cli/backup.js')).backupCommand],
+  ['snapshots', async () => (await import('../cli/snapshots.js')).snapshotsCommand],
+  ['ls', async () => (await import('../cli/ls.js')).lsCommand],
+  ['restore', async () => (await import('../cli/restore.js')).restoreCommand],
+  ['verify', async () => (await import('../cli/verify.js')).verifyCommand],
+  ['key', async () => (await import('../cli/key.js')).keyCommand],
+  ['setup', async () => (await import('../cli/setup.js')).setupCommand],
+  ['demo', async () => (await import('../cli/demo.js')).demoCommand],
+];
 
-const topHelp = `snapcrypt ${VERSION}: encrypted, snapshotting backups
+const topHelp = async (): Promise<string> => `snapcrypt ${VERSION}: encrypted, snapshotting backups
 
 Usage: snapcrypt COMMAND [options]
 
 Commands:
-${commands.map((c) => `  ${c.name.padEnd(10)} ${c.summary}`).join('\n')}
+${(await Promise.all(commands.map(([, load]) => load()))).map((c) => `  ${c.name.padEnd(10)} ${c.summary}`).join('\n')}
 
 Run "snapcrypt COMMAND --help" for a command's options.
 
@@ -32,17 +37,18 @@ async function main(argv: string[]): Promise<number> {
   const io = { stdout: process.stdout, stderr: process.stderr, stdin: process.stdin, env: process.env };
   const [name, ...rest] = argv;
   if (name === undefined || name === '--help' || name === '-h' || name === 'help') {
-    io.stdout.write(topHelp + '\n');
+    io.stdout.write((await topHelp()) + '\n');
     return name === undefined ? ExitStatus.usage : 0;
   }
   if (name === '--version' || name === 'version') {
     io.stdout.write(`snapcrypt ${VERSION}\n`);
     return 0;
   }
-  const cmd = commands.find((c) => c.name === name);
+  const load = commands.find(([n]) => n === name)?.[1];
   const json = rest.includes('--json');
   try {
-    if (!cmd) throw new SnapError('usage', `Unknown command "${name}"`, { hint: 'see "snapcrypt --help"' });
+    if (!load) throw new SnapError('usage', `Unknown command "${name}"`, { hint: 'see "snapcrypt --help"' });
+    const cmd = await load();
     const { values, positionals } = parse(cmd, rest);
     if (values['help'] === true) {
       io.stdout.write(cmd.usage + '\n');
