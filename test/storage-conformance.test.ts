@@ -580,6 +580,23 @@ describe('commit reads the object directories once to check and to prune (LocalD
   });
 });
 
+describe('commit over a prefix larger than the index is read in (LocalDirStorage)', () => {
+  it('checks and prunes the ids of one prefix that spans several 256 KiB reads of the index', async () => {
+    const dir = join(await tempDir('one-prefix'), 'repo');
+    const storage = new LocalDirStorage(dir, { clock: () => T0 });
+    await storage.init(CONFIG);
+    // 20,000 ids that all start with 00: 640,000 bytes of index in one prefix, read in three pieces
+    const ids = Array.from({ length: 20_000 }, (_, i) => `00${createHash('sha256').update(`id ${i}`).digest('hex').slice(2)}`).sort();
+    for (const id of ids) await storage.putObject(id, Buffer.from('x'));
+    await storage.commit(headOf(ids[0]!), indexOf(ids));
+    const kept = ids.filter((_, i) => i % 2 === 0);
+    await storage.commit(headOf(ids[0]!), indexOf(kept));
+    assert.deepEqual(await collect(storage), kept, 'the other half pruned, every listed id found');
+    await fsp.rm(join(dir, 'current', 'objects', '00', kept[kept.length - 1]!));
+    await rejectsWith(storage.commit(headOf(ids[0]!), indexOf(kept)), 'integrity', new RegExp(kept[kept.length - 1]!));
+  });
+});
+
 describe('ReadAheadGate', () => {
   it('reads ahead for a while once timed reads waited long on average while blocks came from a disk', () => {
     let blocks = 0;
