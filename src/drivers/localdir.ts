@@ -666,9 +666,9 @@ function objectNamesOf(names: string[], prefix: number): string[] {
 /**
  * Compares the ids of one prefix from an index (whole 32-byte ids, sorted) with the names of its
  * directory (sorted; names that are not ids may be among them), walking both together: the ids with
- * no object (their count and the first), and the objects (names that are ids) no id lists. Neither side becomes a set of strings: a commit of 1,000,000 ids
- * made two per id, promoted to the old generation while the directory was read, and the server's
- * heap grew by about 20 MB.
+ * no object (their count and the first), and the objects (names that are ids) no id lists. Neither
+ * side becomes a set of strings: a commit of 1,000,000 ids made two per id, promoted to the old
+ * generation while the directory was read, and the server's heap grew by about 20 MB.
  */
 export function sortedIdsDiff(ids: Buffer, names: readonly string[]): { missing: number; firstMissing: string | undefined; unlisted: string[] } {
   let missing = 0;

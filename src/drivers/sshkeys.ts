@@ -385,7 +385,7 @@ function globMatch(pattern: string, name: string): boolean {
   return re.test(name);
 }
 
-/** The effective ssh configuration for a command line (`ssh -G`), one "key value" line each; null if ssh refused it. */
+/** The effective ssh configuration for a command line (`ssh -G`), one "key value" line each, or what ssh said when it refused it. */
 async function effectiveConfig(args: readonly string[]): Promise<{ lines: string[] } | { error: string }> {
   const g = await run('ssh', ['-G', ...args], { timeoutMs: 10_000 });
   if (g.code !== 0) return { error: g.stderr.trim() };
