@@ -1188,13 +1188,26 @@ export abstract class DirStorage extends DirReader implements Storage {
    * (if given) with every leftover temp file among the objects.
    */
   private async eachUnlisted(index: IndexSource, each: (path: string) => Promise<void>, temp?: (path: string) => Promise<void>): Promise<void> {
+    for await (const { temps, unlisted } of this.prefixDiffs(index)) {
+      if (temp) for (const path of temps) await temp(path);
+      for (const path of unlisted) await each(path);
+    }
+  }
+
+  /**
+   * current's object directories, one prefix at a time in order, each compared with the index's ids
+   * of that prefix (sortedIdsDiff): the paths of the objects no id lists and of the temp files, and
+   * the listed ids with no object.
+   */
+  private async *prefixDiffs(index: IndexSource): AsyncGenerator<{ temps: string[]; unlisted: string[]; missing: number; firstMissing: string | undefined }> {
     const cursor = new IndexCursor(index);
     for (let p = 0; p < 256; p++) {
       const listed = await cursor.takeBytes(p);
       const dir = join(this.current, 'objects', prefixName(p));
       const names = await readdirOrEmpty(dir);
-      if (temp) for (const name of names) if (name.startsWith(TMP_PREFIX)) await temp(join(dir, name));
-      for (const name of sortedIdsDiff(listed, objectNamesOf(names, p)).unlisted) await each(join(dir, name));
+      const { missing, firstMissing, unlisted } = sortedIdsDiff(listed, objectNamesOf(names, p));
+      const temps = names.filter((name) => name.startsWith(TMP_PREFIX)).map((name) => join(dir, name));
+      yield { temps, unlisted: unlisted.map((name) => join(dir, name)), missing, firstMissing };
     }
   }
 
@@ -1319,20 +1332,15 @@ export abstract class DirStorage extends DirReader implements Storage {
    * there are more than PRUNE_LIST_MAX (prune() then reads the directories again).
    */
   private async checkPresent(index: IndexSource): Promise<Unlisted | null> {
-    const cursor = new IndexCursor(index);
     let missing = 0;
     let first: string | undefined;
     let found: Unlisted | null = { objects: [], temps: [] };
-    for (let p = 0; p < 256; p++) {
-      const wanted = await cursor.takeBytes(p);
-      const dir = join(this.current, 'objects', prefixName(p));
-      const names = await readdirOrEmpty(dir);
-      const diff = sortedIdsDiff(wanted, objectNamesOf(names, p));
+    for await (const diff of this.prefixDiffs(index)) {
       missing += diff.missing;
       first ??= diff.firstMissing;
       if (found === null) continue;
-      for (const name of names) if (name.startsWith(TMP_PREFIX)) found.temps.push(join(dir, name));
-      for (const name of diff.unlisted) found.objects.push(join(dir, name));
+      for (const path of diff.temps) found.temps.push(path);
+      for (const path of diff.unlisted) found.objects.push(path); // (no spread: a prefix may drop very many)
       if (found.objects.length + found.temps.length > PRUNE_LIST_MAX) found = null;
     }
     if (first !== undefined) {
