@@ -102,11 +102,11 @@ test('with the snapcrypt key that setup made: init, backup and snapshots through
     expectExit(await runCli(['init', '--repo', repo], { env }), 'init');
     expectExit(await runCli(['backup', '--repo', repo, src], { env }), 'backup');
     // the first backup over SSH leaves its trees in the local cache: one per directory from / to src
-    // (and the index it committed, the kept index)
+    // (and the index it committed, the kept index, and the walk's directory records)
     const files = (await fsp.readdir(env.SNAPCRYPT_CACHE_DIR, { recursive: true, withFileTypes: true })).filter((e) => e.isFile());
     const cached = files.filter((e) => /^[0-9a-f]{64}$/.test(e.name));
     assert.equal(cached.length, src.split('/').length, `${cached.length} trees cached for ${src}`);
-    assert.deepEqual(files.filter((e) => !cached.includes(e)).map((e) => e.name), ['index'], 'the kept index');
+    assert.deepEqual(files.filter((e) => !cached.includes(e)).map((e) => e.name).sort(), ['dirs', 'index'], 'the kept index and the directory records');
     const snaps = await runCli(['snapshots', '--repo', repo, '--json'], { env });
     expectExit(snaps, 'snapshots');
     assert.equal(jsonLines(snaps.stdout).filter((l) => l['type'] === 'snapshot').length, 1, snaps.stdout);

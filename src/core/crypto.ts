@@ -320,3 +320,52 @@ export function deriveWrapKey(passphrase: Buffer, kdf: KdfParams, salt: Buffer):
     }
   });
 }
+
+const LOCAL_LABEL = Buffer.from('snapcrypt/v1/local');
+
+/**
+ * The key of one local cache file sealed in blocks (the walk's directory records, docs/DESIGN.md
+ * section 10): HMAC-SHA256(encKey, "snapcrypt/v1/local" || salt), with a fresh random salt per file,
+ * so block numbers can serve as nonces.
+ */
+export function localFileKey(keys: Keys, salt: Uint8Array): KeyObject {
+  return createSecretKey(createHmac('sha256', keys.encKeyObject).update(LOCAL_LABEL).update(salt).digest());
+}
+
+/** A tag binding a local file to the head it describes: HMAC-SHA256(file key, "head" || head). */
+export function localHeadTag(key: KeyObject, head: Uint8Array): Buffer {
+  return createHmac('sha256', key).update('head').update(head).digest();
+}
+
+function localNonce(index: number): Buffer {
+  const nonce = Buffer.alloc(NONCE_LEN);
+  nonce.writeUInt32BE(index, NONCE_LEN - 4);
+  return nonce;
+}
+
+/**
+ * Block `index` of a local file: AES-256-GCM under the file's key, nonce = index, associated data
+ * = whether it is the file's last block (so a file cut at a block border is seen as cut). Returns
+ * ciphertext || tag.
+ */
+export function sealLocalBlock(key: KeyObject, index: number, last: boolean, plain: Uint8Array): Buffer {
+  const cipher = createCipheriv('aes-256-gcm', key, localNonce(index), { authTagLength: TAG_LEN });
+  cipher.setAAD(Uint8Array.of(last ? 1 : 0));
+  return Buffer.concat([cipher.update(plain), cipher.final(), cipher.getAuthTag()]);
+}
+
+/** Opens a block of sealLocalBlock; null if it does not open as block `index` with that last flag. */
+export function openLocalBlock(key: KeyObject, index: number, last: boolean, sealed: Uint8Array): Buffer | null {
+  if (sealed.length < TAG_LEN) return null;
+  const decipher = createDecipheriv('aes-256-gcm', key, localNonce(index), { authTagLength: TAG_LEN });
+  decipher.setAAD(Uint8Array.of(last ? 1 : 0));
+  decipher.setAuthTag(sealed.subarray(sealed.length - TAG_LEN));
+  try {
+    return Buffer.concat([decipher.update(sealed.subarray(0, sealed.length - TAG_LEN)), decipher.final()]);
+  } catch {
+    return null;
+  }
+}
+
+/** Bytes a block of sealLocalBlock adds to its plaintext. */
+export const LOCAL_BLOCK_OVERHEAD = TAG_LEN;

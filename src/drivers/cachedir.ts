@@ -2,7 +2,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { createHash } from 'node:crypto';
-import type { KeyStore, TreeCache } from '../engine/cache.js';
+import type { KeyStore, RecordsIn, RecordsOut, TreeCache } from '../engine/cache.js';
 import { type IndexBytes, indexParts } from '../storage/types.js';
 import { ID_BYTES, type SortedIds, sortedHas } from '../core/idset.js';
 import { release } from '../core/memory.js';
@@ -17,9 +17,11 @@ export class DirTreeCache implements TreeCache {
   private readonly dir: string;
   private ok = true;
   private readonly indexFile: string;
+  private readonly recordsFile: string;
   constructor(root: string, repoId: string) {
     this.dir = path.join(root, repoId, 'trees');
     this.indexFile = path.join(root, repoId, 'index');
+    this.recordsFile = path.join(root, repoId, 'dirs');
   }
   private file(id: Buffer): string {
     const hex = id.toString('hex');
@@ -62,12 +64,8 @@ export class DirTreeCache implements TreeCache {
    * file (KeptIndex), so that what current holds costs no memory per object.
    */
   getIndex(head: string): SortedIds | null {
-    let fd: number;
-    try {
-      fd = fs.openSync(this.indexFile, 'r');
-    } catch {
-      return null;
-    }
+    const fd = openForReading(this.indexFile);
+    if (fd === null) return null;
     try {
       const kept = checkKeptIndex(fd, head);
       if (kept) return kept;
@@ -101,11 +99,63 @@ export class DirTreeCache implements TreeCache {
     }
   }
   dropIndex(): void {
+    // (one left behind lacks only what a later session uploaded, which is sent again)
+    removeQuietly(this.indexFile);
+  }
+  readRecords(): RecordsIn | null {
+    const fd = openForReading(this.recordsFile);
+    if (fd === null) return null;
+    return { read: (buf, position) => readUpTo(fd, buf, position), close: () => fs.closeSync(fd) };
+  }
+  writeRecords(): RecordsOut | null {
+    if (!this.ok) return null;
+    const file = this.recordsFile;
+    const tmp = `${file}.${process.pid}.tmp`;
+    let fd: number;
     try {
-      fs.rmSync(this.indexFile, { force: true });
+      fs.mkdirSync(path.dirname(file), { recursive: true, mode: 0o700 });
+      fd = fs.openSync(tmp, 'w', 0o600);
     } catch {
-      /* harmless: an index left behind lacks only what a later session uploaded, which is sent again */
+      return null;
     }
+    let end = 0;
+    let open = true;
+    const close = (): void => {
+      if (open) fs.closeSync(fd);
+      open = false;
+    };
+    return {
+      write: (data, position) => {
+        const at = position ?? end;
+        for (let off = 0; off < data.length; ) off += fs.writeSync(fd, data, off, data.length - off, at + off);
+        if (position === undefined) end += data.length;
+      },
+      keep: () => {
+        close();
+        fs.renameSync(tmp, file);
+      },
+      discard: () => {
+        try {
+          close();
+        } catch {
+          /* ignore */
+        }
+        removeQuietly(tmp);
+      },
+    };
+  }
+  dropRecords(): void {
+    // (records are used only with the kept index, which is gone)
+    removeQuietly(this.recordsFile);
+  }
+}
+
+/** Removes a file of the cache if it is there; a failure is harmless (the cache is only a cache). */
+function removeQuietly(file: string): void {
+  try {
+    fs.rmSync(file, { force: true });
+  } catch {
+    /* ignore */
   }
 }
 
@@ -179,13 +229,28 @@ function keptIndexHeader(head: string): Buffer {
 const BUCKET_IDS = 64;
 
 /** Reads exactly buf.length bytes at pos; false when the file ends first. */
-function readAt(fd: number, buf: Buffer, pos: number): boolean {
-  for (let off = 0; off < buf.length; ) {
+/** Reads into buf at pos until it is full or the file ends; returns the bytes read. */
+function readUpTo(fd: number, buf: Buffer, pos: number): number {
+  let off = 0;
+  while (off < buf.length) {
     const n = fs.readSync(fd, buf, off, buf.length - off, pos + off);
-    if (n === 0) return false;
+    if (n === 0) break;
     off += n;
   }
-  return true;
+  return off;
+}
+
+function readAt(fd: number, buf: Buffer, pos: number): boolean {
+  return readUpTo(fd, buf, pos) === buf.length;
+}
+
+/** A file of the cache opened for reading, or null if it cannot be (missing: not kept). */
+function openForReading(file: string): number | null {
+  try {
+    return fs.openSync(file, 'r');
+  } catch {
+    return null;
+  }
 }
 
 /**

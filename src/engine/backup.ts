@@ -20,6 +20,8 @@ import type { Repository } from './repository.js';
 import { BufferPool, type SealPool } from './seal.js';
 import type { SourceFs, SourceStat } from './source.js';
 import { type AheadFile, type AsyncSource, ReadAhead, asyncSource, readFullAsync } from './readahead.js';
+import { type DirCounts, type EnterRecord, DirRecordsReader, DirRecordsWriter, StatLine } from './dirrecords.js';
+import { rng } from './repository.js';
 import type { SnapshotInfo, ObjectReader } from '../storage/types.js';
 
 
@@ -206,6 +208,12 @@ interface Walk {
    */
   readonly prevComplete: boolean;
   lastProgress: number;
+  /** The last run's directory records (only with prevComplete: they describe the parent snapshot). */
+  readonly records: DirRecordsReader | null;
+  /** This run's directory records. */
+  readonly recordsOut: DirRecordsWriter | null;
+  /** Stat lines of the directory being compared (one buffer for the walk). */
+  readonly line: StatLine;
 }
 
 function joinPath(dir: Buffer, name: Buffer): Buffer {
@@ -442,7 +450,7 @@ function entryOf(
 
 /** Back up one file system object; returns its tree entry, or null if it was skipped. */
 async function backupNode(
-  w: Walk, p: Buffer, name: Buffer, st: SourceStat, prev: TreeEntry | undefined, xattrsP: Promise<Xattr[]> | null, ahead: AheadFile | null = null,
+  w: Walk, p: Buffer, name: Buffer, st: SourceStat, prev: TreeEntry | undefined, xattrsP: Promise<Xattr[]> | null, ahead: AheadFile | null, attached: boolean,
 ): Promise<TreeEntry | null> {
   const kind = kindOf(st);
   const xattrs: readonly Xattr[] = xattrsP === null ? (prev?.xattrs ?? []) : await xattrsP;
@@ -475,9 +483,8 @@ async function backupNode(
     }
     case NodeKind.dir: {
       w.stats.dirs++;
-      const prevTree = prev?.kind === NodeKind.dir && prev.subtree ? await loadPrevTree(w, prev.subtree) : null;
-      const subtree = await backupDir(w, p, prevTree, prevTree && prev!.subtree);
-      return entryOf(name, st, xattrs, 0, NO_CHUNKS, subtree, null);
+      const { id } = await backupDir(w, p, new PrevDir(w, null, null, prev?.kind === NodeKind.dir ? prev.subtree : null), attached);
+      return entryOf(name, st, xattrs, 0, NO_CHUNKS, id, null);
     }
     case NodeKind.symlink: {
       w.stats.symlinks++;
@@ -552,8 +559,66 @@ function pairRenamedDirs(items: Item[], prevTree: readonly TreeEntry[], matched:
   }
 }
 
-/** Back up the contents of directory p (whose previous tree, if any, is prevTree with id prevId); returns the id of its tree. */
-async function backupDir(w: Walk, p: Buffer, prevTree: TreeEntry[] | null, prevId: Buffer | null): Promise<Buffer> {
+/**
+ * What the walk knows of a directory's previous tree: its id (from its parent's previous tree, from
+ * the previous snapshot's root, or found lazily in the parent's previous tree when the parent was
+ * matched by its record and its tree never loaded) and the tree itself, loaded on first use.
+ */
+class PrevDir {
+  private readonly w: Walk;
+  private readonly parent: PrevDir | null;
+  private readonly name: Buffer | null;
+  private known: Buffer | null | undefined;
+  private loaded: TreeEntry[] | null | undefined;
+  constructor(w: Walk, parent: PrevDir | null, name: Buffer | null, id: Buffer | null | undefined, tree?: TreeEntry[] | null) {
+    this.w = w;
+    this.parent = parent;
+    this.name = name;
+    this.known = id;
+    this.loaded = tree;
+  }
+  async id(): Promise<Buffer | null> {
+    if (this.known === undefined) {
+      const pt = this.parent ? await this.parent.tree() : null;
+      const e = pt ? findEntry(pt, this.name!) : undefined;
+      this.known = e?.kind === NodeKind.dir ? e.subtree : null;
+    }
+    return this.known;
+  }
+  async tree(): Promise<TreeEntry[] | null> {
+    if (this.loaded === undefined) {
+      const id = await this.id();
+      this.loaded = id ? await loadPrevTree(this.w, id) : null;
+    }
+    return this.loaded;
+  }
+}
+
+/** The entry of a tree (sorted by name) with this name. */
+function findEntry(tree: readonly TreeEntry[], name: Buffer): TreeEntry | undefined {
+  let lo = 0;
+  let hi = tree.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    const c = Buffer.compare(tree[mid]!.name, name);
+    if (c === 0) return tree[mid];
+    if (c < 0) lo = mid + 1;
+    else hi = mid;
+  }
+  return undefined;
+}
+
+/** A directory's tree id, and whether it is its previous tree's id. */
+interface DirResult {
+  readonly id: Buffer;
+  readonly same: boolean;
+}
+
+/**
+ * Back up the contents of directory p (whose previous tree prev describes). attached: the last run's
+ * records are read at this directory's place (its parent's record was found, or it is a backup path).
+ */
+async function backupDir(w: Walk, p: Buffer, prev: PrevDir, attached: boolean): Promise<DirResult> {
   let names: Buffer[];
   try {
     // each name readdir gives has an ArrayBuffer of its own; copies lie in Node's shared pool
@@ -563,7 +628,6 @@ async function backupDir(w: Walk, p: Buffer, prevTree: TreeEntry[] | null, prevI
     names = [];
   }
   names.sort(Buffer.compare);
-  const entries: TreeEntry[] = [];
   const rel = relOf(p);
 
   // CACHEDIR.TAG: keep only the tag itself (as tar --exclude-caches-under does)
@@ -580,10 +644,7 @@ async function backupDir(w: Walk, p: Buffer, prevTree: TreeEntry[] | null, prevI
   try {
     const filtering = excluder?.active === true;
     // First stat every entry, then back them up (asking for the xattrs of changed ones a little ahead).
-    // names and prevTree are both sorted by name bytes: their entries are paired by one merge.
     const items: Item[] = [];
-    let k = 0;
-    const matched = prevTree ? new Uint8Array(prevTree.length) : null;
     const scratch = new ScratchPaths(p);
     for (const name of names) {
       const child = scratch.path(name); // not kept: joinPath makes it when the entry's turn comes near
@@ -595,63 +656,191 @@ async function backupDir(w: Walk, p: Buffer, prevTree: TreeEntry[] | null, prevI
         continue;
       }
       if (filtering && excluder!.isExcluded(relOf(child), st.kind === NodeKind.dir)) continue;
-      let prev: TreeEntry | undefined;
-      if (prevTree) {
-        while (k < prevTree.length && Buffer.compare(prevTree[k]!.name, name) < 0) k++;
-        if (k < prevTree.length && prevTree[k]!.name.equals(name)) {
-          prev = prevTree[k];
-          if (prev!.inode === st.ino) matched![k] = 1; // else the name went to another object, and the old one may be renamed
-          k++;
-        }
-      }
-      items.push({ name, st, prev, child: null, xattrs: null, ahead: null });
+      items.push({ name, st, prev: undefined, child: null, xattrs: null, ahead: null });
     }
-    if (prevTree) pairRenamedDirs(items, prevTree, matched!);
-    // Everything but directories first, then the directories: the files read ahead for this directory
-    // are all taken before the walk goes down into a subdirectory (which asks for its own).
-    const order = new Uint32Array(items.length);
-    let o = 0;
-    for (let i = 0; i < items.length; i++) if (items[i]!.st.kind !== NodeKind.dir) order[o++] = i;
-    for (let i = 0; i < items.length; i++) if (items[i]!.st.kind === NodeKind.dir) order[o++] = i;
-    // An item is dropped once backed up (its stat, path, xattrs request and read ahead): a directory
-    // of 17,916 files held them all until its tree was built
-    const pending: (Item | null)[] = items;
-    const done: (TreeEntry | null)[] = new Array<TreeEntry | null>(items.length).fill(null);
-    let asked = 0;
-    try {
-      for (let j = 0; j < order.length; j++) {
-        // xattrs (pipelined through the helper) and files' first chunks are asked for XATTRS_AHEAD
-        // entries ahead, not for the whole directory at once: 17,916 pending xattr requests held
-        // about 20 MB in one directory of the corpus
-        for (; asked < Math.min(order.length, j + XATTRS_AHEAD); asked++) {
-          const next = pending[order[asked]!]!;
-          const child = joinPath(p, next.name);
-          next.child = child;
-          next.xattrs = requestXattrs(w, child, next.st, next.prev);
-          if (w.ahead !== null && readsAhead(w, next.st, next.prev)) next.ahead = w.ahead.request(child, Math.min(w.repo.chunkSize, next.st.size));
-        }
-        const i = order[j]!;
-        const it = pending[i]!;
-        try {
-          done[i] = await backupNode(w, it.child!, it.name, it.st, it.prev, it.xattrs, it.ahead);
-        } catch (err) {
-          if (err instanceof SnapError) throw err;
-          warn(w, it.child!, err);
-          if (it.ahead !== null) await w.ahead!.drop(it.ahead); // (taken already, unless the error came first)
-        }
-        pending[i] = null;
-      }
-    } finally {
-      // files asked for and not taken (an error ended the walk): closed, their buffers given back
-      for (let j = 0; j < asked; j++) {
-        const a = pending[order[j]!]?.ahead;
-        if (a) await w.ahead!.drop(a);
-      }
+    const rec = attached && w.records !== null ? w.records.enter(p) : null;
+    if (rec !== null) {
+      w.line.reset();
+      for (const it of items) w.line.addStat(it.name, it.st);
+      if (w.line.view().equals(rec.line)) return await unchangedDir(w, p, items, prev, rec);
     }
-    for (const e of done) if (e !== null) entries.push(e);
+    return await changedDir(w, p, items, prev, rec !== null);
   } finally {
     excluder?.leave();
   }
+}
+
+/** Whether a tree entry has the metadata an lstat result gives (what a stat line holds). */
+function sameStat(e: TreeEntry, st: SourceStat): boolean {
+  return (
+    e.kind === st.kind && e.mode === (st.mode & 0o7777) && e.uid === st.uid && e.gid === st.gid && e.mtimeNs === st.mtimeNs &&
+    e.ctimeNs === st.ctimeNs && e.inode === st.ino && e.nlink === st.nlink && (e.kind !== NodeKind.file || e.size === st.size) &&
+    (e.kind !== NodeKind.chardev && e.kind !== NodeKind.blockdev || e.rdev === st.rdev)
+  );
+}
+
+/** Adds a reused non-directory entry to the references and stats (as backupNode does). */
+function reuseEntry(w: Walk, e: TreeEntry): void {
+  switch (e.kind) {
+    case NodeKind.file:
+      for (const c of e.chunks) if (!c.equals(ZERO_CHUNK)) w.refs.push(c);
+      addCounts(w, { files: 1, bytes: e.size, symlinks: 0, others: 0 });
+      break;
+    case NodeKind.symlink:
+      w.stats.symlinks++;
+      break;
+    default:
+      w.stats.others++;
+  }
+}
+
+function addCounts(w: Walk, c: DirCounts): void {
+  w.stats.files += c.files;
+  w.stats.bytes += c.bytes;
+  w.stats.symlinks += c.symlinks;
+  w.stats.others += c.others;
+  w.progress.filesDone += c.files;
+  w.progress.bytesDone += c.bytes;
+}
+
+/**
+ * A directory whose entries all have the metadata its record lists: its files are not looked at
+ * (their chunk ids are the record's), its subdirectories are walked, and if each of them has its
+ * previous tree, so has this one (the id in the record's LEAVE). Else its tree is built from the
+ * previous tree's entries and the subdirectories' new ids.
+ */
+async function unchangedDir(w: Walk, p: Buffer, items: Item[], prev: PrevDir, rec: EnterRecord): Promise<DirResult> {
+  w.recordsOut?.enterCopy(rec);
+  const ids = rec.ids.length > 0 ? Buffer.from(rec.ids) : null; // (rec is a view of a block that will be dropped)
+  const counts: DirCounts = { files: rec.files, bytes: rec.bytes, symlinks: rec.symlinks, others: rec.others };
+  const subs: (DirResult | null)[] = new Array<DirResult | null>(items.length).fill(null);
+  let allSame = true;
+  for (let i = 0; i < items.length; i++) {
+    const it = items[i]!;
+    if (it.st.kind !== NodeKind.dir) continue;
+    w.stats.dirs++;
+    const child = joinPath(p, it.name);
+    try {
+      subs[i] = await backupDir(w, child, new PrevDir(w, prev, it.name, undefined), true);
+    } catch (err) {
+      if (err instanceof SnapError) throw err;
+      warn(w, child, err);
+    }
+    if (!subs[i]?.same) allSame = false;
+  }
+  const leave = w.records!.leave();
+  if (allSame && leave?.valid === true && (w.prevComplete || w.known.has(leave.id))) {
+    if (ids !== null) for (let o = 0; o < ids.length; o += 32) w.refs.push(ids.subarray(o, o + 32));
+    addCounts(w, counts);
+    tick(w, p);
+    w.refs.push(leave.id);
+    w.recordsOut?.leave(true, leave.id);
+    return { id: leave.id, same: true };
+  }
+  // something below changed: this tree is the previous one's entries with the new subtree ids
+  const prevTree = (await prev.tree()) ?? [];
+  const entries: TreeEntry[] = [];
+  let valid = true;
+  for (let i = 0; i < items.length; i++) {
+    const it = items[i]!;
+    const e = findEntry(prevTree, it.name);
+    if (it.st.kind === NodeKind.dir) {
+      const sub = subs[i];
+      if (!sub) {
+        valid = false;
+        continue;
+      }
+      const xattrs = (await requestXattrs(w, joinPath(p, it.name), it.st, e)) ?? e!.xattrs;
+      entries.push(entryOf(it.name, it.st, xattrs, 0, NO_CHUNKS, sub.id, null));
+    } else if (e !== undefined && sameStat(e, it.st) && (e.kind !== NodeKind.file || reusable(w, it.st, e))) {
+      reuseEntry(w, e);
+      entries.push(e);
+    } else {
+      // the previous tree disagrees with the record (not written by this program): back it up
+      valid = false;
+      const child = joinPath(p, it.name);
+      try {
+        const n = await backupNode(w, child, it.name, it.st, e, requestXattrs(w, child, it.st, e), null, false);
+        if (n) entries.push(n);
+      } catch (err) {
+        if (err instanceof SnapError) throw err;
+        warn(w, child, err);
+      }
+    }
+  }
+  const id = await storeTree(w, entries);
+  w.recordsOut?.leave(valid, id);
+  return { id, same: (await prev.id())?.equals(id) === true };
+}
+
+/** A directory with changed, new or missing entries (or no record): compared with its previous tree. */
+async function changedDir(w: Walk, p: Buffer, items: Item[], prev: PrevDir, attached: boolean): Promise<DirResult> {
+  const prevTree = await prev.tree();
+  const prevId = prevTree ? await prev.id() : null;
+  const entries: TreeEntry[] = [];
+  // names and prevTree are both sorted by name bytes: their entries are paired by one merge
+  if (prevTree) {
+    let k = 0;
+    const matched = new Uint8Array(prevTree.length);
+    for (const it of items) {
+      while (k < prevTree.length && Buffer.compare(prevTree[k]!.name, it.name) < 0) k++;
+      if (k < prevTree.length && prevTree[k]!.name.equals(it.name)) {
+        it.prev = prevTree[k];
+        if (it.prev!.inode === it.st.ino) matched[k] = 1; // else the name went to another object, and the old one may be renamed
+        k++;
+      }
+    }
+    pairRenamedDirs(items, prevTree, matched);
+  }
+  // Everything but directories first, then the directories: the files read ahead for this directory
+  // are all taken before the walk goes down into a subdirectory (which asks for its own).
+  const order = new Uint32Array(items.length);
+  let o = 0;
+  for (let i = 0; i < items.length; i++) if (items[i]!.st.kind !== NodeKind.dir) order[o++] = i;
+  const firstDir = o;
+  for (let i = 0; i < items.length; i++) if (items[i]!.st.kind === NodeKind.dir) order[o++] = i;
+  // An item is dropped once backed up (its stat, path, xattrs request and read ahead): a directory
+  // of 17,916 files held them all until its tree was built
+  const pending: (Item | null)[] = items;
+  const done: (TreeEntry | null)[] = new Array<TreeEntry | null>(items.length).fill(null);
+  let asked = 0;
+  try {
+    for (let j = 0; j < order.length; j++) {
+      if (j === firstDir) writeEnter(w, p, pending, done);
+      // xattrs (pipelined through the helper) and files' first chunks are asked for XATTRS_AHEAD
+      // entries ahead, not for the whole directory at once: 17,916 pending xattr requests held
+      // about 20 MB in one directory of the corpus
+      for (; asked < Math.min(order.length, j + XATTRS_AHEAD); asked++) {
+        const next = pending[order[asked]!]!;
+        const child = joinPath(p, next.name);
+        next.child = child;
+        next.xattrs = requestXattrs(w, child, next.st, next.prev);
+        if (w.ahead !== null && readsAhead(w, next.st, next.prev)) next.ahead = w.ahead.request(child, Math.min(w.repo.chunkSize, next.st.size));
+      }
+      const i = order[j]!;
+      const it = pending[i]!;
+      try {
+        done[i] = await backupNode(w, it.child!, it.name, it.st, it.prev, it.xattrs, it.ahead, attached);
+      } catch (err) {
+        if (err instanceof SnapError) throw err;
+        warn(w, it.child!, err);
+        if (it.ahead !== null) await w.ahead!.drop(it.ahead); // (taken already, unless the error came first)
+      }
+      pending[i] = null;
+    }
+    if (firstDir === order.length) writeEnter(w, p, pending, done);
+  } finally {
+    // files asked for and not taken (an error ended the walk): closed, their buffers given back
+    for (let j = 0; j < asked; j++) {
+      const a = pending[order[j]!]?.ahead;
+      if (a) await w.ahead!.drop(a);
+    }
+  }
+  for (const e of done) if (e !== null) entries.push(e);
+  let valid = true; // (a file that failed is not in the stat line; a directory is)
+  for (let j = firstDir; j < order.length; j++) if (done[order[j]!] === null) valid = false;
+  if (attached && w.records !== null) w.records.leave(); // past this directory's records
+  let id: Buffer;
   // Nothing changed in this directory: its tree encodes to the previous bytes, so it has the same id
   // (no encoding, hashing or upload). prevTree is sorted by name, like entries.
   if (
@@ -659,9 +848,43 @@ async function backupDir(w: Walk, p: Buffer, prevTree: TreeEntry[] | null, prevI
     entries.every((e, i) => sameEntry(e, prevTree[i]!)) && (w.prevComplete || w.known.has(prevId))
   ) {
     w.refs.push(prevId);
-    return prevId;
+    id = prevId;
+  } else {
+    id = await storeTree(w, entries);
   }
-  return storeTree(w, entries);
+  w.recordsOut?.leave(valid, id);
+  return { id, same: prevId !== null && id.equals(prevId) };
+}
+
+/**
+ * This run's ENTER record of a directory, once its non-directory entries are backed up (done) and
+ * before its directories are (still pending): the stat line of its tree's entries (the directories'
+ * from their lstat results, as entryOf makes their entries), its files' chunk ids and its counts.
+ */
+function writeEnter(w: Walk, p: Buffer, pending: readonly (Item | null)[], done: readonly (TreeEntry | null)[]): void {
+  const out = w.recordsOut;
+  if (out === null) return;
+  const line = w.line;
+  line.reset();
+  const ids: Buffer[] = [];
+  const counts: DirCounts = { files: 0, bytes: 0, symlinks: 0, others: 0 };
+  for (let i = 0; i < pending.length; i++) {
+    const it = pending[i];
+    if (it) {
+      line.addStat(it.name, it.st); // a directory
+      continue;
+    }
+    const e = done[i];
+    if (!e) continue;
+    line.addEntry(e);
+    if (e.kind === NodeKind.file) {
+      counts.files++;
+      counts.bytes += e.size;
+      for (const c of e.chunks) if (!c.equals(ZERO_CHUNK)) ids.push(c);
+    } else if (e.kind === NodeKind.symlink) counts.symlinks++;
+    else counts.others++;
+  }
+  out.enter(p, line.view(), ids, counts);
 }
 
 async function storeTree(w: Walk, entries: TreeEntry[]): Promise<Buffer> {
@@ -705,7 +928,7 @@ async function backupAncestors(w: Walk, p: Buffer, node: PathNode, prevTree: Tre
     const st = w.fs.lstat(cp); // checked before the walk started
     const prev = prevTree?.find((e) => e.name.equals(name));
     if (child.target) {
-      const e = await backupNode(w, cp, name, st, prev, requestXattrs(w, cp, st, prev));
+      const e = await backupNode(w, cp, name, st, prev, requestXattrs(w, cp, st, prev), null, true);
       if (e) entries.push(e);
     } else {
       w.stats.dirs++;
@@ -745,7 +968,12 @@ export async function backup(repo: Repository, opts: BackupOptions): Promise<Bac
   // commit's (no listing of current), else a listing. Forgotten until this run commits, since objects
   // uploaded by a run that does not commit are in current but not in that index.
   let cached = parent ? (repo.cache?.getIndex?.(parent.rootId) ?? null) : null;
+  // the walk's directory records of that commit (only with its index: they describe what it committed)
+  const recordsIn = cached ? (repo.cache?.readRecords?.() ?? null) : null;
+  let records = recordsIn && parent ? DirRecordsReader.open(repo.keys, recordsIn, Buffer.from(parent.rootId, 'hex')) : null;
+  if (records === null) recordsIn?.close();
   repo.cache?.dropIndex?.();
+  repo.cache?.dropRecords?.();
   for (;;) {
     // the ids the run adds to what current holds are the new snapshot's references: kept once, in refs
     const refs = new IdList();
@@ -754,15 +982,20 @@ export async function backup(repo: Repository, opts: BackupOptions): Promise<Bac
     const pool = await repo.sealPool();
     const inflight = opts.inflightBytes ?? 8 * 1024 * 1024;
     const up = new Uploader(repo, pool, known, inflight, stats, step);
+    const out = repo.cache?.writeRecords?.() ?? null;
+    const recordsOut = out ? new DirRecordsWriter(repo.keys, out, rng) : null;
     try {
       const reads = new ReadBuffers(repo.chunkSize, inflight);
-      return await runBackup(repo, opts, paths, known, cached !== null, parent, stats, refs, up, reads, step, started);
+      return await runBackup(repo, opts, paths, known, cached !== null, parent, stats, refs, up, reads, step, started, records, recordsOut);
     } catch (err) {
       // current lacks an object the kept index lists (removed on the server since): once more with a listing
       if (!(err instanceof CommitRefused) || cached === null) throw err instanceof CommitRefused ? err.cause : err;
       cached = null;
     } finally {
       known.dispose(); // (the kept index's open file, on every way out)
+      records?.close();
+      records = null;
+      recordsOut?.discard(); // (after finish, nothing)
       await pool.close();
     }
   }
@@ -780,12 +1013,14 @@ class CommitRefused extends Error {
 async function runBackup(
   repo: Repository, opts: BackupOptions, paths: Buffer[], known: IdSet, prevComplete: boolean, parent: Awaited<ReturnType<Repository['currentHead']>>,
   stats: SnapshotStats, refs: IdList, up: Uploader, reads: ReadBuffers, step: (s: string) => void, started: Date,
+  records: DirRecordsReader | null, recordsOut: DirRecordsWriter | null,
 ): Promise<BackupResult> {
   const async = asyncSource(opts.source);
   const w: Walk = {
     reads, async, ahead: async ? new ReadAhead(async, reads) : null,
     repo, opts, fs: opts.source, up, known, refs, stats, prevReader: repo.storage, hardlinks: new Map(), prevComplete,
     progress: { filesDone: 0, bytesDone: 0, filesTotal: null, bytesTotal: null, currentPath: '' }, lastProgress: 0,
+    records: prevComplete ? records : null, recordsOut, line: new StatLine(),
   };
   if (opts.prescan && opts.onProgress) {
     const t = prescan(opts.source, paths, opts.excluder);
@@ -795,7 +1030,9 @@ async function runBackup(
   const prevRoot = parent ? await loadPrevTree(w, Buffer.from(parent.root.tree, 'hex')) : null;
   const pathTree = buildPathTree(paths);
   // backing up "/" itself: the root tree is the root directory's own
-  const treeId = pathTree.target ? await backupDir(w, Buffer.from('/'), prevRoot, prevRoot && Buffer.from(parent!.root.tree, 'hex')) : await backupAncestors(w, Buffer.from('/'), pathTree, prevRoot);
+  const treeId = pathTree.target
+    ? (await backupDir(w, Buffer.from('/'), new PrevDir(w, null, null, prevRoot && Buffer.from(parent!.root.tree, 'hex'), prevRoot), true)).id
+    : await backupAncestors(w, Buffer.from('/'), pathTree, prevRoot);
   step('trees-done');
   await up.drain();
   step('uploaded');
@@ -829,6 +1066,7 @@ async function runBackup(
     throw err;
   }
   repo.cache?.putIndex?.(rootId.toString('hex'), index);
+  recordsOut?.finish(rootId);
   step('committed');
   opts.onProgress?.({ ...w.progress, currentPath: '' });
   return { snapshot, rootId: rootId.toString('hex'), root };

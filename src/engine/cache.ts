@@ -20,6 +20,32 @@ export interface TreeCache {
   putIndex?(head: string, index: IndexBytes): void;
   /** Forget the kept index (a backup that may upload objects outside it does this first). */
   dropIndex?(): void;
+  /**
+   * The walk's directory records (engine/dirrecords.ts; opaque, sealed bytes to the cache), kept
+   * beside the kept index: the file of the last commit, opened for reading, or null.
+   */
+  readRecords?(): RecordsIn | null;
+  /** A new records file, written as the walk goes and kept (replacing the last) only by keep(). */
+  writeRecords?(): RecordsOut | null;
+  /** Forget the records file (done with dropIndex, for the same reason). */
+  dropRecords?(): void;
+}
+
+/** A records file open for reading (it stays readable after dropRecords). */
+export interface RecordsIn {
+  /** Reads into buf at the file position; returns the bytes read (fewer only at the end). */
+  read(buf: Buffer, position: number): number;
+  close(): void;
+}
+
+/** A records file being written; every call may throw (a full or read-only cache). */
+export interface RecordsOut {
+  /** Appends data, or writes it at position (the header, written last). */
+  write(data: Uint8Array, position?: number): void;
+  /** Closes the file and makes it the records file. */
+  keep(): void;
+  /** Closes and deletes the file (never throws). */
+  discard(): void;
 }
 
 /**
