@@ -351,17 +351,30 @@ function localNonce(index: number): Buffer {
 export function sealLocalBlock(key: KeyObject, index: number, last: boolean, plain: Uint8Array): Buffer {
   const cipher = createCipheriv('aes-256-gcm', key, localNonce(index), { authTagLength: TAG_LEN });
   cipher.setAAD(Uint8Array.of(last ? 1 : 0));
-  return Buffer.concat([cipher.update(plain), cipher.final(), cipher.getAuthTag()]);
+  // into one buffer of its own (which the caller can free at once), the cipher's outputs freed as copied
+  const out = Buffer.allocUnsafeSlow(plain.length + TAG_LEN);
+  let off = copyOut(cipher.update(plain), out, 0);
+  off += copyOut(cipher.final(), out, off);
+  copyOut(cipher.getAuthTag(), out, off);
+  return out;
 }
 
-/** Opens a block of sealLocalBlock; null if it does not open as block `index` with that last flag. */
-export function openLocalBlock(key: KeyObject, index: number, last: boolean, sealed: Uint8Array): Buffer | null {
-  if (sealed.length < TAG_LEN) return null;
+/**
+ * Opens a block of sealLocalBlock into `into` (at least the plaintext's length; the cipher's output
+ * is copied there and freed at once); returns the plaintext, a view of into, or null if the block
+ * does not open as block `index` with that last flag.
+ */
+export function openLocalBlock(key: KeyObject, index: number, last: boolean, sealed: Uint8Array, into: Buffer): Buffer | null {
+  const len = sealed.length - TAG_LEN;
+  if (len < 0 || into.length < len) return null;
   const decipher = createDecipheriv('aes-256-gcm', key, localNonce(index), { authTagLength: TAG_LEN });
   decipher.setAAD(Uint8Array.of(last ? 1 : 0));
-  decipher.setAuthTag(sealed.subarray(sealed.length - TAG_LEN));
+  decipher.setAuthTag(sealed.subarray(len));
   try {
-    return Buffer.concat([decipher.update(sealed.subarray(0, sealed.length - TAG_LEN)), decipher.final()]);
+    let off = 0;
+    for (let p = 0; p < len; p += SEAL_PIECE) off += copyOut(decipher.update(sealed.subarray(p, Math.min(len, p + SEAL_PIECE))), into, off);
+    copyOut(decipher.final(), into, off);
+    return into.subarray(0, len);
   } catch {
     return null;
   }

@@ -26,6 +26,7 @@ import type { SnapshotInfo, ObjectReader } from '../storage/types.js';
 
 
 export const IGNORE_FILE = '.snapcryptignore';
+const IGNORE_NAME = Buffer.from(IGNORE_FILE, 'latin1');
 const CACHEDIR_TAG = Buffer.from('CACHEDIR.TAG');
 const CACHEDIR_SIGNATURE = Buffer.from('Signature: 8a477f597d28d172789f06886806bc55');
 
@@ -636,8 +637,8 @@ async function backupDir(w: Walk, p: Buffer, prev: PrevDir, attached: boolean): 
     if (head?.equals(CACHEDIR_SIGNATURE)) names = [CACHEDIR_TAG];
   }
   let ignoreText: string | null = null;
-  if (w.opts.excluder && names.some((n) => n.toString('latin1') === IGNORE_FILE)) {
-    ignoreText = readSmallFile(w.fs, joinPath(p, Buffer.from(IGNORE_FILE)), 1 << 20)?.toString('latin1') ?? null;
+  if (w.opts.excluder && names.some((n) => n.equals(IGNORE_NAME))) {
+    ignoreText = readSmallFile(w.fs, joinPath(p, IGNORE_NAME), 1 << 20)?.toString('latin1') ?? null;
   }
   const excluder = w.opts.excluder;
   excluder?.enter(rel, ignoreText);
@@ -711,7 +712,9 @@ function addCounts(w: Walk, c: DirCounts): void {
  */
 async function unchangedDir(w: Walk, p: Buffer, items: Item[], prev: PrevDir, rec: EnterRecord): Promise<DirResult> {
   w.recordsOut?.enterCopy(rec);
-  const ids = rec.ids.length > 0 ? Buffer.from(rec.ids) : null; // (rec is a view of a block that will be dropped)
+  // (rec is a view of the reader's block, which the next record overwrites; the copy is freed below)
+  const ids = rec.ids.length > 0 ? Buffer.allocUnsafeSlow(rec.ids.length) : null;
+  ids?.set(rec.ids);
   const counts: DirCounts = { files: rec.files, bytes: rec.bytes, symlinks: rec.symlinks, others: rec.others };
   const subs: (DirResult | null)[] = new Array<DirResult | null>(items.length).fill(null);
   let allSame = true;
@@ -731,6 +734,7 @@ async function unchangedDir(w: Walk, p: Buffer, items: Item[], prev: PrevDir, re
   const leave = w.records!.leave();
   if (allSame && leave?.valid === true && (w.prevComplete || w.known.has(leave.id))) {
     if (ids !== null) for (let o = 0; o < ids.length; o += 32) w.refs.push(ids.subarray(o, o + 32));
+    if (ids !== null) release(ids);
     addCounts(w, counts);
     tick(w, p);
     w.refs.push(leave.id);
@@ -738,6 +742,7 @@ async function unchangedDir(w: Walk, p: Buffer, items: Item[], prev: PrevDir, re
     return { id: leave.id, same: true };
   }
   // something below changed: this tree is the previous one's entries with the new subtree ids
+  if (ids !== null) release(ids);
   const prevTree = (await prev.tree()) ?? [];
   const entries: TreeEntry[] = [];
   let valid = true;

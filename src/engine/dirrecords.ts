@@ -13,13 +13,14 @@
  * unchanged contents, xattrs and symlink target, section 4 step 5): its files are not looked at, and
  * if nothing below it changed either, its tree id is the recorded one.
  *
- * The file is written as the walk goes, in blocks of about 1 MiB sealed by core/crypto (AES-256-GCM
+ * The file is written as the walk goes, in blocks of about 256 KiB sealed by core/crypto (AES-256-GCM
  * under a key of its own, block numbers as nonces, the last block marked), and tied to the head its
  * commit wrote by a tag in its header: it holds nothing the repository does not, and nothing it says
  * is taken unless it opens under the key. Records never span blocks.
  */
 import type { KeyObject } from 'node:crypto';
 import { type NodeKindCode, type TreeEntry, NodeKind } from '../core/format.js';
+import { release } from '../core/memory.js';
 import { type Keys, type Rng, LOCAL_BLOCK_OVERHEAD, localFileKey, localHeadTag, openLocalBlock, sealLocalBlock } from '../core/crypto.js';
 import type { RecordsIn, RecordsOut } from './cache.js';
 import type { SourceStat } from './source.js';
@@ -30,7 +31,8 @@ const HEAD_LEN = 32;
 const TAG_LEN = 32;
 /** magic, salt, head (the root id of the commit), tag of the head under the file key */
 export const RECORDS_HEADER_LEN = MAGIC.length + SALT_LEN + HEAD_LEN + TAG_LEN;
-const BLOCK = 1 << 20;
+/** Records per block, in bytes: a block is held whole while written and while read. */
+const BLOCK = 256 * 1024;
 /** The block length field: the low 31 bits are the sealed length, the top bit marks the last block. */
 const LAST_BIT = 0x80000000;
 const MAX_SEALED = 0x7fffffff;
@@ -53,7 +55,7 @@ export interface DirCounts {
   others: number;
 }
 
-/** A directory's ENTER record; its buffers are views of the block it was read from. */
+/** A directory's ENTER record; its buffers are views of the reader's block, valid until its next call. */
 export interface EnterRecord extends DirCounts {
   /** The whole record, as written (copied into the next file when the directory is unchanged). */
   readonly raw: Buffer;
@@ -182,6 +184,9 @@ export class DirRecordsWriter {
       this.out.write(head);
       this.out.write(sealed);
     });
+    release(sealed);
+    // a block made larger for one large record goes back to the usual size
+    if (this.buf.length > BLOCK) this.buf = Buffer.allocUnsafe(BLOCK);
   }
 
   /** A directory's ENTER record: its path, its stat line, its files' chunk ids and its counts. */
@@ -239,7 +244,8 @@ export class DirRecordsWriter {
 }
 
 /**
- * Reads the records of the last run as the walk goes. enter() is asked only for a directory whose
+ * Reads the records of the last run as the walk goes. What it returns are views of its one block
+ * buffer: valid until its next call. enter() is asked only for a directory whose
  * parent's record was found (or for one of the paths given to the backup), and leave() only for a
  * directory whose record enter() gave: the file is read once, front to back. A block that does not
  * open, or a file cut short, ends the reading: every later question gets null (the walk then loads the
@@ -250,7 +256,11 @@ export class DirRecordsReader {
   private readonly key: KeyObject;
   private pos = RECORDS_HEADER_LEN;
   private index = 0;
+  /** The records of the block being read: a view of plainBuf. */
   private block: Buffer = Buffer.alloc(0);
+  /** Reused for every block (grown for a larger one): blocks of their own would be ArrayBuffers that V8 frees late. */
+  private sealedBuf = Buffer.alloc(0);
+  private plainBuf = Buffer.alloc(0);
   private at = 0;
   private last = false;
   private dead = false;
@@ -291,9 +301,15 @@ export class DirRecordsReader {
       if (this.input.read(lenBuf, this.pos) !== 4) return (this.fail(), 0);
       const word = lenBuf.readUInt32BE(0);
       const last = (word & LAST_BIT) !== 0;
-      const sealed = Buffer.allocUnsafe((word & MAX_SEALED) >>> 0);
-      if (sealed.length < LOCAL_BLOCK_OVERHEAD || this.input.read(sealed, this.pos + 4) !== sealed.length) return (this.fail(), 0);
-      const plain = openLocalBlock(this.key, this.index, last, sealed);
+      const len = (word & MAX_SEALED) >>> 0;
+      if (len < LOCAL_BLOCK_OVERHEAD) return (this.fail(), 0);
+      if (this.sealedBuf.length < len) {
+        this.sealedBuf = Buffer.allocUnsafe(Math.max(len, BLOCK + LOCAL_BLOCK_OVERHEAD));
+        this.plainBuf = Buffer.allocUnsafe(this.sealedBuf.length);
+      }
+      const sealed = this.sealedBuf.subarray(0, len);
+      if (this.input.read(sealed, this.pos + 4) !== len) return (this.fail(), 0);
+      const plain = openLocalBlock(this.key, this.index, last, sealed, this.plainBuf);
       if (plain === null) return (this.fail(), 0);
       this.index++;
       this.pos += 4 + sealed.length;
