@@ -255,3 +255,29 @@ test('a damaged, cut or foreign records file is not used, and the backup is stil
     await h.close();
   }
 });
+
+test('a block that does not open ends the reading there: the directories before it still use their records', async () => {
+  const h = await harness();
+  try {
+    // about 600 KB of records: several blocks of 256 KiB
+    for (let i = 0; i < 40; i++) for (let j = 0; j < 120; j++) write(path.join(h.src, 'many', `m${String(i).padStart(2, '0')}`, `file-with-a-long-name-${j}`), `${i}/${j}`);
+    const first = await h.run();
+    const good = fs.readFileSync(h.recordsFile);
+    const firstLen = good.readUInt32BE(112) & 0x7fffffff;
+    const second = 112 + 4 + firstLen;
+    assert.ok(second + 4 < good.length && (good.readUInt32BE(112) & 0x80000000) === 0, 'the records span more than one block');
+    const damaged = Buffer.from(good);
+    damaged[second + 4 + 100]! ^= 1;
+    fs.writeFileSync(h.recordsFile, damaged);
+    h.treeLoads = 0;
+    const res = await h.run();
+    const dirs = first.root.stats.dirs;
+    // those recorded in the first block took no tree; the others (and the path down to them) did
+    assert.ok(h.treeLoads > 10 && h.treeLoads < dirs - 20, `trees loaded: ${h.treeLoads} of ${dirs} directories`);
+    assert.equal(res.root.stats.filesRead, 0);
+    assert.equal(await h.srcTree(res), await h.srcTree(first), 'same tree');
+    expectExit(await runCli(['verify', '--repo', h.repo.repo, '--read-data'], { env: h.repo.env }), 'verify --read-data');
+  } finally {
+    await h.close();
+  }
+});

@@ -105,7 +105,16 @@ export class DirTreeCache implements TreeCache {
   readRecords(): RecordsIn | null {
     const fd = openForReading(this.recordsFile);
     if (fd === null) return null;
-    return { read: (buf, position) => readUpTo(fd, buf, position), close: () => fs.closeSync(fd) };
+    return {
+      read: (buf, position) => {
+        try {
+          return readUpTo(fd, buf, position);
+        } catch {
+          return 0; // (an unreadable file ends its use, as a cut one does)
+        }
+      },
+      close: () => fs.closeSync(fd),
+    };
   }
   writeRecords(): RecordsOut | null {
     if (!this.ok) return null;
