@@ -237,7 +237,6 @@ function keptIndexHeader(head: string): Buffer {
 /** Ids per bucket of a kept index: a lookup reads one bucket (2 KiB), found by its first id's key. */
 const BUCKET_IDS = 64;
 
-/** Reads exactly buf.length bytes at pos; false when the file ends first. */
 /** Reads into buf at pos until it is full or the file ends; returns the bytes read. */
 function readUpTo(fd: number, buf: Buffer, pos: number): number {
   let off = 0;
@@ -249,6 +248,7 @@ function readUpTo(fd: number, buf: Buffer, pos: number): number {
   return off;
 }
 
+/** Reads exactly buf.length bytes at pos; false when the file ends first. */
 function readAt(fd: number, buf: Buffer, pos: number): boolean {
   return readUpTo(fd, buf, pos) === buf.length;
 }

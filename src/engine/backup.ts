@@ -209,7 +209,7 @@ interface Walk {
    */
   readonly prevComplete: boolean;
   lastProgress: number;
-  /** The last run's directory records (only with prevComplete: they describe the parent snapshot). */
+  /** The last run's directory records (opened only with the kept index, so only with prevComplete: they describe the parent snapshot). */
   readonly records: DirRecordsReader | null;
   /** This run's directory records. */
   readonly recordsOut: DirRecordsWriter | null;
@@ -253,6 +253,17 @@ class ScratchPaths {
 
 function relOf(p: Buffer): string {
   return p.toString('latin1').replace(/^\/+/, '');
+}
+
+/** A file's chunks as references of the new snapshot (zero chunks are none: not stored). */
+function pushChunkRefs(w: Walk, chunks: readonly Buffer[]): void {
+  for (const c of chunks) if (!c.equals(ZERO_CHUNK)) w.refs.push(c);
+}
+
+/** An entry that could not be backed up is a warning; a SnapError (a storage failure, say) stops the run. */
+function warnUnlessFatal(w: Walk, p: Buffer, err: unknown): void {
+  if (err instanceof SnapError) throw err;
+  warn(w, p, err);
 }
 
 function warn(w: Walk, p: Buffer, err: unknown): void {
@@ -462,7 +473,7 @@ async function backupNode(
       tick(w, p);
       // (a file asked for ahead is read: it was not reusable then, and reading it is right anyway)
       if (ahead === null && reusable(w, st, prev)) {
-        for (const c of prev.chunks) if (!c.equals(ZERO_CHUNK)) w.refs.push(c);
+        pushChunkRefs(w, prev.chunks);
         w.stats.bytes += prev.size;
         w.progress.bytesDone += prev.size;
         // the common case, nothing at all changed: the previous entry itself (no new object)
@@ -472,7 +483,7 @@ async function backupNode(
       const hkey = st.nlink > 1 ? `${st.dev}:${st.ino}` : null;
       const linked = hkey ? w.hardlinks.get(hkey) : undefined;
       if (linked) {
-        for (const c of linked) if (!c.equals(ZERO_CHUNK)) w.refs.push(c);
+        pushChunkRefs(w, linked);
         w.stats.bytes += st.size;
         return entryOf(name, st, xattrs, st.size, linked, null, null);
       }
@@ -684,7 +695,7 @@ function sameStat(e: TreeEntry, st: SourceStat): boolean {
 function reuseEntry(w: Walk, e: TreeEntry): void {
   switch (e.kind) {
     case NodeKind.file:
-      for (const c of e.chunks) if (!c.equals(ZERO_CHUNK)) w.refs.push(c);
+      pushChunkRefs(w, e.chunks);
       addCounts(w, { files: 1, bytes: e.size, symlinks: 0, others: 0 });
       break;
     case NodeKind.symlink:
@@ -726,15 +737,16 @@ async function unchangedDir(w: Walk, p: Buffer, items: Item[], prev: PrevDir, re
     try {
       subs[i] = await backupDir(w, child, new PrevDir(w, prev, it.name, undefined), true);
     } catch (err) {
-      if (err instanceof SnapError) throw err;
-      warn(w, child, err);
+      warnUnlessFatal(w, child, err);
     }
     if (!subs[i]?.same) allSame = false;
   }
   const leave = w.records!.leave();
   if (allSame && leave?.valid === true && (w.prevComplete || w.known.has(leave.id))) {
-    if (ids !== null) for (let o = 0; o < ids.length; o += 32) w.refs.push(ids.subarray(o, o + 32));
-    if (ids !== null) release(ids);
+    if (ids !== null) {
+      for (let o = 0; o < ids.length; o += 32) w.refs.push(ids.subarray(o, o + 32));
+      release(ids);
+    }
     addCounts(w, counts);
     tick(w, p);
     w.refs.push(leave.id);
@@ -768,8 +780,7 @@ async function unchangedDir(w: Walk, p: Buffer, items: Item[], prev: PrevDir, re
         const n = await backupNode(w, child, it.name, it.st, e, requestXattrs(w, child, it.st, e), null, false);
         if (n) entries.push(n);
       } catch (err) {
-        if (err instanceof SnapError) throw err;
-        warn(w, child, err);
+        warnUnlessFatal(w, child, err);
       }
     }
   }
@@ -827,8 +838,7 @@ async function changedDir(w: Walk, p: Buffer, items: Item[], prev: PrevDir, atta
       try {
         done[i] = await backupNode(w, it.child!, it.name, it.st, it.prev, it.xattrs, it.ahead, attached);
       } catch (err) {
-        if (err instanceof SnapError) throw err;
-        warn(w, it.child!, err);
+        warnUnlessFatal(w, it.child!, err);
         if (it.ahead !== null) await w.ahead!.drop(it.ahead); // (taken already, unless the error came first)
       }
       pending[i] = null;
@@ -1025,7 +1035,7 @@ async function runBackup(
     reads, async, ahead: async ? new ReadAhead(async, reads) : null,
     repo, opts, fs: opts.source, up, known, refs, stats, prevReader: repo.storage, hardlinks: new Map(), prevComplete,
     progress: { filesDone: 0, bytesDone: 0, filesTotal: null, bytesTotal: null, currentPath: '' }, lastProgress: 0,
-    records: prevComplete ? records : null, recordsOut, line: new StatLine(),
+    records, recordsOut, line: new StatLine(),
   };
   if (opts.prescan && opts.onProgress) {
     const t = prescan(opts.source, paths, opts.excluder);

@@ -156,9 +156,14 @@ export class DirRecordsWriter {
     try {
       f();
     } catch {
-      this.dead = true;
-      this.out.discard();
+      this.disable();
     }
+  }
+
+  /** Stops writing and deletes the file. */
+  private disable(): void {
+    this.dead = true;
+    this.out.discard();
   }
 
   private room(n: number): Buffer {
@@ -173,9 +178,7 @@ export class DirRecordsWriter {
     const sealed = sealLocalBlock(this.key, this.index++, last, this.buf.subarray(0, this.len));
     this.len = 0;
     if (sealed.length > MAX_SEALED) {
-      this.io(() => {
-        throw new Error('block too large');
-      });
+      this.disable();
       return;
     }
     const head = Buffer.allocUnsafe(4);
@@ -238,8 +241,7 @@ export class DirRecordsWriter {
   }
 
   discard(): void {
-    if (!this.dead) this.out.discard();
-    this.dead = true;
+    if (!this.dead) this.disable();
   }
 }
 
@@ -332,10 +334,9 @@ export class DirRecordsReader {
     return n;
   }
 
-  /** The path of the ENTER record at `at` (a view). */
-  private enterPath(): Buffer | null {
-    const n = this.enterLength();
-    if (n < ENTER_HEAD + 2) return n === 0 ? null : this.fail();
+  /** The path of the ENTER record at `at`, n bytes long (a view). */
+  private enterPath(n: number): Buffer | null {
+    if (n < ENTER_HEAD + 2) return this.fail();
     const len = this.block.readUInt16LE(this.at + ENTER_HEAD);
     const start = this.at + ENTER_HEAD + 2;
     if (2 + len > n - ENTER_HEAD) return this.fail();
@@ -366,7 +367,8 @@ export class DirRecordsReader {
   enter(path: Buffer): EnterRecord | null {
     for (;;) {
       if (this.peek() !== ENTER) return null; // the parent's LEAVE: path is new, or the end
-      const p = this.enterPath();
+      const n = this.enterLength();
+      const p = this.enterPath(n);
       if (p === null) return null;
       const order = walkOrder(p, path);
       if (order > 0) return null; // a later directory: path is new
@@ -374,12 +376,12 @@ export class DirRecordsReader {
         if (!this.skipSpan()) return null; // a directory that is gone (or renamed)
         continue;
       }
-      return this.takeEnter(p.length);
+      return this.takeEnter(n, p.length);
     }
   }
 
-  private takeEnter(pathLen: number): EnterRecord | null {
-    const n = this.enterLength();
+  /** The ENTER record at `at`, n bytes long, whose path is pathLen bytes. */
+  private takeEnter(n: number, pathLen: number): EnterRecord | null {
     const b = this.block;
     const end = this.at + n;
     let o = this.at + ENTER_HEAD + 2 + pathLen;
