@@ -148,6 +148,11 @@ test('an unchanged directory is taken from its record: no tree loaded, no file r
     h.treeLoads = 0;
     const second = await h.run();
     assert.equal(second.root.stats.filesRead, 0);
+    // the same records again, sealed under a new file key (a fresh salt): block numbers repeat as
+    // nonces only under different keys, and equal records do not show as equal bytes
+    const again = fs.readFileSync(h.recordsFile);
+    assert.notDeepEqual(again.subarray(16, 48), raw.subarray(16, 48), 'a fresh salt for each records file');
+    assert.notDeepEqual(again.subarray(112, 112 + 4096), raw.subarray(112, 112 + 4096), 'equal records seal to other bytes');
     // only the trees above the backed-up path (/ and /tmp) are loaded: the walk from src down none
     assert.ok(h.treeLoads <= 3, `previous trees loaded: ${h.treeLoads}`);
     assert.equal(await h.srcTree(second), await h.srcTree(first), 'same tree');
