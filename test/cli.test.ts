@@ -39,6 +39,11 @@ test('usage errors: one line on stderr, exit 2, JSON error object with --json', 
   const missing = await runCli(['snapshots', '--repo', '/nonexistent/repo'], { env: { SNAPCRYPT_PASSWORD: 'x' } });
   assert.equal(missing.code, 7, missing.stderr);
   assert.match(missing.stderr, /Cannot open repository \/nonexistent\/repo/);
+  // a path that does not exist is named before the repository is opened (no passphrase asked for)
+  const noPath = await runCli(['backup', '--repo', '/nonexistent/repo', '/nonexistent/path'], { env: {} });
+  assert.equal(noPath.code, 7, noPath.stderr);
+  assert.equal(noPath.stderr.trim().split('\n').length, 1, noPath.stderr);
+  assert.match(noPath.stderr, /Cannot back up \/nonexistent\/path: ENOENT/);
 });
 
 test('SNAPCRYPT_REPO stands for --repo, and --json prints one JSON object per line', async () => {

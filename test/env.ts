@@ -45,7 +45,7 @@ function removeOnExit(dir: string): void {
 }
 
 /** rm -rf that also copes with read-only directories and deletes btrfs subvolumes (read-only or not). */
-function removeSync(path: string): void {
+function removeSync(path: string | Buffer): void {
   let st;
   try {
     st = lstatSync(path);
@@ -56,12 +56,13 @@ function removeSync(path: string): void {
     unlinkSync(path);
     return;
   }
-  if (st.ino === SUBVOLUME_ROOT_INO && isBtrfs(path)) {
-    execFileSync('btrfs', ['subvolume', 'delete', path], { stdio: 'ignore' });
+  if (st.ino === SUBVOLUME_ROOT_INO && isBtrfs(path.toString())) {
+    execFileSync('btrfs', ['subvolume', 'delete', path.toString()], { stdio: 'ignore' });
     return;
   }
   chmodSync(path, 0o700);
-  for (const name of readdirSync(path)) removeSync(join(path, name));
+  // names as bytes: a name that is not UTF-8 would not survive a string
+  for (const name of readdirSync(path, { encoding: 'buffer' })) removeSync(Buffer.concat([Buffer.from(path), Buffer.from('/'), name]));
   rmdirSync(path);
 }
 

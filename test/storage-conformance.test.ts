@@ -14,7 +14,7 @@ import { fileURLToPath } from 'node:url';
 import { isSnapError } from '../src/core/errors.js';
 import type { ErrorCode } from '../src/core/errors.js';
 import { BtrfsStorage } from '../src/drivers/btrfs.js';
-import { LocalDirStorage, ReadAheadGate, sortedIdsDiff } from '../src/drivers/localdir.js';
+import { INDEX_CHUNK, LocalDirStorage, ReadAheadGate, scanIndex, sortedIdsDiff } from '../src/drivers/localdir.js';
 import { openStorage } from '../src/drivers/open.js';
 import { RemoteStorage } from '../src/drivers/ssh.js';
 import { readObjectsInto } from '../src/storage/types.js';
@@ -542,6 +542,58 @@ describe('sortedIdsDiff (a commit against a prefix directory)', () => {
     const odd = [hex(b).toUpperCase(), hex(c).slice(0, 63) + 'g'].sort();
     const mixed = sortedIdsDiff(Buffer.concat([c, d]), [...odd, hex(c), hex(e)].sort());
     assert.deepEqual([mixed.missing, mixed.firstMissing, mixed.unlisted], [1, hex(d), [hex(e)]]);
+    // more ids than one hex string holds (32): every third missing, objects between and after them
+    const many = Array.from({ length: 100 }, (_, i) => id(10 + i, 0));
+    const between = Array.from({ length: 100 }, (_, i) => id(10 + i, 1));
+    const names = [...many.filter((_, i) => i % 3 !== 0), ...between.filter((_, i) => i % 7 === 0), id(200, 0)].map(hex).sort();
+    const runs = sortedIdsDiff(Buffer.concat(many), names);
+    assert.equal(runs.missing, 34);
+    assert.equal(runs.firstMissing, hex(many[0]!));
+    assert.deepEqual(runs.unlisted, [...between.filter((_, i) => i % 7 === 0), id(200, 0)].map(hex));
+  });
+});
+
+describe('scanIndex (a commit checks that its index is sorted and lists the head)', () => {
+  // ids that share their first four bytes (ordered by the rest), around a chunk boundary of the reads
+  const id = (first: number, rest: number): Buffer => {
+    const b = Buffer.alloc(32, 0x11);
+    b.writeUInt32BE(first, 0);
+    b.writeUInt32BE(rest, 28);
+    return b;
+  };
+  const source = (ids: Buffer[]) => {
+    const buf = Buffer.concat(ids);
+    return { length: buf.length, read: async (pos: number, n: number) => buf.subarray(pos, pos + n) };
+  };
+  const perChunk = INDEX_CHUNK / 32;
+  const sorted = Array.from({ length: perChunk + 50 }, (_, i) => id(0x80000000 + Math.floor(i / 3), i % 3));
+  it('passes a sorted index, whose ids often share their first four bytes, also across its reads', async () => {
+    assert.deepEqual(await scanIndex(source(sorted), null), { unsortedAt: null, headListed: false });
+    assert.deepEqual(await scanIndex(source([]), null), { unsortedAt: null, headListed: false });
+    assert.deepEqual(await scanIndex(source([id(0, 0)]), null), { unsortedAt: null, headListed: false });
+  });
+  it('finds the first id not above the one before: a later byte lower, a first byte lower, a repeat', async () => {
+    for (const at of [5, perChunk - 1, perChunk, perChunk + 1]) {
+      const laterByte = [...sorted];
+      laterByte[at] = id(Math.floor((at - 1) / 3) + 0x80000000, 0); // same first four bytes as at - 1, rest not above
+      if ((at - 1) % 3 === 0) laterByte[at - 1] = id(Math.floor((at - 1) / 3) + 0x80000000, 1);
+      assert.equal((await scanIndex(source(laterByte), null)).unsortedAt, at, `later byte at ${at}`);
+      const firstByte = [...sorted];
+      firstByte[at] = id(0x7fffffff, 9);
+      assert.equal((await scanIndex(source(firstByte), null)).unsortedAt, at, `first byte at ${at}`);
+      const repeat = [...sorted];
+      repeat[at] = repeat[at - 1]!;
+      assert.equal((await scanIndex(source(repeat), null)).unsortedAt, at, `repeat at ${at}`);
+    }
+  });
+  it('says whether the head is listed before any disorder; an id with the same first four bytes is not the head', async () => {
+    const head = sorted[perChunk + 7]!;
+    assert.deepEqual(await scanIndex(source(sorted), head.toString('hex')), { unsortedAt: null, headListed: true });
+    const without = sorted.filter((b) => b !== head);
+    assert.equal((await scanIndex(source(without), head.toString('hex'))).headListed, false);
+    const after = [...sorted];
+    after[10] = id(0, 0);
+    assert.deepEqual(await scanIndex(source(after), head.toString('hex')), { unsortedAt: 10, headListed: false });
   });
 });
 

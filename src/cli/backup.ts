@@ -1,6 +1,6 @@
 import fs from 'node:fs';
 import os from 'node:os';
-import { backup } from '../engine/backup.js';
+import { backup, normalisePaths } from '../engine/backup.js';
 import { LocalSourceFs } from '../drivers/localfs.js';
 import { SnapError } from '../core/errors.js';
 import { makeExcluder } from '../core/excluder.js';
@@ -46,8 +46,10 @@ Exit status: 0 done, 3 done but some files could not be read (listed as warnings
         throw new SnapError('usage', `Cannot read exclude file ${name}: ${(err as NodeJS.ErrnoException).code ?? String(err)}`);
       }
     });
-    const repo = await ctx.openRepo();
     const source = new LocalSourceFs();
+    // a PATH that does not exist is named before the passphrase is asked for
+    normalisePaths(ctx.positionals, source, process.cwd());
+    const repo = await ctx.openRepo();
     ctx.warnIfStale((await repo.storage.listSnapshots()).sort((a, b) => a.time - b.time).at(-1), repo.storage.location);
     const lock = await repo.storage.lock(`snapcrypt backup`);
     const t0 = Date.now();

@@ -60,7 +60,10 @@ export class LocalSourceFs implements SourceFs {
     return toStat(fs.lstatSync(p, { bigint: true }));
   }
   readdir(p: Buffer): Buffer[] {
-    return fs.readdirSync(p, { encoding: 'buffer' });
+    // read as latin1 strings and encode back: byte-exact (each byte is one code point below 256),
+    // and about half the time of `encoding: 'buffer'`, which gives every name an ArrayBuffer of its
+    // own; Buffer.from puts the small copies in Node's shared pool
+    return fs.readdirSync(p, { encoding: 'latin1' }).map((n) => Buffer.from(n, 'latin1'));
   }
   readlink(p: Buffer): Buffer {
     return fs.readlinkSync(p, { encoding: 'buffer' });

@@ -633,8 +633,7 @@ interface DirResult {
 async function backupDir(w: Walk, p: Buffer, prev: PrevDir, attached: boolean): Promise<DirResult> {
   let names: Buffer[];
   try {
-    // each name readdir gives has an ArrayBuffer of its own; copies lie in Node's shared pool
-    names = w.fs.readdir(p).map((n) => Buffer.from(n));
+    names = w.fs.readdir(p);
   } catch (err) {
     warn(w, p, err);
     names = [];

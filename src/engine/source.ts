@@ -23,7 +23,7 @@ export interface SourceStat {
 export interface SourceFs {
   /** path may lie in a buffer that the caller reuses after the call: not to be kept. */
   lstat(path: Buffer): SourceStat;
-  /** Entry names of a directory (not sorted). */
+  /** Entry names of a directory (not sorted); the walk keeps them, so small ones should share memory. */
   readdir(path: Buffer): Buffer[];
   readlink(path: Buffer): Buffer;
   open(path: Buffer): number;
