@@ -512,11 +512,6 @@ async function* indexChunks(src: IndexSource): AsyncGenerator<Buffer> {
   for (let pos = 0; pos < src.length; pos += INDEX_CHUNK) yield await src.read(pos, Math.min(INDEX_CHUNK, src.length - pos), scratch);
 }
 
-/** The four bytes at pos as an unsigned big-endian number (so their order is the bytes' order). */
-function first4(b: Buffer, pos: number): number {
-  return b[pos]! * 0x1000000 + ((b[pos + 1]! << 16) | (b[pos + 2]! << 8) | b[pos + 3]!);
-}
-
 /**
  * Reads an index (a whole number of ids) once: the first entry that is not strictly above the one
  * before it (null when the index is sorted), and whether headId is listed before that entry (never
@@ -527,14 +522,14 @@ export async function scanIndex(index: IndexSource, headId: string | null): Prom
   // ids are compared by their first four bytes as a number, and by a Buffer compare only when those
   // are equal (rarely: ids are uniform). A compare of every pair with offsets (four checked in
   // JavaScript per call) took 80 ms of the server's CPU for a commit of the corpus's 65,000 ids.
-  const headFirst = headBytes === null ? -1 : first4(headBytes, 0);
+  const headFirst = headBytes === null ? -1 : headBytes.readUInt32BE(0);
   let headListed = false;
   let prev: Buffer | null = null;
   let prevFirst = -1;
   let entry = 0;
   for await (const chunk of indexChunks(index)) {
     for (let pos = 0; pos < chunk.length; pos += ID_BYTES, entry++) {
-      const first = first4(chunk, pos);
+      const first = chunk.readUInt32BE(pos); // big-endian: the number's order is the bytes' order
       let order = prevFirst < first ? -1 : prevFirst > first ? 1 : 0;
       if (order === 0 && prevFirst !== -1) {
         // compare(target, targetStart, targetEnd, sourceStart, sourceEnd): previous id against this one
