@@ -15,14 +15,10 @@
  * commit has already removed the `unsynced` marker and every temp file; a snapshot holds config, keys/,
  * objects/, head and index only. `btrfs` and `sync` are spawned without a shell.
  */
-import { execFile } from 'node:child_process';
 import * as fsp from 'node:fs/promises';
 import { join } from 'node:path';
-import { promisify } from 'node:util';
 import { SnapError } from '../core/errors.js';
-import { DIR_MODE, DirStorage } from './localdir.js';
-
-const execFileAsync = promisify(execFile);
+import { DIR_MODE, DirStorage, execFileAsync } from './localdir.js';
 
 /** statfs f_type of btrfs. */
 const BTRFS_SUPER_MAGIC = 0x9123683e;

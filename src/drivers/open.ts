@@ -4,7 +4,6 @@ import { dirname, join, resolve } from 'node:path';
 import type { Storage } from '../storage/types.js';
 import { BtrfsStorage } from './btrfs.js';
 import { LocalDirStorage, type DirStorageOptions } from './localdir.js';
-import { RemoteStorage, sshOptionsFromEnv } from './ssh.js';
 import type { SshInvocationOptions } from './sshkeys.js';
 
 /**
@@ -14,7 +13,11 @@ import type { SshInvocationOptions } from './sshkeys.js';
  * btrfs; LocalDirStorage otherwise.
  */
 export async function openStorage(path: string, opts?: DirStorageOptions, ssh?: SshInvocationOptions): Promise<Storage> {
-  if (path.startsWith('ssh://')) return RemoteStorage.connectSsh(path, ssh ?? sshOptionsFromEnv(process.env));
+  if (path.startsWith('ssh://')) {
+    // (loaded only here: the server, which opens local paths, does not load ssh's modules)
+    const { RemoteStorage, sshOptionsFromEnv } = await import('./ssh.js');
+    return RemoteStorage.connectSsh(path, ssh ?? sshOptionsFromEnv(process.env));
+  }
   const root = resolve(path);
   const current = join(root, 'current');
   const hasCurrent = (await fsp.lstat(current).catch(() => null)) !== null;

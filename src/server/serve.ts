@@ -19,6 +19,7 @@
 import net from 'node:net';
 import type { Readable, Writable } from 'node:stream';
 import { ExitStatus, SnapError } from '../core/errors.js';
+import { release } from '../core/memory.js';
 import {
   FrameReader,
   IdBatchBuilder,
@@ -69,7 +70,7 @@ const EMPTY = Buffer.alloc(0);
  */
 const SEND_BUFFER_SIZE = 256 * 1024;
 /** Bytes of all send buffers of a session. */
-const SEND_BUDGET = 4 * 1024 * 1024;
+const SEND_BUDGET = 2 * 1024 * 1024;
 /**
  * Objects of a GET_OBJECTS answer that the Storage may open and read at once, ahead of the one being
  * framed (Storage.readObjectsInto; the directory storages do so only while reads wait long for a
@@ -274,14 +275,19 @@ class SendBuffers {
         return Buffer.allocUnsafeSlow(size);
       }
       const small = this.free.shift();
-      if (small !== undefined) this.allocated -= small.length; // too small for n: make room
-      else await new Promise<void>((resolve) => this.waiters.push(resolve));
+      if (small !== undefined) {
+        // too small for n: make room (freed now, not when V8 collects it: core/memory.ts)
+        this.allocated -= small.length;
+        release(small);
+      } else await new Promise<void>((resolve) => this.waiters.push(resolve));
     }
   }
 
   give(b: Buffer): void {
-    if (this.allocated > SEND_BUDGET) this.allocated -= b.length; // (an oversized one: dropped)
-    else this.free.push(b);
+    if (this.allocated > SEND_BUDGET) {
+      this.allocated -= b.length; // (an oversized one: dropped, and freed now)
+      release(b);
+    } else this.free.push(b);
     this.waiters.shift()?.();
   }
 }
@@ -704,8 +710,8 @@ class Session {
     let held = 0;
     let wake: (() => void) | null = null;
     const taken = (buf: Buffer): void => {
+      held -= buf.length; // (before give(), which may free it)
       this.sendBuffers.give(buf);
-      held -= buf.length;
       const waiting = wake;
       wake = null;
       waiting?.();
