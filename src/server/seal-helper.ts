@@ -14,8 +14,8 @@
  * directory must be root-owned and writable by root only, `current` must be a btrfs subvolume whose top
  * directory is root:<user's group> 0750, and every check uses lstat (no symlink is followed).
  *
- * Then: `sync -f current` (so the snapshot does not stall on unwritten data), a name from the server's
- * clock (Date.toISOString(), bumped by 1 ms while it exists), `btrfs subvolume snapshot -r current
+ * Then (the commit has flushed current with syncfs and fsynced its index and head: src/drivers/btrfs.ts
+ * says why no second flush) a name from the server's clock (Date.toISOString(), bumped by 1 ms while it exists), `btrfs subvolume snapshot -r current
  * snapshots/<user>/<name>`, fsync of snapshots/<user>, and the name on stdout. Any failure: one line on
  * stderr and a non-zero exit (2 usage, 1 anything else).
  *
@@ -270,7 +270,6 @@ export async function sealForSudoUid(configFile: string, sudoUid: string | undef
   }
   const dest = join(snapshotsDir, user.name);
 
-  await runSafe('sync', ['-f', current]);
   let time = Date.now();
   while (await pathExists(join(dest, new Date(time).toISOString()))) time++;
   const name = new Date(time).toISOString();
