@@ -44,6 +44,18 @@ step() {
 	exit "$rc"
 }
 
+# retry CMD...: run CMD up to 3 times, 15 s apart (the npm registry's answer
+# can fail once, e.g. a TLS error from a proxy that is still starting).
+retry() {
+	local try
+	for try in 1 2 3; do
+		"$@" && return 0
+		((try < 3)) || return 1
+		echo "failed (try $try of 3): $*; retrying in 15s" >&2
+		sleep 15
+	done
+}
+
 # have_node: succeed if a Node.js >= 24 is already here (.tools from an
 # earlier run, or `node` on PATH), so that section 2 installs nothing.
 have_node() {
@@ -105,6 +117,18 @@ else
 fi
 
 # --- 2. Node.js >= 24 ----------------------------------------------------------
+# npm's `cafile` setting (e.g. a proxy's CA in /etc/npmrc) does not reach every
+# TLS connection of an install: the `node` package's preinstall script starts
+# another npm, and node's own fetches trust only NODE_EXTRA_CA_CERTS. Without
+# it, an install behind such a proxy failed or took minutes of retries (6 s
+# with it). Trust the same file npm was told to.
+if [[ -z ${NODE_EXTRA_CA_CERTS:-} ]] && command -v npm >/dev/null 2>&1; then
+	npm_cafile=$(npm config get cafile 2>/dev/null) || npm_cafile=
+	if [[ -n $npm_cafile && $npm_cafile != null && $npm_cafile != undefined && -r $npm_cafile ]]; then
+		export NODE_EXTRA_CA_CERTS=$npm_cafile
+	fi
+fi
+
 install_tools_node() {
 	command -v npm >/dev/null 2>&1 || {
 		echo "npm not found on PATH: it is needed to fetch Node.js $SNAPCRYPT_MIN_NODE_MAJOR from the npm registry" >&2
@@ -115,7 +139,7 @@ install_tools_node() {
 		printf '{\n  "private": true,\n  "description": "snapcrypt local toolchain (see install.sh)"\n}\n' >"$SNAPCRYPT_TOOLS_DIR/package.json"
 	# The `node` package's preinstall script fetches node-linux-<arch> from
 	# the registry, so scripts must run.
-	npm install --prefix "$SNAPCRYPT_TOOLS_DIR" --ignore-scripts=false \
+	retry npm install --prefix "$SNAPCRYPT_TOOLS_DIR" --ignore-scripts=false \
 		--no-audit --no-fund --loglevel=warn "$NODE_SPEC"
 	snapcrypt_node_ok "$SNAPCRYPT_TOOLS_NODE" || {
 		echo "$SNAPCRYPT_TOOLS_NODE is not a working Node.js >= $SNAPCRYPT_MIN_NODE_MAJOR" >&2
@@ -135,9 +159,9 @@ say "node: using $SNAPCRYPT_NODE ($("$SNAPCRYPT_NODE" --version), npm $(npm --ve
 
 # --- 3. npm dependencies and build ---------------------------------------------
 if [[ -f package-lock.json ]]; then
-	step npm-ci "npm ci" npm ci --no-audit --no-fund
+	step npm-ci "npm ci" retry npm ci --no-audit --no-fund
 else
-	step npm-install "npm install" npm install --no-audit --no-fund
+	step npm-install "npm install" retry npm install --no-audit --no-fund
 fi
 step build "npm run build" npm run build
 
