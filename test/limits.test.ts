@@ -73,6 +73,22 @@ describe('usage ledger', () => {
     assert.equal(await readUsageLedger(a.dir, a.current), null);
   });
 
+  it('a commit that prunes many objects at once counts each one (the deletions run side by side)', async () => {
+    const a = await area();
+    const s = a.open();
+    await s.currentBytes();
+    // 60 objects of 60 different sizes; the commit keeps 7 of them and deletes the other 53
+    const data = Array.from({ length: 60 }, (_, i) => randomBytes(KiB + 17 * i));
+    for (const b of data) await s.putObject(idOf(b), b);
+    const kept = data.filter((_, i) => i % 9 === 0);
+    const keptIds = kept.map(idOf);
+    await s.commit(headOf(keptIds[0]!), indexOf(keptIds));
+    const expected = kept.reduce((n, b) => n + b.length, 0);
+    assert.equal(await objectBytesOf(a.current), expected, 'the unlisted objects are gone');
+    assert.equal(await s.currentBytes(), expected);
+    assert.equal(await readUsageLedger(a.dir, a.current), expected);
+  });
+
   it('a session whose objects were written by workers (directWriter) writes no ledger', async () => {
     const a = await area();
     const s = a.open();
