@@ -71,6 +71,12 @@ export class Compressor {
 const POOLED_OBJECT = 64 * 1024;
 
 /**
+ * Chunk-sized sealed buffers a Sealer keeps free, and that the pool holds on their way back to a
+ * worker: 2 each (4 each before; MAX_FREE_READ_BUFFERS in backup.ts has the measurement).
+ */
+const SEALED_BUFFERS_KEPT = 2;
+
+/**
  * Compress-then-encrypt for one thread, with reused memory: one zstd context and output buffer
  * (Compressor), and a pool of output buffers for chunk-sized objects that come back (reuse) once
  * they are stored. `chunkSize` sizes the pooled buffers to hold any object sealed from a chunk.
@@ -83,7 +89,7 @@ export class Sealer {
   private readonly free: Buffer[] = [];
   private readonly maxFree: number;
 
-  constructor(keys: Keys, chunkSize: number, maxFree = 4) {
+  constructor(keys: Keys, chunkSize: number, maxFree = SEALED_BUFFERS_KEPT) {
     this.keys = keys;
     // the stored payload is at most the chunk (else it is stored uncompressed)
     this.outputSize = sealedSize(chunkSize);
@@ -340,7 +346,7 @@ export class SealPool {
     const whole = sealed.buffer instanceof ArrayBuffer && sealed.byteOffset === 0 && !sealed.buffer.detached;
     if (!whole) return;
     // a whole buffer: its own ArrayBuffer, sent back as it is (pooled, or freed there)
-    if (sealed.buffer.byteLength === this.inline.outputSize && this.returning.length < 4) this.returning.push(new Uint8Array(sealed.buffer));
+    if (sealed.buffer.byteLength === this.inline.outputSize && this.returning.length < SEALED_BUFFERS_KEPT) this.returning.push(new Uint8Array(sealed.buffer));
     else release(new Uint8Array(sealed.buffer));
   }
 
