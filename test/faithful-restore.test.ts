@@ -176,6 +176,17 @@ async function scratch(prefix: string): Promise<string> {
   made.push(d);
   return d;
 }
+/** One backup of paths into r's repository through the engine, reading with source (then finished). */
+async function backupWith(r: TestRepo, source: LocalSourceFs, paths: string[]): Promise<void> {
+  const storage = await openStorage(r.repo);
+  try {
+    const repo = await Repository.open(storage, Buffer.from(r.env['SNAPCRYPT_PASSWORD']!), null);
+    await backup(repo, { paths, source, host: 'test', user: 'test' });
+  } finally {
+    await source.finish();
+    await storage.close();
+  }
+}
 function removeTree(p: Buffer): void {
   const st = fs.lstatSync(p, { throwIfNoEntry: false });
   if (st === undefined) return;
@@ -387,19 +398,53 @@ test('hard links on two file systems that reuse an inode number stay apart', asy
     }
   }
   const r2 = await makeRepo();
-  const storage = await openStorage(r2.repo);
-  const source = new TwoDevices();
-  try {
-    const repo2 = await Repository.open(storage, Buffer.from(r2.env['SNAPCRYPT_PASSWORD']!), null);
-    await backup(repo2, { paths: [x, y], source, host: 'test', user: 'test' });
-  } finally {
-    await source.finish();
-    await storage.close();
-  }
+  await backupWith(r2, new TwoDevices(), [x, y]);
   const target = await scratch('faithful-devs-out');
   expectExit(await runCli(['restore', '--repo', r2.repo, 'latest', '--target', target], { env: r2.env }), 'restore');
   assertSameTree(await treeSnapshot(path.join(target, x)), await treeSnapshot(x), 'x');
   assertSameTree(await treeSnapshot(path.join(target, y)), await treeSnapshot(y), 'y');
+});
+
+test('the xattrs of a directory above the backed-up path: kept while its ctime is the same, read again once they change', async () => {
+  // base/upper is an ancestor of the path backed up (base/upper/data): its entry is built by the
+  // backup, not walked. A backup with nothing changed reads no xattrs (no helper process) of base or
+  // anything in it; base's own parent (the temp directory) changes as other tests run.
+  const base = await scratch('faithful-ancestor');
+  const upper = path.join(base, 'upper');
+  const data = path.join(upper, 'data');
+  fs.mkdirSync(data, { recursive: true });
+  fs.writeFileSync(path.join(data, 'f.txt'), 'content\n');
+  const meta = FsMeta.start();
+  class Counting extends LocalSourceFs {
+    reads: string[] = [];
+    override xattrs(p: Buffer) {
+      this.reads.push(p.toString());
+      return super.xattrs(p);
+    }
+  }
+  const r = await makeRepo();
+  const run = async (): Promise<string[]> => {
+    const source = new Counting();
+    await backupWith(r, source, [data]);
+    return source.reads.filter((p) => p === base || p.startsWith(base + '/'));
+  };
+  const restoredValue = async (): Promise<string | undefined> => {
+    const target = await scratch('faithful-ancestor-out');
+    expectExit(await runCli(['restore', '--repo', r.repo, 'latest', '--target', target], { env: r.env }), 'restore');
+    const list = await meta.listXattrs(Buffer.from(path.join(target, upper)));
+    return list.find((x) => x.name.toString() === 'user.anc')?.value.toString();
+  };
+  try {
+    await meta.setXattr(Buffer.from(upper), 'user.anc', Buffer.from('one'));
+    assert.ok((await run()).includes(upper), 'the first backup reads the ancestor\'s xattrs');
+    assert.equal(await restoredValue(), 'one');
+    assert.deepEqual(await run(), [], 'nothing changed: no xattrs read');
+    await meta.setXattr(Buffer.from(upper), 'user.anc', Buffer.from('two')); // (changes upper's ctime)
+    assert.deepEqual(await run(), [upper], 'only the changed ancestor is read again');
+    assert.equal(await restoredValue(), 'two');
+  } finally {
+    await meta.close();
+  }
 });
 
 test('a file that grew after lstat is stored whole (short, exactly one chunk, and longer)', async () => {
@@ -427,15 +472,7 @@ test('a file that grew after lstat is stored whole (short, exactly one chunk, an
     }
   }
   const r = await makeRepo();
-  const storage = await openStorage(r.repo);
-  const source = new Grew();
-  try {
-    const repo = await Repository.open(storage, Buffer.from(r.env['SNAPCRYPT_PASSWORD']!), null);
-    await backup(repo, { paths: [base], source, host: 'test', user: 'test' });
-  } finally {
-    await source.finish();
-    await storage.close();
-  }
+  await backupWith(r, new Grew(), [base]);
   const target = await scratch('faithful-grew-out');
   expectExit(await runCli(['restore', '--repo', r.repo, 'latest', '--target', target], { env: r.env }), 'restore');
   for (const name of Object.keys(sizes)) {

@@ -954,9 +954,13 @@ async function backupAncestors(w: Walk, p: Buffer, node: PathNode, prevTree: Tre
       w.stats.dirs++;
       const prevSub = prev?.kind === NodeKind.dir && prev.subtree ? await loadPrevTree(w, prev.subtree) : null;
       const subtree = await backupAncestors(w, cp, child, prevSub);
+      // the previous xattrs while ctime and inode are the previous ones (as requestXattrs): a backup
+      // with nothing changed then starts no xattr helper at all
+      const same = prev !== undefined && prev.kind === st.kind && prev.ctimeNs === st.ctimeNs && prev.inode === st.ino;
+      const xattrs = same ? prev.xattrs : await w.fs.xattrs(cp).catch(() => []);
       entries.push({
         kind: NodeKind.dir, name, mode: st.mode & 0o7777, uid: st.uid, gid: st.gid, mtimeNs: st.mtimeNs, ctimeNs: st.ctimeNs,
-        inode: st.ino, nlink: st.nlink, xattrs: await w.fs.xattrs(cp).catch(() => []), size: 0, chunks: [], subtree, target: null, rdev: 0,
+        inode: st.ino, nlink: st.nlink, xattrs, size: 0, chunks: [], subtree, target: null, rdev: 0,
       });
     }
   }
