@@ -102,6 +102,21 @@ describe('usage ledger', () => {
   });
 });
 
+describe('the commit\'s reading of the object directories', () => {
+  it('a directory that cannot be read fails the commit with an I/O error', async () => {
+    const a = await area();
+    const s = a.open();
+    const b = randomBytes(KiB);
+    await s.putObject(idOf(b), b);
+    // a file where prefix 05's directory belongs cannot be read as one
+    const bad = join(a.current, 'objects', '05');
+    await fsp.rm(bad, { recursive: true, force: true });
+    await fsp.writeFile(bad, 'not a directory');
+    await assert.rejects(s.commit(headOf(idOf(b)), indexOf([idOf(b)])), (err: unknown) => isSnapError(err, 'io') && /ENOTDIR/.test(String(err)));
+    assert.equal(await fsp.readFile(join(a.current, 'head'), 'utf8').catch(() => null), null, 'nothing was committed');
+  });
+});
+
 describe('upload limits over the protocol loop', () => {
   const limits = (over: Partial<UploadLimits>): UploadLimits => ({ label: 'the backup area of alice', quotaBytes: null, freeSpaceFloor: null, ...over });
 
