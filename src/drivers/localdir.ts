@@ -362,14 +362,15 @@ export async function objectBytesOf(current: string): Promise<number> {
   const objects = join(current, 'objects');
   for (const prefix of (await readdirOrEmpty(objects)).filter((n) => PREFIX_NAME.test(n))) {
     const dir = join(objects, prefix);
-    for (const name of await readdirOrEmpty(dir)) {
-      if (!isValidObjectId(name) || !name.startsWith(prefix)) continue;
+    const names = (await readdirOrEmpty(dir)).filter((name) => isValidObjectId(name) && name.startsWith(prefix));
+    // 16 at a time, as prune() deletes (each lstat is a trip through libuv's pool)
+    await eachLimited(names, PRUNE_LANES, async (name) => {
       const st = await fsp.lstat(join(dir, name)).catch((err: unknown) => {
         if (errnoOf(err) === 'ENOENT') return null;
         throw err;
       });
       if (st?.isFile()) total += st.size;
-    }
+    });
   }
   return total;
 }
