@@ -49,6 +49,7 @@ import * as fsp from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { join, resolve } from 'node:path';
 import { IntegrityError, ioFailure, SnapError } from '../core/errors.js';
+import { mapInLanes } from '../core/lanes.js';
 import { release } from '../core/memory.js';
 import { indexParts, isValidFileName, isValidObjectId, readObjectsOneByOne } from '../storage/types.js';
 import { DIR_MODE, INCOMPLETE_MODE, writeObjectFile } from './dirwriter.js';
@@ -265,7 +266,6 @@ function tmpName(): string {
   return TMP_PREFIX + hex8() + hex8();
 }
 
-/** Directory entries, or [] if the directory does not exist. */
 /** Deletes a file; one that is already gone is not an error. */
 async function removeFile(path: string): Promise<void> {
   try {
@@ -276,30 +276,14 @@ async function removeFile(path: string): Promise<void> {
 }
 
 /**
- * How many files a commit deletes at once. One at a time, each deletion (an lstat for the ledger and
- * an unlink, each a trip through libuv's thread pool) waited for the one before: the commit after the
- * benchmark's mutation spent most of a second there. 16 keeps the pool's 4 threads busy.
+ * How many files a commit deletes (or the ledger's walk stats) at once. One at a time, each deletion
+ * (an lstat for the ledger and an unlink, each a trip through libuv's thread pool) waited for the one
+ * before: the commit after the benchmark's mutation spent most of a second there. 16 keeps the pool's
+ * 4 threads busy.
  */
 const PRUNE_LANES = 16;
 
-/** fn for every item, at most `lanes` at a time; the first failure is thrown once the others have ended. */
-async function eachLimited<T>(items: readonly T[], lanes: number, fn: (item: T) => Promise<void>): Promise<void> {
-  let next = 0;
-  let failure = null as { err: unknown } | null;
-  const lane = async (): Promise<void> => {
-    while (failure === null && next < items.length) {
-      const item = items[next++]!;
-      try {
-        await fn(item);
-      } catch (err) {
-        failure ??= { err };
-      }
-    }
-  };
-  await Promise.all(Array.from({ length: Math.min(lanes, items.length) }, lane));
-  if (failure !== null) throw failure.err;
-}
-
+/** Directory entries, or [] if the directory does not exist. */
 async function readdirOrEmpty(dir: string): Promise<string[]> {
   try {
     return await fsp.readdir(dir);
@@ -364,7 +348,7 @@ export async function objectBytesOf(current: string): Promise<number> {
     const dir = join(objects, prefix);
     const names = (await readdirOrEmpty(dir)).filter((name) => isValidObjectId(name) && name.startsWith(prefix));
     // 16 at a time, as prune() deletes (each lstat is a trip through libuv's pool)
-    await eachLimited(names, PRUNE_LANES, async (name) => {
+    await mapInLanes(names, PRUNE_LANES, async (name) => {
       const st = await fsp.lstat(join(dir, name)).catch((err: unknown) => {
         if (errnoOf(err) === 'ENOENT') return null;
         throw err;
@@ -1270,8 +1254,8 @@ export abstract class DirStorage extends DirReader implements Storage {
    */
   private async eachUnlisted(index: IndexSource, each: (path: string) => Promise<void>, temp?: (path: string) => Promise<void>): Promise<void> {
     for await (const { temps, unlisted } of this.prefixDiffs(index)) {
-      if (temp) await eachLimited(temps, PRUNE_LANES, temp);
-      await eachLimited(unlisted, PRUNE_LANES, each);
+      if (temp) await mapInLanes(temps, PRUNE_LANES, temp);
+      await mapInLanes(unlisted, PRUNE_LANES, each);
     }
   }
 
@@ -1456,8 +1440,8 @@ export abstract class DirStorage extends DirReader implements Storage {
     };
     if (found === null) await this.eachUnlisted(index, removeObject, removeFile);
     else {
-      await eachLimited(found.temps, PRUNE_LANES, removeFile);
-      await eachLimited(found.objects, PRUNE_LANES, removeObject);
+      await mapInLanes(found.temps, PRUNE_LANES, removeFile);
+      await mapInLanes(found.objects, PRUNE_LANES, removeObject);
     }
     for (const dir of [this.current, join(this.current, 'keys')]) {
       for (const name of await readdirOrEmpty(dir)) {

@@ -442,9 +442,14 @@ function kindOf(st: SourceStat): NodeKindCode {
   return st.kind;
 }
 
-/** Extended attributes change ctime: when ctime and inode are the previous ones, so are the xattrs. */
+/** Extended attributes change ctime: when kind, ctime and inode are the previous ones, so are the xattrs. */
+function sameXattrs(st: SourceStat, prev: TreeEntry | undefined): prev is TreeEntry {
+  return prev !== undefined && prev.kind === st.kind && prev.ctimeNs === st.ctimeNs && prev.inode === st.ino;
+}
+
+/** The xattrs of p, or null when they are prev's (sameXattrs). */
 function requestXattrs(w: Walk, p: Buffer, st: SourceStat, prev: TreeEntry | undefined): Promise<Xattr[]> | null {
-  if (prev !== undefined && prev.kind === st.kind && prev.ctimeNs === st.ctimeNs && prev.inode === st.ino) return null;
+  if (sameXattrs(st, prev)) return null;
   return w.fs.xattrs(p).catch((err: unknown) => {
     warn(w, p, err);
     return [];
@@ -954,10 +959,9 @@ async function backupAncestors(w: Walk, p: Buffer, node: PathNode, prevTree: Tre
       w.stats.dirs++;
       const prevSub = prev?.kind === NodeKind.dir && prev.subtree ? await loadPrevTree(w, prev.subtree) : null;
       const subtree = await backupAncestors(w, cp, child, prevSub);
-      // the previous xattrs while ctime and inode are the previous ones (as requestXattrs): a backup
-      // with nothing changed then starts no xattr helper at all
-      const same = prev !== undefined && prev.kind === st.kind && prev.ctimeNs === st.ctimeNs && prev.inode === st.ino;
-      const xattrs = same ? prev.xattrs : await w.fs.xattrs(cp).catch(() => []);
+      // the previous xattrs while they are unchanged: a backup with nothing changed then starts no
+      // xattr helper at all
+      const xattrs = sameXattrs(st, prev) ? prev.xattrs : await w.fs.xattrs(cp).catch(() => []);
       entries.push({
         kind: NodeKind.dir, name, mode: st.mode & 0o7777, uid: st.uid, gid: st.gid, mtimeNs: st.mtimeNs, ctimeNs: st.ctimeNs,
         inode: st.ino, nlink: st.nlink, xattrs, size: 0, chunks: [], subtree, target: null, rdev: 0,

@@ -16,6 +16,7 @@ import {
 import { IdSet, IdList } from '../core/idset.js';
 import { release } from '../core/memory.js';
 import { IntegrityError, SnapError } from '../core/errors.js';
+import { mapInLanes } from '../core/lanes.js';
 import type { DirectWriterSpec, ObjectReader, SnapshotInfo, Storage } from '../storage/types.js';
 import type { KeyStore, TreeCache } from './cache.js';
 import { SealPool, compressAndSeal } from './seal.js';
@@ -366,17 +367,8 @@ export class Repository {
  * fn over items with up to 16 calls in flight (over SSH each is a round trip or two, which would
  * otherwise add up one after the other), results in the items' order.
  */
-async function inOrder<T, R>(items: readonly T[], fn: (item: T) => Promise<R>): Promise<R[]> {
-  const out: R[] = new Array<R>(items.length);
-  let next = 0;
-  const lane = async (): Promise<void> => {
-    while (next < items.length) {
-      const i = next++;
-      out[i] = await fn(items[i]!);
-    }
-  };
-  await Promise.all(Array.from({ length: Math.min(16, items.length) }, lane));
-  return out;
+function inOrder<T, R>(items: readonly T[], fn: (item: T) => Promise<R>): Promise<R[]> {
+  return mapInLanes(items, 16, fn);
 }
 
 export function hostName(): string {
