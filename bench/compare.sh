@@ -53,7 +53,7 @@
 #   init                      not summarized
 #   first                     first backup (page cache dropped before each tool's run)
 #   nochange 1..N             backup with nothing changed (NOCHANGE_RUNS, default 3)
-#   -- mutate.sh SRC 1 (one day of changes), then the manifest of the mutated SRC --
+#   -- mutate.sh SRC 1 (one day of changes), then the manifest of the mutated SRC, then sync --
 #   mutated                   backup after the change
 #   restore-full              the latest snapshot into restore-TOOL/ (page cache dropped first), then
 #                             benchlib.py verify against the mutated SRC's manifest: hard checks are
@@ -415,6 +415,9 @@ done
 step_msg "mutating $SRC"
 "$MUTATE" "$SRC" 1 "$OUT/mutate-log.json" | tee "$OUT/mutate.txt"
 python3 "$BENCHLIB" manifest "$SRC" "$OUT/mutated.manifest" | tee -a "$OUT/mutate.txt"
+# the mutation's writes go to the disk now: SRC is on the servers' file system, so the first tool
+# whose commit flushes it (snapcrypt's sync -f, a btrfs snapshot) would otherwise pay for them
+sync
 for t in $TOOLS; do backup "$t" mutated 1; done
 
 # --- restores ------------------------------------------------------------------------------------------------------

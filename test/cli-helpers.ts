@@ -414,3 +414,19 @@ function dataMaps(paths: readonly Buffer[]): Promise<Array<Array<[number, number
     child.stdin?.end(paths.map((p) => p.toString('hex') + '\n').join(''));
   });
 }
+
+/** target, with onCall() run before each call of its method `method` (other members pass through, bound). */
+export function countingCalls<T extends object>(target: T, method: string, onCall: () => void): T {
+  return new Proxy(target, {
+    get(t, prop, receiver) {
+      const v = Reflect.get(t, prop, receiver) as unknown;
+      if (typeof v !== 'function') return v;
+      const f = (v as (...a: unknown[]) => unknown).bind(t);
+      if (prop !== method) return f;
+      return (...args: unknown[]) => {
+        onCall();
+        return f(...args);
+      };
+    },
+  });
+}

@@ -20,7 +20,7 @@ import { Repository } from '../src/engine/repository.js';
 import { type BackupResult, backup as engineBackup } from '../src/engine/backup.js';
 import type { TreeCache } from '../src/engine/cache.js';
 import { walkOrder } from '../src/engine/dirrecords.js';
-import { assertSameTree, expectExit, makeRepo, runCli, treeSnapshot, type TestRepo } from './cli-helpers.js';
+import { assertSameTree, countingCalls, expectExit, makeRepo, runCli, treeSnapshot, type TestRepo } from './cli-helpers.js';
 
 const MiB = 1024 * 1024;
 
@@ -90,18 +90,7 @@ async function harness(): Promise<Harness> {
   const counted = (id: string): TreeCache | null => {
     const c = cacheOf(id)!;
     h.recordsFile = path.join(repo.cacheDir, id, 'dirs');
-    return new Proxy(c, {
-      get(target, prop, receiver) {
-        if (prop === 'get') {
-          return (tid: Buffer) => {
-            h.treeLoads++;
-            return target.get(tid);
-          };
-        }
-        const v = Reflect.get(target, prop, receiver) as unknown;
-        return typeof v === 'function' ? (v as (...a: unknown[]) => unknown).bind(target) : v;
-      },
-    });
+    return countingCalls(c, 'get', () => h.treeLoads++);
   };
   const r = await Repository.open(storage, Buffer.from(repo.env['SNAPCRYPT_PASSWORD'] ?? ''), counted);
   const source = new LocalSourceFs();

@@ -83,6 +83,9 @@ export class LocalSourceFs implements SourceFs {
       fs.read(fd, buf, 0, buf.length, position, (err, n) => (err ? reject(err) : resolve(n)));
     });
   }
+  workerReader(): DirectWriterSpec {
+    return { module: import.meta.url, arg: null };
+  }
   xattrs(p: Buffer): Promise<Xattr[]> {
     return this.fsmeta.listXattrs(p);
   }
@@ -195,6 +198,11 @@ export class LocalTargetFs implements TargetFs {
   workerFs(): DirectWriterSpec {
     return { module: import.meta.url, arg: null };
   }
+}
+
+/** Reads a LocalSourceFs's descriptors on another thread (SourceFs.workerReader). */
+export function createReader(): (fd: number, buf: Buffer, position: number) => number {
+  return (fd, buf, position) => fs.readSync(fd, buf, 0, buf.length, position);
 }
 
 /** A LocalTargetFs for a restore worker thread (TargetFs.workerFs); it uses only the synchronous calls. */

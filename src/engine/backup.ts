@@ -13,16 +13,16 @@ import {
 } from '../core/format.js';
 import { ObjectType, objectId, type ObjectTypeCode } from '../core/crypto.js';
 import { release } from '../core/memory.js';
-import { IdList, IdSet } from '../core/idset.js';
+import { ID_BYTES, IdList, IdSet } from '../core/idset.js';
 import { SnapError } from '../core/errors.js';
 import type { Excluder } from '../core/excluder.js';
 import type { Repository } from './repository.js';
-import { BufferPool, type SealPool } from './seal.js';
+import { BufferPool, type FileChunks, type SealPool, isZero } from './seal.js';
 import type { SourceFs, SourceStat } from './source.js';
 import { type AheadFile, type AsyncSource, ReadAhead, asyncSource, readFullAsync } from './readahead.js';
-import { type DirCounts, type EnterRecord, DirRecordsReader, DirRecordsWriter, StatLine } from './dirrecords.js';
+import { type DirCounts, type EnterRecord, type LeaveRecord, DirRecordsReader, DirRecordsWriter, StatLine } from './dirrecords.js';
 import { rng } from './repository.js';
-import type { SnapshotInfo, ObjectReader } from '../storage/types.js';
+import type { DirectWriterSpec, SnapshotInfo, ObjectReader } from '../storage/types.js';
 
 
 export const IGNORE_FILE = '.snapcryptignore';
@@ -125,7 +125,7 @@ class Uploader {
   private readonly limit: number;
   private readonly stats: SnapshotStats;
   private readonly step: (s: string) => void;
-  private readonly pool: SealPool;
+  readonly pool: SealPool;
   constructor(repo: Repository, pool: SealPool, known: IdSet, limit: number, stats: SnapshotStats, step: (s: string) => void) {
     this.repo = repo;
     this.pool = pool;
@@ -154,15 +154,43 @@ class Uploader {
     // read buffer is a whole chunk's, and so is the buffer it is sealed into), not its length: else
     // 8 MiB of 100 KB files would hold 80 chunk buffers. Taken now: the buffer may move to a worker.
     const size = plain.buffer.byteLength;
+    await this.room(size);
+    this.track(size, type, id, this.pool.seal(type, id, plain, reads && ((b) => reads.give(b))));
+  }
+
+  /**
+   * For a chunk of a file read on a worker (SealPool.readFile): false if current has it or it is
+   * queued; else it counts as queued from now on, room is taken for it, and its sealed form must
+   * follow (sealed()).
+   */
+  async admit(id: Buffer, ref: number, size: number): Promise<boolean> {
+    if (this.failure) throw this.failure;
+    if (this.known.has(id)) return false;
+    this.known.addListed(ref);
+    await this.room(size);
+    return true;
+  }
+
+  /** Stores a chunk admitted with admit() once a worker has sealed it. */
+  sealed(id: Buffer, size: number, object: Promise<Buffer>): void {
+    this.track(size, ObjectType.data, id, object);
+  }
+
+  /** Waits until an object of this much memory may be in flight, and counts it as in flight. */
+  private async room(size: number): Promise<void> {
     while (this.inflight > 0 && (this.inflight + size > this.limit || this.inflightCount >= MAX_INFLIGHT_OBJECTS)) {
       await new Promise<void>((resolve) => this.waiters.push(resolve));
       if (this.failure) throw this.failure;
     }
     this.inflight += size;
     this.inflightCount++;
+  }
+
+  /** Stores an object once sealed (or counts what a worker stored), and gives its room back. */
+  private track(size: number, type: ObjectTypeCode, id: Buffer, sealing: Promise<Buffer | number>): void {
     const p = (async () => {
       try {
-        const sealed = await this.pool.seal(type, id, plain, reads && ((b) => reads.give(b)));
+        const sealed = await sealing;
         this.step(type === ObjectType.data ? 'put-chunk' : 'put-tree');
         const bytes = typeof sealed === 'number' ? sealed : sealed.length;
         if (typeof sealed !== 'number') {
@@ -221,6 +249,47 @@ interface Walk {
   readonly recordsOut: DirRecordsWriter | null;
   /** Stat lines of the directory being compared (one buffer for the walk). */
   readonly line: StatLine;
+  /** The source's reader for worker threads, when large files are read on the seal workers (readsOnWorker). */
+  readonly workerReader: DirectWriterSpec | null;
+  /** Files being read on worker threads now. */
+  onWorkers: number;
+}
+
+/**
+ * A result that comes later: a file read on a worker thread, and every directory above it, whose
+ * tree waits for it while the walk goes on (section 4 of DESIGN.md). Its rejection is handled where it
+ * is awaited; the catch here only keeps it from counting as unhandled meanwhile.
+ */
+class Later<T> {
+  readonly promise: Promise<T>;
+  constructor(promise: Promise<T>) {
+    this.promise = promise;
+    promise.catch(() => {});
+  }
+}
+type Maybe<T> = T | Later<T>;
+
+function settle<T>(x: Maybe<T>): T | Promise<T> {
+  return x instanceof Later ? x.promise : x;
+}
+
+/** Files of at least this many chunks are read on a seal worker, and at most this many at once. */
+const WORKER_FILE_CHUNKS = 8;
+const WORKER_FILES = 2;
+
+/**
+ * The records of a directory whose tree is not known when their turn comes (it waits for a file read
+ * on a worker): an ENTER whose stat line equals none (every entry of a real one takes more than one
+ * byte), so that the next backup compares the directory with its previous tree; and a LEAVE that
+ * says its tree does not match its ENTER (valid false), so that the next backup builds the tree again
+ * if it takes the directory's ENTER. Both cost the next backup a tree or two, not a file read.
+ */
+const NEVER_MATCHES = Buffer.from([0xff]);
+const NO_COUNTS: DirCounts = { files: 0, bytes: 0, symlinks: 0, others: 0 };
+
+/** Whether a file of this size is read on a worker thread when it must be read (and one is free). */
+function forWorker(w: Walk, st: SourceStat): boolean {
+  return w.workerReader !== null && st.nlink === 1 && st.size >= WORKER_FILE_CHUNKS * w.repo.chunkSize;
 }
 
 function joinPath(dir: Buffer, name: Buffer): Buffer {
@@ -326,7 +395,7 @@ function reusable(w: Walk, st: SourceStat, prev: TreeEntry | undefined): prev is
 
 /** Whether the walk asks for a file ahead: one it will read, and not a hard link (read once, by its first name). */
 function readsAhead(w: Walk, st: SourceStat, prev: TreeEntry | undefined): boolean {
-  return st.kind === NodeKind.file && st.size > 0 && st.nlink === 1 && !reusable(w, st, prev);
+  return st.kind === NodeKind.file && st.size > 0 && st.nlink === 1 && !forWorker(w, st) && !reusable(w, st, prev);
 }
 
 /**
@@ -427,16 +496,39 @@ async function readFileChunks(w: Walk, p: Buffer, st: SourceStat, ahead: AheadFi
   return { chunks: chunks.slice(), size: pos };
 }
 
-const ZEROS = Buffer.alloc(64 * 1024);
+/**
+ * Reads a large file on a seal worker (SealPool.readFile) while the walk goes on: the worker hashes
+ * its chunks and seals the ones current lacks; the main thread only answers which those are and stores
+ * them. A chunk whose id is the previous version's at the same place (and current has it) needs no
+ * question at all: after the benchmark's mutation, 5 of the disk image's 1,024 chunks are asked about.
+ */
+async function readFileOnWorker(w: Walk, p: Buffer, st: SourceStat, prev: TreeEntry | undefined): Promise<FileChunks> {
+  const fd = w.fs.open(p);
+  w.onWorkers++;
+  try {
+    const old = prev?.kind === NodeKind.file ? prev.chunks : NO_CHUNKS;
+    const before = Buffer.alloc(old.length * ID_BYTES); // zeros where there is nothing to compare with
+    old.forEach((c, k) => {
+      if (!c.equals(ZERO_CHUNK) && (w.prevComplete || w.known.has(c))) c.copy(before, k * ID_BYTES);
+    });
+    const cs = w.repo.chunkSize;
+    const r = await w.up.pool.readFile(fd, w.workerReader!, before, {
+      admit: (id) => w.up.admit(id, w.refs.push(id), cs),
+      sealed: (id, object) => w.up.sealed(id, cs, object),
+    });
+    pushChunkRefs(w, r.chunks);
+    w.stats.filesRead++;
+    w.stats.bytesRead += r.size;
+    w.progress.bytesDone += r.size;
+    return r;
+  } finally {
+    w.onWorkers--;
+    w.fs.close(fd); // (the worker is done with it: the read settled only then)
+  }
+}
+
 /** Reads past lstat's size, to see whether a file grew (read synchronously, so one buffer serves all). */
 const PROBE = Buffer.alloc(1);
-function isZero(b: Buffer): boolean {
-  for (let off = 0; off < b.length; off += ZEROS.length) {
-    const end = Math.min(b.length, off + ZEROS.length);
-    if (!b.subarray(off, end).equals(ZEROS.subarray(0, end - off))) return false;
-  }
-  return true;
-}
 
 function kindOf(st: SourceStat): NodeKindCode {
   return st.kind;
@@ -474,7 +566,7 @@ function entryOf(
 /** Back up one file system object; returns its tree entry, or null if it was skipped. */
 async function backupNode(
   w: Walk, p: Buffer, name: Buffer, st: SourceStat, prev: TreeEntry | undefined, xattrsP: Promise<Xattr[]> | null, ahead: AheadFile | null, attached: boolean,
-): Promise<TreeEntry | null> {
+): Promise<Maybe<TreeEntry | null>> {
   const kind = kindOf(st);
   const xattrs: readonly Xattr[] = xattrsP === null ? (prev?.xattrs ?? []) : await xattrsP;
   switch (kind) {
@@ -498,6 +590,14 @@ async function backupNode(
         w.stats.bytes += st.size;
         return entryOf(name, st, xattrs, st.size, linked, null, null);
       }
+      if (ahead === null && w.onWorkers < WORKER_FILES && forWorker(w, st)) {
+        return new Later(
+          readFileOnWorker(w, p, st, prev).then(({ chunks, size }) => {
+            w.stats.bytes += size;
+            return entryOf(name, st, xattrs, size, chunks, null, null);
+          }),
+        );
+      }
       const { chunks, size } = await readFileChunks(w, p, st, ahead);
       // kept for the whole run: in memory of their own, not pinning a pool that other ids lie in
       if (hkey) w.hardlinks.set(hkey, ownedIds(chunks));
@@ -506,8 +606,9 @@ async function backupNode(
     }
     case NodeKind.dir: {
       w.stats.dirs++;
-      const { id } = await backupDir(w, p, new PrevDir(w, null, null, prev?.kind === NodeKind.dir ? prev.subtree : null), attached);
-      return entryOf(name, st, xattrs, 0, NO_CHUNKS, id, null);
+      const r = await backupDir(w, p, new PrevDir(w, null, null, prev?.kind === NodeKind.dir ? prev.subtree : null), attached);
+      if (r instanceof Later) return new Later(r.promise.then((d) => entryOf(name, st, xattrs, 0, NO_CHUNKS, d.id, null)));
+      return entryOf(name, st, xattrs, 0, NO_CHUNKS, r.id, null);
     }
     case NodeKind.symlink: {
       w.stats.symlinks++;
@@ -641,7 +742,7 @@ interface DirResult {
  * Back up the contents of directory p (whose previous tree prev describes). attached: the last run's
  * records are read at this directory's place (its parent's record was found, or it is a backup path).
  */
-async function backupDir(w: Walk, p: Buffer, prev: PrevDir, attached: boolean): Promise<DirResult> {
+async function backupDir(w: Walk, p: Buffer, prev: PrevDir, attached: boolean): Promise<Maybe<DirResult>> {
   let names: Buffer[];
   try {
     names = w.fs.readdir(p);
@@ -731,27 +832,41 @@ function addCounts(w: Walk, c: DirCounts): void {
  * previous tree, so has this one (the id in the record's LEAVE). Else its tree is built from the
  * previous tree's entries and the subdirectories' new ids.
  */
-async function unchangedDir(w: Walk, p: Buffer, items: Item[], prev: PrevDir, rec: EnterRecord): Promise<DirResult> {
+async function unchangedDir(w: Walk, p: Buffer, items: Item[], prev: PrevDir, rec: EnterRecord): Promise<Maybe<DirResult>> {
   w.recordsOut?.enterCopy(rec);
   // (rec is a view of the reader's block, which the next record overwrites; the copy is freed below)
   const ids = rec.ids.length > 0 ? Buffer.allocUnsafeSlow(rec.ids.length) : null;
   ids?.set(rec.ids);
   const counts: DirCounts = { files: rec.files, bytes: rec.bytes, symlinks: rec.symlinks, others: rec.others };
-  const subs: (DirResult | null)[] = new Array<DirResult | null>(items.length).fill(null);
-  let allSame = true;
+  const subs: Maybe<DirResult | null>[] = new Array<Maybe<DirResult | null>>(items.length).fill(null);
+  let later = false;
   for (let i = 0; i < items.length; i++) {
     const it = items[i]!;
     if (it.st.kind !== NodeKind.dir) continue;
     w.stats.dirs++;
     const child = joinPath(p, it.name);
     try {
-      subs[i] = await backupDir(w, child, new PrevDir(w, prev, it.name, undefined), true);
+      const r = await backupDir(w, child, new PrevDir(w, prev, it.name, undefined), true);
+      subs[i] = r instanceof Later ? guarded(w, child, r) : r;
+      if (r instanceof Later) later = true;
     } catch (err) {
       warnUnlessFatal(w, child, err);
     }
-    if (!subs[i]?.same) allSame = false;
   }
-  const leave = w.records!.leave();
+  const left = w.records!.leave();
+  if (!later) return unchangedTail(w, p, items, prev, ids, counts, subs as (DirResult | null)[], left, true);
+  // a file below is read on a worker: the tree comes later, and the LEAVE record says it is not known
+  w.recordsOut?.leave(false, ZERO_CHUNK);
+  const leave = left && { valid: left.valid, id: Buffer.from(left.id) }; // (a view of the reader's block)
+  return new Later((async () => unchangedTail(w, p, items, prev, ids, counts, await Promise.all(subs.map(settle)), leave, false))());
+}
+
+/** The rest of unchangedDir, once its subdirectories' trees are known. */
+async function unchangedTail(
+  w: Walk, p: Buffer, items: Item[], prev: PrevDir, ids: Buffer | null, counts: DirCounts, subs: (DirResult | null)[], leave: LeaveRecord | null,
+  record: boolean,
+): Promise<DirResult> {
+  const allSame = items.every((it, i) => it.st.kind !== NodeKind.dir || subs[i]?.same === true);
   if (allSame && leave?.valid === true && (w.prevComplete || w.known.has(leave.id))) {
     if (ids !== null) {
       for (let o = 0; o < ids.length; o += 32) w.refs.push(ids.subarray(o, o + 32));
@@ -760,7 +875,7 @@ async function unchangedDir(w: Walk, p: Buffer, items: Item[], prev: PrevDir, re
     addCounts(w, counts);
     tick(w, p);
     w.refs.push(leave.id);
-    w.recordsOut?.leave(true, leave.id);
+    if (record) w.recordsOut?.leave(true, leave.id);
     return { id: leave.id, same: true };
   }
   // something below changed: this tree is the previous one's entries with the new subtree ids
@@ -787,7 +902,7 @@ async function unchangedDir(w: Walk, p: Buffer, items: Item[], prev: PrevDir, re
       valid = false;
       const child = joinPath(p, it.name);
       try {
-        const n = await backupNode(w, child, it.name, it.st, e, requestXattrs(w, child, it.st, e), null, false);
+        const n = await settle(await backupNode(w, child, it.name, it.st, e, requestXattrs(w, child, it.st, e), null, false));
         if (n) entries.push(n);
       } catch (err) {
         warnUnlessFatal(w, child, err);
@@ -795,12 +910,22 @@ async function unchangedDir(w: Walk, p: Buffer, items: Item[], prev: PrevDir, re
     }
   }
   const id = await storeTree(w, entries);
-  w.recordsOut?.leave(valid, id);
+  if (record) w.recordsOut?.leave(valid, id);
   return { id, same: (await prev.id())?.equals(id) === true };
 }
 
+/** A result that comes later, whose failure becomes a warning (null) unless it is fatal, as for the entries backed up now. */
+function guarded<T>(w: Walk, p: Buffer, r: Later<T>): Later<T | null> {
+  return new Later(
+    r.promise.catch((err: unknown) => {
+      warnUnlessFatal(w, p, err);
+      return null;
+    }),
+  );
+}
+
 /** A directory with changed, new or missing entries (or no record): compared with its previous tree. */
-async function changedDir(w: Walk, p: Buffer, items: Item[], prev: PrevDir, attached: boolean): Promise<DirResult> {
+async function changedDir(w: Walk, p: Buffer, items: Item[], prev: PrevDir, attached: boolean): Promise<Maybe<DirResult>> {
   const prevTree = await prev.tree();
   const prevId = prevTree ? await prev.id() : null;
   const entries: TreeEntry[] = [];
@@ -828,7 +953,7 @@ async function changedDir(w: Walk, p: Buffer, items: Item[], prev: PrevDir, atta
   // An item is dropped once backed up (its stat, path, xattrs request and read ahead): a directory
   // of 17,916 files held them all until its tree was built
   const pending: (Item | null)[] = items;
-  const done: (TreeEntry | null)[] = new Array<TreeEntry | null>(items.length).fill(null);
+  const done: Maybe<TreeEntry | null>[] = new Array<Maybe<TreeEntry | null>>(items.length).fill(null);
   let asked = 0;
   try {
     for (let j = 0; j < order.length; j++) {
@@ -846,7 +971,8 @@ async function changedDir(w: Walk, p: Buffer, items: Item[], prev: PrevDir, atta
       const i = order[j]!;
       const it = pending[i]!;
       try {
-        done[i] = await backupNode(w, it.child!, it.name, it.st, it.prev, it.xattrs, it.ahead, attached);
+        const r = await backupNode(w, it.child!, it.name, it.st, it.prev, it.xattrs, it.ahead, attached);
+        done[i] = r instanceof Later ? guarded(w, it.child!, r) : r;
       } catch (err) {
         warnUnlessFatal(w, it.child!, err);
         if (it.ahead !== null) await w.ahead!.drop(it.ahead); // (taken already, unless the error came first)
@@ -861,10 +987,22 @@ async function changedDir(w: Walk, p: Buffer, items: Item[], prev: PrevDir, atta
       if (a) await w.ahead!.drop(a);
     }
   }
+  if (attached && w.records !== null) w.records.leave(); // past this directory's records
+  const dirs = order.subarray(firstDir);
+  if (!done.some((d) => d instanceof Later)) return changedTail(w, done as (TreeEntry | null)[], dirs, prevTree, prevId, true);
+  // a file here or below is read on a worker: the tree comes later, and the LEAVE record says it is not known
+  w.recordsOut?.leave(false, ZERO_CHUNK);
+  return new Later((async () => changedTail(w, await Promise.all(done.map(settle)), dirs, prevTree, prevId, false))());
+}
+
+/** The rest of changedDir, once its entries are known: its tree and its LEAVE record. */
+async function changedTail(
+  w: Walk, done: (TreeEntry | null)[], dirs: Uint32Array, prevTree: TreeEntry[] | null, prevId: Buffer | null, record: boolean,
+): Promise<DirResult> {
+  const entries: TreeEntry[] = [];
   for (const e of done) if (e !== null) entries.push(e);
   let valid = true; // (a file that failed is not in the stat line; a directory is)
-  for (let j = firstDir; j < order.length; j++) if (done[order[j]!] === null) valid = false;
-  if (attached && w.records !== null) w.records.leave(); // past this directory's records
+  for (const i of dirs) if (done[i] === null) valid = false;
   let id: Buffer;
   // Nothing changed in this directory: its tree encodes to the previous bytes, so it has the same id
   // (no encoding, hashing or upload). prevTree is sorted by name, like entries.
@@ -877,7 +1015,7 @@ async function changedDir(w: Walk, p: Buffer, items: Item[], prev: PrevDir, atta
   } else {
     id = await storeTree(w, entries);
   }
-  w.recordsOut?.leave(valid, id);
+  if (record) w.recordsOut?.leave(valid, id);
   return { id, same: prevId !== null && id.equals(prevId) };
 }
 
@@ -886,9 +1024,11 @@ async function changedDir(w: Walk, p: Buffer, items: Item[], prev: PrevDir, atta
  * before its directories are (still pending): the stat line of its tree's entries (the directories'
  * from their lstat results, as entryOf makes their entries), its files' chunk ids and its counts.
  */
-function writeEnter(w: Walk, p: Buffer, pending: readonly (Item | null)[], done: readonly (TreeEntry | null)[]): void {
+function writeEnter(w: Walk, p: Buffer, pending: readonly (Item | null)[], done: readonly Maybe<TreeEntry | null>[]): void {
   const out = w.recordsOut;
   if (out === null) return;
+  // a file read on a worker: its entry is not known yet
+  if (done.some((d) => d instanceof Later)) return out.enter(p, NEVER_MATCHES, [], NO_COUNTS);
   const line = w.line;
   line.reset();
   const ids: Buffer[] = [];
@@ -899,7 +1039,7 @@ function writeEnter(w: Walk, p: Buffer, pending: readonly (Item | null)[], done:
       line.addStat(it.name, it.st); // a directory
       continue;
     }
-    const e = done[i];
+    const e = done[i] as TreeEntry | null;
     if (!e) continue;
     line.addEntry(e);
     if (e.kind === NodeKind.file) {
@@ -944,7 +1084,8 @@ function buildPathTree(paths: readonly Buffer[]): PathNode {
 
 /** Build the virtual directories above the backed-up paths, with the real directories' metadata. */
 async function backupAncestors(w: Walk, p: Buffer, node: PathNode, prevTree: TreeEntry[] | null): Promise<Buffer> {
-  const entries: TreeEntry[] = [];
+  // (a backup path's entry may come later: its tree waits for a file read on a worker)
+  const entries: Maybe<TreeEntry | null>[] = [];
   const names = [...node.children.keys()].sort((a, b) => Buffer.compare(Buffer.from(a, 'latin1'), Buffer.from(b, 'latin1')));
   for (const n of names) {
     const child = node.children.get(n)!;
@@ -953,8 +1094,7 @@ async function backupAncestors(w: Walk, p: Buffer, node: PathNode, prevTree: Tre
     const st = w.fs.lstat(cp); // checked before the walk started
     const prev = prevTree?.find((e) => e.name.equals(name));
     if (child.target) {
-      const e = await backupNode(w, cp, name, st, prev, requestXattrs(w, cp, st, prev), null, true);
-      if (e) entries.push(e);
+      entries.push(await backupNode(w, cp, name, st, prev, requestXattrs(w, cp, st, prev), null, true));
     } else {
       w.stats.dirs++;
       const prevSub = prev?.kind === NodeKind.dir && prev.subtree ? await loadPrevTree(w, prev.subtree) : null;
@@ -968,7 +1108,9 @@ async function backupAncestors(w: Walk, p: Buffer, node: PathNode, prevTree: Tre
       });
     }
   }
-  return storeTree(w, entries);
+  const known: TreeEntry[] = [];
+  for (const e of await Promise.all(entries.map(settle))) if (e) known.push(e);
+  return storeTree(w, known);
 }
 
 /** Normalise and check the paths to back up: absolute, existing, no duplicates or nesting. */
@@ -1049,6 +1191,7 @@ async function runBackup(
     repo, opts, fs: opts.source, up, known, refs, stats, prevReader: repo.storage, hardlinks: new Map(), prevComplete,
     progress: { filesDone: 0, bytesDone: 0, filesTotal: null, bytesTotal: null, currentPath: '' }, lastProgress: 0,
     records, recordsOut, line: new StatLine(),
+    workerReader: async !== null && up.pool.readsFiles ? (opts.source.workerReader?.() ?? null) : null, onWorkers: 0,
   };
   if (opts.prescan && opts.onProgress) {
     const t = prescan(opts.source, paths, opts.excluder);
@@ -1059,7 +1202,7 @@ async function runBackup(
   const pathTree = buildPathTree(paths);
   // backing up "/" itself: the root tree is the root directory's own
   const treeId = pathTree.target
-    ? (await backupDir(w, Buffer.from('/'), new PrevDir(w, null, null, prevRoot && Buffer.from(parent!.root.tree, 'hex'), prevRoot), true)).id
+    ? (await settle(await backupDir(w, Buffer.from('/'), new PrevDir(w, null, null, prevRoot && Buffer.from(parent!.root.tree, 'hex'), prevRoot), true))).id
     : await backupAncestors(w, Buffer.from('/'), pathTree, prevRoot);
   step('trees-done');
   await up.drain();

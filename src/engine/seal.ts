@@ -128,6 +128,18 @@ function storedForm(plain: Uint8Array, compress: (plain: Uint8Array) => Uint8Arr
   return { payload: plain, compression: Compression.none };
 }
 
+const ZEROS = Buffer.alloc(64 * 1024);
+
+/** Whether every byte is zero (such a chunk is not stored: ZERO_CHUNK). */
+export function isZero(b: Uint8Array): boolean {
+  const buf = Buffer.from(b.buffer, b.byteOffset, b.byteLength);
+  for (let off = 0; off < buf.length; off += ZEROS.length) {
+    const end = Math.min(buf.length, off + ZEROS.length);
+    if (!buf.subarray(off, end).equals(ZEROS.subarray(0, end - off))) return false;
+  }
+  return true;
+}
+
 /** One object sealed without reused memory (objects written outside a backup's SealPool). */
 export function compressAndSeal(keys: Keys, type: ObjectTypeCode, id: Buffer, plain: Buffer): Buffer {
   const { payload, compression } = storedForm(plain, (p) => zstdCompressSync(p, ZSTD_OPTIONS));
@@ -185,6 +197,71 @@ export interface SealBatch {
   readonly stored: Uint8Array[];
 }
 
+/**
+ * A file read on a worker thread (SealPool.readFile): the worker reads it through the source's
+ * reader module, chunk by chunk, and computes each chunk's id. A chunk that is all zeros, or whose id
+ * is the one at its position in `prev` (the previous version's ids, known to be in current), needs
+ * nothing more. For any other the worker asks (FileAsk), holding the chunk, and seals it only when
+ * the main thread answers that current lacks it (FileAnswer); the sealed object comes back
+ * (FileSealed) and the main thread stores it.
+ */
+export interface FileJob {
+  readonly kind: 'file';
+  readonly job: number;
+  readonly fd: number;
+  readonly reader: DirectWriterSpec;
+  /** ID_BYTES per chunk position; all zeros where there is nothing to compare with. */
+  readonly prev: Uint8Array;
+}
+export interface FileAnswer {
+  readonly kind: 'answer';
+  readonly job: number;
+  readonly chunk: number;
+  readonly store: boolean;
+}
+export interface FileCancel {
+  readonly kind: 'cancel';
+  readonly job: number;
+}
+export type ToWorker = SealBatch | FileJob | FileAnswer | FileCancel;
+
+export interface FileAsk {
+  readonly kind: 'ask';
+  readonly job: number;
+  readonly chunk: number;
+  readonly id: Uint8Array;
+}
+export interface FileSealed {
+  readonly kind: 'sealed';
+  readonly job: number;
+  readonly chunk: number;
+  readonly sealed?: Uint8Array;
+  readonly error?: string;
+}
+export interface FileEnd {
+  readonly kind: 'end';
+  readonly job: number;
+  /** ID_BYTES per chunk, ZERO_CHUNK (zeros) for a chunk of zeros; absent when the read failed. */
+  readonly ids?: Uint8Array;
+  readonly size?: number;
+  readonly error?: string;
+  readonly errno?: string;
+}
+export type FromWorker = SealDone[] | FileAsk | FileSealed | FileEnd;
+
+/** What a file read on a worker gives: its chunk ids (ZERO_CHUNK for zeros) and the bytes read. */
+export interface FileChunks {
+  readonly chunks: Buffer[];
+  readonly size: number;
+}
+
+/** Decides, on the main thread, whether a chunk of a file read on a worker must be stored (FileJob). */
+export interface FileSink {
+  /** True when current lacks the id: the chunk is then sealed, and its sealed form given to sealed(). */
+  admit(id: Buffer): Promise<boolean>;
+  sealed(id: Buffer, object: Promise<Buffer>): void;
+}
+
 export interface SealWorkerData {
   readonly master: Uint8Array;
   readonly idHash: IdHashCode;
@@ -199,6 +276,17 @@ export function ownedBuffer(b: Uint8Array): Uint8Array {
 }
 
 const MAX_BATCH = 64;
+
+interface FileState {
+  readonly resolve: (r: FileChunks) => void;
+  readonly reject: (e: unknown) => void;
+  readonly worker: number;
+  readonly sink: FileSink;
+  /** Chunks admitted and not yet back sealed. */
+  readonly sealed: Map<number, { resolve: (b: Buffer) => void; reject: (e: unknown) => void }>;
+  /** The sink's failure, once it failed (the job is cancelled). */
+  failure: unknown;
+}
 
 /**
  * Read buffers of one size, reused: each goes to a seal worker and comes back with its reply, so a
@@ -286,8 +374,9 @@ export class SealPool {
       const data: SealWorkerData = { master: this.master, idHash: this.keys.idHash, chunkSize: this.chunkSize, writer: this.writer };
       // a small young generation: garbage is freed sooner
       const w = new Worker(new URL('./seal-worker.js', import.meta.url), { workerData: data, resourceLimits: { maxYoungGenerationSizeMb: 4 } });
-      w.on('message', (batch: SealDone[]) => {
-        for (const m of batch) this.done(i, m);
+      w.on('message', (m: FromWorker) => {
+        if (Array.isArray(m)) for (const d of m) this.done(i, d);
+        else this.fileMessage(i, m);
       });
       w.on('error', (err) => this.fail(err));
       w.on('exit', (code) => {
@@ -297,6 +386,7 @@ export class SealPool {
       this.load.push(0);
       this.outbox.push([]);
       this.outIds.push([]);
+      this.fileLoad.push(0);
     }
   }
 
@@ -316,6 +406,88 @@ export class SealPool {
     this.failed = err;
     for (const job of this.waiting.values()) job.reject(err);
     this.waiting.clear();
+    for (const [job, f] of this.files) this.endFile(job, f, err);
+  }
+
+  /** Whether readFile can be used: there are worker threads. */
+  get readsFiles(): boolean {
+    return this.threads > 0;
+  }
+
+  /**
+   * Reads a file on a worker thread (FileJob): its chunk ids and size. fd is open on the source that
+   * reader reads, and must stay open until this settles. prev holds, per chunk position, an id that
+   * current has (or zeros). The worker asks sink about every other chunk that is not all zeros, and
+   * seals the ones sink admits. It rejects with the read's errno error, or with sink's failure.
+   */
+  readFile(fd: number, reader: DirectWriterSpec, prev: Uint8Array, sink: FileSink): Promise<FileChunks> {
+    if (this.failed) return Promise.reject(this.failed);
+    if (this.workers.length === 0) this.start();
+    // the worker with the fewest files, then the least loaded
+    let best = 0;
+    for (let i = 1; i < this.workers.length; i++) {
+      const fb = this.fileLoad[best]!;
+      const fi = this.fileLoad[i]!;
+      if (fi < fb || (fi === fb && this.load[i]! < this.load[best]!)) best = i;
+    }
+    const job = this.seq++;
+    this.fileLoad[best]!++;
+    const msg: FileJob = { kind: 'file', job, fd, reader, prev };
+    return new Promise<FileChunks>((resolve, reject) => {
+      this.files.set(job, { resolve, reject, worker: best, sink, sealed: new Map(), failure: null });
+      this.workers[best]!.postMessage(msg);
+    });
+  }
+
+  private readonly fileLoad: number[] = [];
+  private readonly files = new Map<number, FileState>();
+
+  private fileMessage(worker: number, m: FileAsk | FileSealed | FileEnd): void {
+    const f = this.files.get(m.job);
+    if (f === undefined) return;
+    if (m.kind === 'ask') {
+      const id = Buffer.from(m.id);
+      f.sink.admit(id).then(
+        (store) => {
+          if (!this.files.has(m.job)) return;
+          if (store) f.sink.sealed(id, new Promise<Buffer>((resolve, reject) => f.sealed.set(m.chunk, { resolve, reject })));
+          const answer: FileAnswer = { kind: 'answer', job: m.job, chunk: m.chunk, store };
+          this.workers[worker]?.postMessage(answer);
+        },
+        (err: unknown) => {
+          // the run failed (the uploader's failure): the worker stops reading
+          f.failure ??= err;
+          const cancel: FileCancel = { kind: 'cancel', job: m.job };
+          this.workers[worker]?.postMessage(cancel);
+        },
+      );
+    } else if (m.kind === 'sealed') {
+      const s = f.sealed.get(m.chunk);
+      if (s === undefined) return;
+      f.sealed.delete(m.chunk);
+      if (m.sealed) s.resolve(Buffer.from(m.sealed.buffer, m.sealed.byteOffset, m.sealed.byteLength));
+      else s.reject(new Error(m.error ?? 'seal worker failed'));
+    } else {
+      let err: unknown = f.failure;
+      if (err === null && m.ids === undefined) {
+        err = Object.assign(new Error(m.error ?? 'cannot read the file'), m.errno ? { code: m.errno } : {});
+      }
+      if (err !== null) return this.endFile(m.job, f, err);
+      const ids = m.ids!;
+      const chunks: Buffer[] = [];
+      for (let o = 0; o < ids.length; o += ID_BYTES) chunks.push(Buffer.from(ids.buffer, ids.byteOffset + o, ID_BYTES));
+      this.endFile(m.job, f, null);
+      f.resolve({ chunks, size: m.size ?? 0 });
+    }
+  }
+
+  private endFile(job: number, f: FileState, err: unknown): void {
+    this.files.delete(job);
+    this.fileLoad[f.worker]!--;
+    const lost = err ?? new Error('a file read on a worker thread ended before its chunks were sealed');
+    for (const s of f.sealed.values()) s.reject(lost);
+    f.sealed.clear();
+    if (err !== null) f.reject(err);
   }
 
   private flush(): void {
@@ -393,5 +565,7 @@ export class SealPool {
     this.closing = true;
     await Promise.all(this.workers.map((w) => w.terminate()));
     this.workers.length = 0;
+    // files still being read (the run failed): their workers are gone, so their descriptors may close
+    for (const [job, f] of this.files) this.endFile(job, f, new Error('the seal workers were stopped'));
   }
 }

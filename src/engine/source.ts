@@ -32,6 +32,12 @@ export interface SourceFs {
   close(fd: number): void;
   /** read off the main thread (optional): a backup then reads files ahead (engine/readahead.ts). */
   readAsync?(fd: number, buf: Buffer, position: number): Promise<number>;
+  /**
+   * Optional: the module (exporting createReader(arg), which returns a synchronous
+   * (fd, buf, position) => bytes read) with which another thread of this process reads this file
+   * system's open descriptors. A backup then reads large files on a seal worker thread.
+   */
+  workerReader?(): DirectWriterSpec;
   xattrs(path: Buffer): Promise<Xattr[]>;
 }
 
