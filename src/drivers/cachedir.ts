@@ -35,12 +35,17 @@ export class DirTreeCache implements TreeCache {
       return null;
     }
   }
+  /** The prefix directories made (or found) in this run: made once, not once per tree. */
+  private readonly made = new Set<string>();
+
   put(id: Buffer, data: Buffer): void {
     if (!this.ok) return;
     const f = this.file(id);
     const tmp = `${f}.${process.pid}.tmp`;
     try {
-      fs.mkdirSync(path.dirname(f), { recursive: true, mode: 0o700 });
+      const dir = path.dirname(f);
+      if (!this.made.has(dir)) fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+      this.made.add(dir);
       fs.writeFileSync(tmp, data, { mode: 0o600 });
       fs.renameSync(tmp, f);
     } catch {
@@ -52,6 +57,7 @@ export class DirTreeCache implements TreeCache {
       }
     }
   }
+
   drop(id: Buffer): void {
     try {
       fs.rmSync(this.file(id), { force: true });
