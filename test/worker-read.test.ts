@@ -68,6 +68,8 @@ interface Harness {
   treeLoads: number;
   /** Makes putObject fail for objects of at least this size (null: never). */
   failPutsFrom: number | null;
+  /** The warnings of the last run. */
+  warnings: string[];
   run(): Promise<BackupResult>;
   srcTree(res: BackupResult): Promise<string>;
   close(): Promise<void>;
@@ -91,11 +93,12 @@ async function harness(src: string): Promise<Harness> {
   const r = await Repository.open(failing, Buffer.from(repo.env['SNAPCRYPT_PASSWORD'] ?? ''), counted);
   const source = new CountingSource();
   const h: Harness = {
-    repo, src, source, treeLoads: 0, failPutsFrom: null,
+    repo, src, source, treeLoads: 0, failPutsFrom: null, warnings: [],
     run: () => {
       source.readBytes.clear();
       h.treeLoads = 0;
-      return engineBackup(r, { paths: [src], source, host: 'h', user: 'u' });
+      h.warnings = [];
+      return engineBackup(r, { paths: [src], source, host: 'h', user: 'u', onWarning: (p, msg) => h.warnings.push(`${p}: ${msg}`) });
     },
     srcTree: async (res) => {
       let id: Buffer = Buffer.from(res.root.tree, 'hex');
@@ -236,6 +239,7 @@ test('a large file that cannot be opened is a warning; a storage failure while o
     const fds = openDescriptors();
     h.failPutsFrom = 512 * 1024; // the large file's sealed chunks are refused
     await assert.rejects(h.run(), /put refused by the test/);
+    assert.deepEqual(h.warnings, [], 'the failure is no warning about the file being read');
     assert.equal(openDescriptors(), fds, 'no descriptor is left open by the failed run');
     h.failPutsFrom = null;
 

@@ -216,6 +216,11 @@ class Uploader {
     void p.finally(() => this.pending.delete(p));
   }
 
+  /** The first failure of a store, once there is one (the run then fails with it). */
+  get failed(): unknown {
+    return this.failure;
+  }
+
   async drain(): Promise<void> {
     while (this.pending.size > 0) await Promise.all([...this.pending]);
     if (this.failure) throw this.failure;
@@ -335,9 +340,12 @@ function pushChunkRefs(w: Walk, chunks: readonly Buffer[]): void {
   for (const c of chunks) if (!c.equals(ZERO_CHUNK)) w.refs.push(c);
 }
 
-/** An entry that could not be backed up is a warning; a SnapError (a storage failure, say) stops the run. */
+/**
+ * An entry that could not be backed up is a warning; a SnapError (a storage failure, say), or the
+ * failure of a store whatever its type, stops the run.
+ */
 function warnUnlessFatal(w: Walk, p: Buffer, err: unknown): void {
-  if (err instanceof SnapError) throw err;
+  if (err instanceof SnapError || (err !== null && err === w.up.failed)) throw err;
   warn(w, p, err);
 }
 
@@ -521,6 +529,10 @@ async function readFileOnWorker(w: Walk, p: Buffer, st: SourceStat, prev: TreeEn
     w.stats.bytesRead += r.size;
     w.progress.bytesDone += r.size;
     return r;
+  } catch (err) {
+    // a store failed meanwhile (the worker was cancelled): the run fails with that, and this file is
+    // no warning of its own
+    throw w.up.failed ?? err;
   } finally {
     w.onWorkers--;
     w.fs.close(fd); // (the worker is done with it: the read settled only then)

@@ -10,7 +10,7 @@ import { type IdHashCode, type Keys, type ObjectTypeCode, Compression, ObjectTyp
 import { release } from '../core/memory.js';
 import type { DirectWriterSpec } from '../storage/types.js';
 import { ID_BYTES } from '../core/idset.js';
-import { ioFailure } from '../core/errors.js';
+import { SnapError, ioFailure } from '../core/errors.js';
 import type { ZstdInternals } from './open.js';
 
 /**
@@ -566,6 +566,7 @@ export class SealPool {
     await Promise.all(this.workers.map((w) => w.terminate()));
     this.workers.length = 0;
     // files still being read (the run failed): their workers are gone, so their descriptors may close
-    for (const [job, f] of this.files) this.endFile(job, f, new Error('the seal workers were stopped'));
+    // (a SnapError: the run has failed already, so this is no warning about the file)
+    for (const [job, f] of this.files) this.endFile(job, f, new SnapError('interrupted', 'The backup stopped while a file was read on a seal worker'));
   }
 }
