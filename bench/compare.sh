@@ -338,9 +338,11 @@ measure() { # [-C DIR] tool step run command...: run it under GNU time, append a
   log=$LOGS/$tool-$step-$run.log
   wait_server
   # what the steps before wrote goes to the disk first: the source and every tool's repository share
-  # one file system, and a tool whose commit flushes it (snapcrypt's sync -f and btrfs snapshot)
-  # would otherwise pay for the others' writeback (snapcrypt's first run with no change, right after
-  # rsync's first backup wrote 2.3 GiB, took 1.4-2.6 s against 0.8-1.2 s for the next two)
+  # one file system here, and a tool whose commit flushes it (snapcrypt's sync -f and btrfs snapshot)
+  # would otherwise pay for the others' writeback. Before this, snapcrypt's first run with no change,
+  # right after rsync's first backup wrote 2.3 GiB, took 1.4-2.6 s against 0.79-1.23 s for the next
+  # two (compare-13 to -16); the same backup with 2 GB of other data not yet written: 2.2 and 6.8 s,
+  # after a sync 0.81-0.87 s
   sync
   lines=$(wc -l < "$SERVER_CSV")
   load=$(cut -d' ' -f1 /proc/loadavg)
