@@ -8,8 +8,8 @@
  * - the directory records of the directories above them send the next backup to their previous trees,
  *   which it loads (no file is read); the records of every other directory are used as usual;
  * - a change of 100 bytes costs one chunk; a file that shrank is read to its new end;
- * - a large file that cannot be opened is a warning; a storage failure while one is read stops the run
- *   with that failure, leaves no descriptor open, and the next run is complete.
+ * - a large file that cannot be opened, or read to its end, is a warning; a storage failure while one
+ *   is read stops the run with that failure, leaves no descriptor open, and the next run is complete.
  */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
@@ -24,7 +24,7 @@ import { LocalSourceFs } from '../src/drivers/localfs.js';
 import { Repository } from '../src/engine/repository.js';
 import { type BackupResult, backup as engineBackup } from '../src/engine/backup.js';
 import type { TreeCache } from '../src/engine/cache.js';
-import type { Storage } from '../src/storage/types.js';
+import type { DirectWriterSpec, Storage } from '../src/storage/types.js';
 import { assertSameTree, countingCalls, expectExit, makeRepo, runCli, treeSnapshot, type TestRepo } from './cli-helpers.js';
 
 const MiB = 1024 * 1024;
@@ -39,6 +39,12 @@ class CountingSource extends LocalSourceFs {
   readonly readBytes = new Map<string, number>();
   private readonly paths = new Map<number, string>();
   refuse: string | null = null;
+  /** Makes the worker threads' reads fail from this offset on (test/fail-reader.ts); null: they do not. */
+  failReadsAt: number | null = null;
+  override workerReader(): DirectWriterSpec {
+    if (this.failReadsAt === null) return super.workerReader();
+    return { module: new URL('./fail-reader.js', import.meta.url).href, arg: { failAt: this.failReadsAt } };
+  }
   override open(p: Buffer): number {
     if (this.refuse !== null && p.toString() === this.refuse) throw Object.assign(new Error('ELOOP: refused by the test'), { code: 'ELOOP' });
     const fd = super.open(p);
@@ -218,7 +224,7 @@ test('large files are read on a worker while the walk goes on: exact snapshots, 
   }
 });
 
-test('a large file that cannot be opened is a warning; a storage failure while one is read stops the run and leaves nothing open', async (t) => {
+test('a large file that cannot be opened or read is a warning; a storage failure while one is read stops the run and leaves nothing open', async (t) => {
   if (oneCore(t)) return;
   const src = await tempDir('wread-fail-src');
   const bigPath = path.join(src, 'd', 'big.bin');
@@ -235,6 +241,14 @@ test('a large file that cannot be opened is a warning; a storage failure while o
     assert.equal(fs.readdirSync(path.join(target, path.basename(src), 'd', 'e')).length, 20, 'the other files are');
     fs.rmSync(target, { recursive: true, force: true });
     h.source.refuse = null;
+
+    // a disk error in the file's second chunk, while the main thread is asked about the first (which it
+    // admits, and the worker seals): a warning, and the rest of the backup is complete
+    h.source.failReadsAt = MiB;
+    const unreadable = await h.run();
+    assert.equal(unreadable.root.stats.errors, 1, 'the file that cannot be read is one error');
+    assert.match(h.warnings.join('\n'), /big\.bin: EIO/);
+    h.source.failReadsAt = null;
 
     const fds = openDescriptors();
     h.failPutsFrom = 512 * 1024; // the large file's sealed chunks are refused

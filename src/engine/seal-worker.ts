@@ -173,6 +173,9 @@ async function readFile(job: FileJob): Promise<void> {
     ids.copy(out, 0, 0, k * ID_BYTES);
     reply({ kind: 'end', job: job.job, ids: out, size: pos }, [out.buffer as ArrayBuffer]);
   } catch (err) {
+    // the chunks the main thread has been asked about are answered (and sealed, if admitted) first:
+    // it counts on them, and a file that cannot be read is only a warning
+    while (r.asked.size > 0 && !r.cancelled) await settle();
     const errno = errnoCode(err);
     reply({ kind: 'end', job: job.job, error: err instanceof Error ? err.message : String(err), ...(typeof errno === 'string' ? { errno } : {}) });
   } finally {
