@@ -406,7 +406,9 @@ export class SealPool {
     this.failed = err;
     for (const job of this.waiting.values()) job.reject(err);
     this.waiting.clear();
-    for (const [job, f] of this.files) this.endFile(job, f, err);
+    // (fatal, not a warning about the file: every seal fails from now on)
+    const fatal = err instanceof SnapError ? err : new SnapError('internal', `A seal worker thread failed: ${err.message}`);
+    for (const [job, f] of this.files) this.endFile(job, f, fatal);
   }
 
   /** Whether readFile can be used: there are worker threads. */
