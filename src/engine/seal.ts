@@ -451,7 +451,11 @@ export class SealPool {
       const id = Buffer.from(m.id);
       f.sink.admit(id).then(
         (store) => {
-          if (!this.files.has(m.job)) return;
+          if (!this.files.has(m.job)) {
+            // the read ended meanwhile (the run is failing): the room taken for the chunk is given back
+            if (store) f.sink.sealed(id, Promise.reject(f.failure ?? new SnapError('interrupted', 'The backup stopped while a file was read on a seal worker')));
+            return;
+          }
           if (store) f.sink.sealed(id, new Promise<Buffer>((resolve, reject) => f.sealed.set(m.chunk, { resolve, reject })));
           const answer: FileAnswer = { kind: 'answer', job: m.job, chunk: m.chunk, store };
           this.workers[worker]?.postMessage(answer);
