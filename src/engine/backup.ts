@@ -19,7 +19,7 @@ import type { Excluder } from '../core/excluder.js';
 import type { Repository } from './repository.js';
 import { BufferPool, type FileChunks, type SealPool, isZero } from './seal.js';
 import type { SourceFs, SourceStat } from './source.js';
-import { type AheadFile, type AsyncSource, ReadAhead, asyncSource, readFullAsync } from './readahead.js';
+import { type AheadFile, type AsyncSource, ReadAhead, asyncSource, readFullAsync, readFullSync } from './readahead.js';
 import { type DirCounts, type EnterRecord, type LeaveRecord, DirRecordsReader, DirRecordsWriter, StatLine } from './dirrecords.js';
 import { rng } from './repository.js';
 import type { DirectWriterSpec, SnapshotInfo, ObjectReader } from '../storage/types.js';
@@ -254,7 +254,7 @@ interface Walk {
   readonly recordsOut: DirRecordsWriter | null;
   /** Stat lines of the directory being compared (one buffer for the walk). */
   readonly line: StatLine;
-  /** The source's reader for worker threads, when large files are read on the seal workers (readsOnWorker). */
+  /** The source's reader for worker threads, when large files are read on the seal workers (forWorker). */
   readonly workerReader: DirectWriterSpec | null;
   /** Files being read on worker threads now. */
   onWorkers: number;
@@ -387,13 +387,7 @@ function ownedIds(ids: readonly Buffer[]): Buffer[] {
 
 /** Read exactly `want` bytes at pos, or fewer at end of file. */
 function readFull(w: Walk, fd: number, buf: Buffer, pos: number): number {
-  let n = 0;
-  while (n < buf.length) {
-    const r = w.fs.read(fd, n === 0 ? buf : buf.subarray(n), pos + n);
-    if (r === 0) break;
-    n += r;
-  }
-  return n;
+  return readFullSync((f, b, p) => w.fs.read(f, b, p), fd, buf, pos);
 }
 
 /** Whether a file's previous chunk list can be taken as it is (the file is not read). */
@@ -851,22 +845,19 @@ async function unchangedDir(w: Walk, p: Buffer, items: Item[], prev: PrevDir, re
   ids?.set(rec.ids);
   const counts: DirCounts = { files: rec.files, bytes: rec.bytes, symlinks: rec.symlinks, others: rec.others };
   const subs: Maybe<DirResult | null>[] = new Array<Maybe<DirResult | null>>(items.length).fill(null);
-  let later = false;
   for (let i = 0; i < items.length; i++) {
     const it = items[i]!;
     if (it.st.kind !== NodeKind.dir) continue;
     w.stats.dirs++;
     const child = joinPath(p, it.name);
     try {
-      const r = await backupDir(w, child, new PrevDir(w, prev, it.name, undefined), true);
-      subs[i] = r instanceof Later ? guarded(w, child, r) : r;
-      if (r instanceof Later) later = true;
+      subs[i] = guarded(w, child, await backupDir(w, child, new PrevDir(w, prev, it.name, undefined), true));
     } catch (err) {
       warnUnlessFatal(w, child, err);
     }
   }
   const left = w.records!.leave();
-  if (!later) return unchangedTail(w, p, items, prev, ids, counts, subs as (DirResult | null)[], left, true);
+  if (!subs.some((s) => s instanceof Later)) return unchangedTail(w, p, items, prev, ids, counts, subs as (DirResult | null)[], left, true);
   // a file below is read on a worker: the tree comes later, and the LEAVE record says it is not known
   w.recordsOut?.leave(false, ZERO_CHUNK);
   const leave = left && { valid: left.valid, id: Buffer.from(left.id) }; // (a view of the reader's block)
@@ -926,8 +917,12 @@ async function unchangedTail(
   return { id, same: (await prev.id())?.equals(id) === true };
 }
 
-/** A result that comes later, whose failure becomes a warning (null) unless it is fatal, as for the entries backed up now. */
-function guarded<T>(w: Walk, p: Buffer, r: Later<T>): Later<T | null> {
+/**
+ * A result as it is, or, if it comes later, one whose failure becomes a warning (null) unless it is
+ * fatal, as for the entries backed up now.
+ */
+function guarded<T>(w: Walk, p: Buffer, r: Maybe<T>): Maybe<T | null> {
+  if (!(r instanceof Later)) return r;
   return new Later(
     r.promise.catch((err: unknown) => {
       warnUnlessFatal(w, p, err);
@@ -983,8 +978,7 @@ async function changedDir(w: Walk, p: Buffer, items: Item[], prev: PrevDir, atta
       const i = order[j]!;
       const it = pending[i]!;
       try {
-        const r = await backupNode(w, it.child!, it.name, it.st, it.prev, it.xattrs, it.ahead, attached);
-        done[i] = r instanceof Later ? guarded(w, it.child!, r) : r;
+        done[i] = guarded(w, it.child!, await backupNode(w, it.child!, it.name, it.st, it.prev, it.xattrs, it.ahead, attached));
       } catch (err) {
         warnUnlessFatal(w, it.child!, err);
         if (it.ahead !== null) await w.ahead!.drop(it.ahead); // (taken already, unless the error came first)

@@ -38,6 +38,17 @@ export interface ReadMemory {
   give(view: Uint8Array): void;
 }
 
+/** Reads `buf.length` bytes at `pos` with a synchronous read, or fewer at the end of the file. */
+export function readFullSync(read: (fd: number, buf: Buffer, position: number) => number, fd: number, buf: Buffer, pos: number): number {
+  let n = 0;
+  while (n < buf.length) {
+    const r = read(fd, n === 0 ? buf : buf.subarray(n), pos + n);
+    if (r === 0) break;
+    n += r;
+  }
+  return n;
+}
+
 /** Reads `buf.length` bytes at `pos`, or fewer at the end of the file. */
 export async function readFullAsync(fs: AsyncSource, fd: number, buf: Buffer, pos: number): Promise<number> {
   let n = 0;

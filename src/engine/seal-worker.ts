@@ -11,6 +11,7 @@ import { deriveKeys, objectId, ObjectType, type ObjectTypeCode } from '../core/c
 import { release } from '../core/memory.js';
 import { isZero, Sealer, type FileAnswer, type FileAsk, type FileEnd, type FileJob, type FileSealed, type SealBatch, type SealDone, type SealWorkerData, type ToWorker } from './seal.js';
 import { errnoCode } from '../core/errors.js';
+import { readFullSync } from './readahead.js';
 import { ID_BYTES } from '../core/idset.js';
 
 const data = workerData as SealWorkerData;
@@ -119,6 +120,7 @@ async function readFile(job: FileJob): Promise<void> {
     await new Promise<void>((resolve) => (r.wake = resolve));
     r.wake = null;
   };
+  let failure: unknown = null;
   try {
     let read = readers.get(job.reader.module);
     if (read === undefined) {
@@ -130,12 +132,7 @@ async function readFile(job: FileJob): Promise<void> {
       while (r.asked.size >= ASKED_AHEAD && !r.cancelled) await settle();
       if (r.cancelled) throw new Error('cancelled');
       const buf = r.free.pop() ?? Buffer.allocUnsafeSlow(cs);
-      let n = 0;
-      while (n < cs) {
-        const got = readAt(job.fd, n === 0 ? buf : buf.subarray(n), pos + n);
-        if (got === 0) break;
-        n += got;
-      }
+      const n = readFullSync(readAt, job.fd, buf, pos);
       if (n === 0) {
         r.free.push(buf);
         break;
@@ -167,17 +164,22 @@ async function readFile(job: FileJob): Promise<void> {
       if (n < cs) break;
       await nextTurn(); // batches and answers that came meanwhile
     }
-    while (r.asked.size > 0 && !r.cancelled) await settle();
-    if (r.cancelled) throw new Error('cancelled');
-    const out = Buffer.allocUnsafeSlow(k * ID_BYTES);
-    ids.copy(out, 0, 0, k * ID_BYTES);
-    reply({ kind: 'end', job: job.job, ids: out, size: pos }, [out.buffer as ArrayBuffer]);
   } catch (err) {
-    // the chunks the main thread has been asked about are answered (and sealed, if admitted) first:
-    // it counts on them, and a file that cannot be read is only a warning
+    failure = err;
+  }
+  try {
+    // the chunks the main thread has been asked about are answered (and sealed, if admitted) first,
+    // also after a read error: it counts on them, and a file that cannot be read is only a warning
     while (r.asked.size > 0 && !r.cancelled) await settle();
-    const errno = errnoCode(err);
-    reply({ kind: 'end', job: job.job, error: err instanceof Error ? err.message : String(err), ...(typeof errno === 'string' ? { errno } : {}) });
+    if (r.cancelled) failure ??= new Error('cancelled');
+    if (failure === null) {
+      const out = Buffer.allocUnsafeSlow(k * ID_BYTES);
+      ids.copy(out, 0, 0, k * ID_BYTES);
+      reply({ kind: 'end', job: job.job, ids: out, size: pos }, [out.buffer as ArrayBuffer]);
+    } else {
+      const errno = errnoCode(failure);
+      reply({ kind: 'end', job: job.job, error: failure instanceof Error ? failure.message : String(failure), ...(typeof errno === 'string' ? { errno } : {}) });
+    }
   } finally {
     files.delete(job.job);
     release(ids);

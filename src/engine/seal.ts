@@ -277,6 +277,11 @@ export function ownedBuffer(b: Uint8Array): Uint8Array {
 
 const MAX_BATCH = 64;
 
+/** A file read on a worker that the run's end cut short: a SnapError, since the run has failed already (no warning about the file). */
+function stoppedReading(): SnapError {
+  return new SnapError('interrupted', 'The backup stopped while a file was read on a seal worker');
+}
+
 interface FileState {
   readonly resolve: (r: FileChunks) => void;
   readonly reject: (e: unknown) => void;
@@ -453,7 +458,7 @@ export class SealPool {
         (store) => {
           if (!this.files.has(m.job)) {
             // the read ended meanwhile (the run is failing): the room taken for the chunk is given back
-            if (store) f.sink.sealed(id, Promise.reject(f.failure ?? new SnapError('interrupted', 'The backup stopped while a file was read on a seal worker')));
+            if (store) f.sink.sealed(id, Promise.reject(f.failure ?? stoppedReading()));
             return;
           }
           if (store) f.sink.sealed(id, new Promise<Buffer>((resolve, reject) => f.sealed.set(m.chunk, { resolve, reject })));
@@ -572,7 +577,6 @@ export class SealPool {
     await Promise.all(this.workers.map((w) => w.terminate()));
     this.workers.length = 0;
     // files still being read (the run failed): their workers are gone, so their descriptors may close
-    // (a SnapError: the run has failed already, so this is no warning about the file)
-    for (const [job, f] of this.files) this.endFile(job, f, new SnapError('interrupted', 'The backup stopped while a file was read on a seal worker'));
+    for (const [job, f] of this.files) this.endFile(job, f, stoppedReading());
   }
 }
