@@ -36,7 +36,8 @@
 # by its ssh cipher alone (OpenSSH's default, chacha20, costs 35-70% more CPU per byte here).
 #
 # Tools and settings (passphrase "bench" for all three encrypted ones):
-#   snapcrypt  `init` with its normal KDF; backup SRC/tree SRC/big
+#   snapcrypt  `init` with its normal KDF; backup SRC/tree SRC/big. The client runs through
+#              bin/snapcrypt, as installed (it sets MALLOC_ARENA_MAX=2), on the node it finds
 #   restic     `init` defaults: restic 0.14 makes a repository of format version 2 ("stable"), whose
 #              compression "auto" is zstd; backup SRC/tree SRC/big
 #   borg       `init --encryption=repokey-blake2`, `create --compression lz4` (borg 1.2's default;
@@ -127,6 +128,9 @@ if has_tool snapcrypt; then
   SERVER_JS=$HERE/dist/src/programs/snapcrypt-server.js
   CLIENT_JS=$HERE/dist/src/programs/snapcrypt.js
   if [ ! -f "$SERVER_JS" ] || [ ! -f "$CLIENT_JS" ]; then die "dist/ is missing: run npx tsc -p ."; fi
+  # the client runs as users run it, through bin/snapcrypt (which sets MALLOC_ARENA_MAX), on this node
+  SC_CLIENT=$HERE/bin/snapcrypt
+  export SNAPCRYPT_NODE=$NODE
 fi
 BENCHLIB=$BENCH_SHARED/benchlib.py
 MUTATE=$BENCH_SHARED/mutate.sh
@@ -391,7 +395,7 @@ backup_row() { # "stored,apparent,client_state" (from sizes): finish the last me
 backup() { # tool step run
   local tool=$1 step=$2 run=$3
   case $tool in
-    snapcrypt) measure snapcrypt "$step" "$run" "$NODE" "$CLIENT_JS" backup --repo "$SC_REPO" "$SRC/tree" "$SRC/big" ;;
+    snapcrypt) measure snapcrypt "$step" "$run" "$SC_CLIENT" backup --repo "$SC_REPO" "$SRC/tree" "$SRC/big" ;;
     restic) measure restic "$step" "$run" restic "${RESTIC_ARGS[@]}" backup "$SRC/tree" "$SRC/big" ;;
     borg) measure borg "$step" "$run" borg create --compression lz4 --list --filter=AME "$BORG_URL::$step-$run" "$SRC/tree" "$SRC/big" ;;
     rsync) measure rsync "$step" "$run" "$T/rsync-backup" "$step-$run" ;;
@@ -403,7 +407,7 @@ backup() { # tool step run
 step_msg "init"
 for t in $TOOLS; do
   case $t in
-    snapcrypt) measure snapcrypt init 1 "$NODE" "$CLIENT_JS" init --repo "$SC_REPO" ;;
+    snapcrypt) measure snapcrypt init 1 "$SC_CLIENT" init --repo "$SC_REPO" ;;
     restic) measure restic init 1 restic "${RESTIC_ARGS[@]}" init ;;
     borg) measure borg init 1 borg init --encryption=repokey-blake2 "$BORG_URL" ;;
     rsync)
@@ -428,7 +432,7 @@ for t in $TOOLS; do backup "$t" mutated 1; done
 # --- restores ------------------------------------------------------------------------------------------------------
 first_id() { # tool: the first snapshot's ID (snapcrypt, restic)
   case $1 in
-    snapcrypt) "$NODE" "$CLIENT_JS" snapshots --repo "$SC_REPO" --json |
+    snapcrypt) "$SC_CLIENT" snapshots --repo "$SC_REPO" --json |
       python3 -c 'import json, sys; s = [json.loads(l) for l in sys.stdin if l.strip()]; s = sorted((x for x in s if x.get("type") == "snapshot"), key=lambda x: x["time"]); print(s[0]["id"])' ;;
     restic) restic "${RESTIC_ARGS[@]}" snapshots --json |
       python3 -c 'import json, sys; s = sorted(json.load(sys.stdin), key=lambda x: x["time"]); print(s[0]["short_id"])' ;;
@@ -440,7 +444,7 @@ for t in $TOOLS; do
   mkdir -p "$r"
   drop_caches
   case $t in
-    snapcrypt) measure snapcrypt restore-full 1 "$NODE" "$CLIENT_JS" restore --repo "$SC_REPO" latest --target "$r" ;;
+    snapcrypt) measure snapcrypt restore-full 1 "$SC_CLIENT" restore --repo "$SC_REPO" latest --target "$r" ;;
     restic) measure restic restore-full 1 restic "${RESTIC_ARGS[@]}" restore latest --target "$r" ;;
     borg) measure -C "$r" borg restore-full 1 borg extract "$BORG_URL::mutated-1" ;;
     rsync)
@@ -466,7 +470,7 @@ for t in $TOOLS; do
   rm -rf "$r"
   mkdir -p "$r"
   case $t in
-    snapcrypt) measure snapcrypt restore-one 1 "$NODE" "$CLIENT_JS" restore --repo "$SC_REPO" "$(first_id snapcrypt):$SRC/$ONE_FILE" --target "$r" ;;
+    snapcrypt) measure snapcrypt restore-one 1 "$SC_CLIENT" restore --repo "$SC_REPO" "$(first_id snapcrypt):$SRC/$ONE_FILE" --target "$r" ;;
     restic) measure restic restore-one 1 restic "${RESTIC_ARGS[@]}" restore "$(first_id restic)" --target "$r" --include "$SRC/$ONE_FILE" ;;
     borg) measure -C "$r" borg restore-one 1 borg extract "$BORG_URL::first-1" "${SRC#/}/$ONE_FILE" ;;
     rsync) measure rsync restore-one 1 rsync "${RSYNC_OPTS[@]}" "$RSYNC_REMOTE:$RSYNC_DIR/snaps/first-1/$ONE_FILE" "$r/" ;;

@@ -19,7 +19,8 @@ import { LocalSourceFs } from '../src/drivers/localfs.js';
 import { Repository } from '../src/engine/repository.js';
 import { type BackupResult, backup as engineBackup } from '../src/engine/backup.js';
 import type { TreeCache } from '../src/engine/cache.js';
-import { walkOrder } from '../src/engine/dirrecords.js';
+import { StatLine, walkOrder } from '../src/engine/dirrecords.js';
+import { NO_CHUNKS, NO_XATTRS, NodeKind } from '../src/core/format.js';
 import { assertSameTree, countingCalls, expectExit, makeRepo, runCli, treeSnapshot, type TestRepo } from './cli-helpers.js';
 
 const MiB = 1024 * 1024;
@@ -125,6 +126,32 @@ test('walk order: a directory before what is below it, then its later siblings',
       assert.equal(Math.sign(walkOrder(sorted[i]!, sorted[j]!)), Math.sign(i - j), `${sorted[i]} vs ${sorted[j]}`);
     }
   }
+});
+
+test('a stat line holds each time as 8 bytes, little-endian and signed, also once it outgrows its first buffer', () => {
+  const line = new StatLine();
+  const times = [0n, 1n, -1n, 1_764_400_000_123_456_789n, -86_400_000_000_001n, 2n ** 63n - 1n, -(2n ** 63n)];
+  const name = Buffer.alloc(3000, 0x61); // 22 entries of about 3 KB: past the first 64 KiB
+  for (let i = 0; i < 22; i++) {
+    const m = times[i % times.length]!;
+    const c = times[(i + 3) % times.length]!;
+    line.addEntry({
+      kind: NodeKind.file, name, mode: 0o644, uid: i, gid: 7, mtimeNs: m, ctimeNs: c, inode: 1000 + i, nlink: 1,
+      xattrs: NO_XATTRS, size: 5 * i, chunks: NO_CHUNKS, subtree: null, target: null, rdev: 0,
+    });
+  }
+  const v = line.view();
+  let o = 0;
+  for (let i = 0; i < 22; i++) {
+    assert.equal(v.readUInt16LE(o), name.length);
+    o += 2 + name.length + 1 + 2 + 4 + 4 + 8; // name, kind, mode, uid, gid, size
+    assert.equal(v.readBigInt64LE(o), times[i % times.length], `entry ${i}: mtime`);
+    assert.equal(v.readBigInt64LE(o + 8), times[(i + 3) % times.length], `entry ${i}: ctime`);
+    o += 16;
+    assert.equal(v.readDoubleLE(o), 1000 + i, `entry ${i}: inode after the times`);
+    o += 8 + 4 + 8; // inode, nlink, rdev
+  }
+  assert.equal(o, v.length);
 });
 
 test('an unchanged directory is taken from its record: no tree loaded, no file read, the same snapshot', async () => {

@@ -75,6 +75,8 @@ const isDevice = (k: NodeKindCode): boolean => k === NodeKind.chardev || k === N
 /** Stat lines, built in one reused buffer. */
 export class StatLine {
   private buf = Buffer.allocUnsafe(64 * 1024);
+  /** The times are written through this view: Buffer.writeBigInt64LE makes three BigInts per call. */
+  private view64 = new DataView(this.buf.buffer, this.buf.byteOffset, this.buf.length);
   private len = 0;
   reset(): void {
     this.len = 0;
@@ -99,6 +101,7 @@ export class StatLine {
       const grown = Buffer.allocUnsafe(Math.max(need, this.buf.length * 2));
       this.buf.copy(grown, 0, 0, this.len);
       this.buf = grown;
+      this.view64 = new DataView(grown.buffer, grown.byteOffset, grown.length);
     }
     const b = this.buf;
     let o = b.writeUInt16LE(name.length, this.len);
@@ -108,8 +111,9 @@ export class StatLine {
     o = b.writeUInt32LE(uid, o);
     o = b.writeUInt32LE(gid, o);
     o = b.writeDoubleLE(size, o);
-    o = b.writeBigInt64LE(mtime, o);
-    o = b.writeBigInt64LE(ctime, o);
+    this.view64.setBigInt64(o, mtime, true);
+    this.view64.setBigInt64(o + 8, ctime, true);
+    o += 16;
     o = b.writeDoubleLE(ino, o);
     o = b.writeUInt32LE(nlink, o);
     o = b.writeDoubleLE(rdev, o);
