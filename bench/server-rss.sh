@@ -23,7 +23,8 @@
 # Prints a markdown table: per step the client's wall time, CPU and peak RSS and the server's CPU and
 # peak RSS; then the server's peak RSS over all serve processes. SERVE_NODE_ARGS and CLIENT_NODE_ARGS
 # (split on white space) add node options to the server's and the client's command lines, for
-# experiments (e.g. CLIENT_NODE_ARGS="--import /path/memsample.mjs"). RESTORE_RUNS (default 0) adds
+# experiments (e.g. CLIENT_NODE_ARGS="--import /path/memsample.mjs"). The client runs with
+# MALLOC_ARENA_MAX=2, as bin/snapcrypt runs it, unless the environment sets another. RESTORE_RUNS (default 0) adds
 # that many full restores of the latest snapshot into WORK_DIR/restore (page cache dropped first),
 # each by every client in RESTORE_CLIENTS (paths of snapcrypt.js of other builds, in turn, for an A/B;
 # default this build's), recorded as step restore-<build directory>. Passphrase: SNAPCRYPT_PASSWORD
@@ -102,7 +103,8 @@ drop_caches() { sync; if [ "$(id -u)" = 0 ]; then echo 3 > /proc/sys/vm/drop_cac
 measure() { # step run snapcrypt-args...
   local step=$1 run=$2; shift 2
   : > "$SERVE_CSV"
-  /usr/bin/time -f "%e,%U,%S,%M" -o "$T/client.time" "$NODE" ${CLIENT_NODE_ARGS:-} "$CLIENT_JS" "$@" > "$OUT/$step-$run.log" 2>&1 \
+  # the client's malloc as bin/snapcrypt sets it (node runs directly here, for CLIENT_NODE_ARGS)
+  MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX:-2} /usr/bin/time -f "%e,%U,%S,%M" -o "$T/client.time" "$NODE" ${CLIENT_NODE_ARGS:-} "$CLIENT_JS" "$@" > "$OUT/$step-$run.log" 2>&1 \
     || { echo "snapcrypt $1 failed:" >&2; cat "$OUT/$step-$run.log" "$T/client.time" >&2; exit 1; }
   # The serve process has exited when ssh has (sshd waits for it), so its line is written.
   local serve
