@@ -14,7 +14,7 @@ import { fileURLToPath } from 'node:url';
 import { isSnapError } from '../src/core/errors.js';
 import type { ErrorCode } from '../src/core/errors.js';
 import { BtrfsStorage } from '../src/drivers/btrfs.js';
-import { INDEX_CHUNK, LocalDirStorage, ReadAheadGate, scanIndex, sortedIdsDiff } from '../src/drivers/localdir.js';
+import { INDEX_CHUNK, LocalDirStorage, ReadAheadGate, scanIndex, sortedIdsDiff, sortedIdsSince } from '../src/drivers/localdir.js';
 import { openStorage } from '../src/drivers/open.js';
 import { RemoteStorage } from '../src/drivers/ssh.js';
 import { readObjectsInto } from '../src/storage/types.js';
@@ -646,6 +646,113 @@ describe('commit over a prefix larger than the index is read in (LocalDirStorage
     assert.deepEqual(await collect(storage), kept, 'the other half pruned, every listed id found');
     await fsp.rm(join(dir, 'current', 'objects', '00', kept[kept.length - 1]!));
     await rejectsWith(storage.commit(headOf(ids[0]!), indexOf(kept)), 'integrity', new RegExp(kept[kept.length - 1]!));
+  });
+});
+
+describe('sortedIdsSince (a commit against the last index, for a directory that did not change)', () => {
+  const id = (first: number, last: number): Buffer => Buffer.concat([Buffer.from([0x5a, first]), Buffer.alloc(29), Buffer.from([last])]);
+  const hex = (b: Buffer): string => b.toString('hex');
+  it('finds the new ids the last index did not list and the ones the new index drops', () => {
+    const [a, b, c, d, e, f] = [id(1, 0), id(2, 0), id(2, 1), id(3, 0), id(4, 9), id(255, 255)];
+    assert.deepEqual(sortedIdsSince(Buffer.concat([a, c, e, f]), Buffer.concat([b, c, d, f])), { missing: 2, firstMissing: hex(a), unlisted: [b, d].map(hex) });
+    assert.deepEqual(sortedIdsSince(Buffer.concat([a, b]), Buffer.concat([a, b])), { missing: 0, firstMissing: undefined, unlisted: [] });
+    assert.deepEqual(sortedIdsSince(Buffer.alloc(0), Buffer.concat([a, f])), { missing: 0, firstMissing: undefined, unlisted: [a, f].map(hex) });
+    assert.deepEqual(sortedIdsSince(Buffer.concat([b, d]), Buffer.alloc(0)), { missing: 2, firstMissing: hex(b), unlisted: [] });
+    // ids that differ only in their last four bytes
+    assert.deepEqual(sortedIdsSince(Buffer.concat([b]), Buffer.concat([b, c])), { missing: 0, firstMissing: undefined, unlisted: [hex(c)] });
+  });
+  it('refuses a last index that is not strictly ascending, where a merge would call a listed id unlisted', () => {
+    const [a, b, c] = [id(1, 0), id(2, 0), id(3, 0)];
+    assert.equal(sortedIdsSince(Buffer.concat([a, b]), Buffer.concat([a, a, b])), null, 'a repeated id');
+    assert.equal(sortedIdsSince(Buffer.concat([a, b, c]), Buffer.concat([a, c, b])), null, 'two ids swapped');
+    assert.equal(sortedIdsSince(Buffer.concat([a]), Buffer.concat([a, c, b])), null, 'out of order after the last new id');
+  });
+});
+
+describe('commit reads only the object directories that changed since the last commit (objects-state)', () => {
+  const objects = (from: number, n: number): string[] => Array.from({ length: n }, (_, i) => idOf(Buffer.from(`object ${from + i}`)));
+  const prefixes = (ids: readonly string[]): number => new Set(ids.map((id) => id.slice(0, 2))).size;
+  /** A storage with 300 objects committed twice, 30 ms apart: every directory's stamp is recorded. */
+  async function committed(name: string) {
+    const dir = join(await tempDir(name), 'repo');
+    const storage = new LocalDirStorage(dir, { clock: () => T0 });
+    await storage.init(CONFIG);
+    const ids = objects(0, 300);
+    for (const id of ids) await storage.putObject(id, Buffer.from(id));
+    await storage.commit(headOf(ids[0]!), indexOf(ids));
+    // the directories changed within the recording's tick of the file system's clock are not trusted:
+    // the next commit reads them, and records them as they are once that tick is past
+    await new Promise((r) => setTimeout(r, 30));
+    await storage.commit(headOf(ids[0]!), indexOf(ids));
+    const file = (id: string): string => join(dir, 'current', 'objects', id.slice(0, 2), id);
+    return { dir, storage, ids, file };
+  }
+  const dirsRead = async (storage: LocalDirStorage, commit: () => Promise<unknown>): Promise<number> => {
+    const before = storage.objectDirsRead;
+    await commit();
+    return storage.objectDirsRead - before;
+  };
+
+  it('reads none when nothing changed, only the new objects\' when some are added, and prunes the dropped ones from the last index', async () => {
+    const { dir, storage, ids } = await committed('state-same');
+    const state = JSON.parse(await fsp.readFile(join(dir, 'objects-state'), 'utf8')) as { head: string; dirs: (string | null)[] };
+    assert.equal(state.head, ids[0]);
+    assert.equal(await dirsRead(storage, () => storage.commit(headOf(ids[0]!), indexOf(ids))), 0, 'no directory read');
+    const added = objects(1000, 3);
+    for (const id of added) await storage.putObject(id, Buffer.from(id));
+    const kept = ids.slice(40);
+    const n = await dirsRead(storage, () => storage.commit(headOf(ids[100]!), indexOf([...kept, ...added])));
+    assert.equal(n, prefixes(added), 'only the directories that the new objects went to');
+    assert.deepEqual(await collect(storage), [...kept, ...added].sort(), 'the dropped objects pruned, the new ones kept');
+    // without the file (or with one of another head), every directory is read
+    await new Promise((r) => setTimeout(r, 30));
+    await fsp.rm(join(dir, 'objects-state'));
+    assert.equal(await dirsRead(storage, () => storage.commit(headOf(ids[100]!), indexOf([...kept, ...added]))), 256);
+  });
+
+  it('still finds an object removed and one added from outside since (their directories changed)', async () => {
+    const { storage, ids, file } = await committed('state-outside');
+    await fsp.rm(file(ids[7]!));
+    await rejectsWith(storage.commit(headOf(ids[0]!), indexOf(ids)), 'integrity', new RegExp(`${ids[7]!}.*missing`));
+    await storage.putObject(ids[7]!, Buffer.from(ids[7]!));
+    await storage.commit(headOf(ids[0]!), indexOf(ids));
+    // an object no index lists, written by something else than a commit's session
+    const stray = objects(2000, 1)[0]!;
+    await fsp.mkdir(join(file(stray), '..'), { recursive: true });
+    await fsp.writeFile(file(stray), 'stray', { mode: 0o400 });
+    await storage.commit(headOf(ids[0]!), indexOf(ids));
+    assert.deepEqual(await collect(storage), [...ids].sort(), 'the stray object pruned');
+  });
+
+  it('reads the directories when the last index is damaged (an id repeated, two swapped), and deletes no listed object', async () => {
+    const { dir, storage, ids } = await committed('state-damaged');
+    const indexPath = join(dir, 'current', 'index');
+    const sorted = [...ids].sort();
+    // two ids of one prefix next to each other
+    const at = sorted.findIndex((id, i) => i > 0 && id.slice(0, 2) === sorted[i - 1]!.slice(0, 2));
+    const damage = async (bytes: Buffer): Promise<void> => {
+      // in place (same inode), and objects-state made to name the damaged file, as if it were the last commit's
+      await fsp.chmod(indexPath, 0o600);
+      await fsp.writeFile(indexPath, bytes);
+      const st = await fsp.lstat(indexPath, { bigint: true });
+      const statePath = join(dir, 'objects-state');
+      const state = JSON.parse(await fsp.readFile(statePath, 'utf8')) as Record<string, unknown>;
+      state['index'] = `${st.ino}:${st.size}:${st.ctimeNs}`;
+      await fsp.writeFile(statePath, JSON.stringify(state));
+    };
+    const repeated = [...sorted];
+    repeated[at] = repeated[at - 1]!; // the id at `at` disappears, the one before it is listed twice
+    await damage(Buffer.concat(repeated.map((id) => Buffer.from(id, 'hex'))));
+    await storage.commit(headOf(ids[0]!), indexOf(ids));
+    assert.deepEqual(await collect(storage), [...ids].sort(), 'no listed object deleted');
+    await new Promise((r) => setTimeout(r, 30));
+    await storage.commit(headOf(ids[0]!), indexOf(ids));
+    const swapped = [...sorted];
+    [swapped[at - 1], swapped[at]] = [swapped[at]!, swapped[at - 1]!];
+    await damage(Buffer.concat(swapped.map((id) => Buffer.from(id, 'hex'))));
+    const n = await dirsRead(storage, () => storage.commit(headOf(ids[0]!), indexOf(ids)));
+    assert.equal(n, 256, 'the commit went back to reading every directory, and was not refused');
+    assert.deepEqual(await collect(storage), [...ids].sort());
   });
 });
 
