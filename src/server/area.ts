@@ -4,7 +4,8 @@
  *   <root>/users/<user>/              root:<user> 0750
  *     current/                        btrfs subvolume, top directory root:<user> 0750 (made by adduser)
  *       repo/                         <user>:<user> 0700: what DirStorage calls current
- *     run/                            <user>:<user> 0700: the writer lock (outside the subvolume)
+ *     run/                            <user>:<user> 0700: the writer lock, the usage ledger and the
+ *                                     object directories' state of the last commit (outside the subvolume)
  *   <root>/snapshots/<user>/          root:<user> 0750
  *     <ISO time>/                     read-only snapshot of users/<user>/current, taken by root
  *       repo/                         the repository state of that commit
