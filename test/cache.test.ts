@@ -8,8 +8,9 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { describe, it } from 'node:test';
 import { tempDir } from './env.js';
-import { DirTreeCache } from '../src/drivers/cachedir.js';
-import { IdList } from '../src/core/idset.js';
+import { execFileSync } from 'node:child_process';
+import { DirTreeCache, fileRunStore } from '../src/drivers/cachedir.js';
+import { IdList, RefRuns } from '../src/core/idset.js';
 
 const HEAD = 'ab'.repeat(32);
 
@@ -82,5 +83,99 @@ describe('kept index', () => {
     assert.equal(kept.count, 0);
     assert.equal(kept.has(ids[0]!), false);
     kept.dispose();
+  });
+});
+
+describe('a backup\'s references in sorted runs in the cache (RefRuns, refRuns, writeIndex)', () => {
+  const BLOCK_IDS = 32_768;
+  // three full runs and part of a fourth, with repeats within and across runs
+  const ids = Array.from({ length: 3 * BLOCK_IDS + 5_000 }, () => randomBytes(32));
+  const pushed = [...ids, ...ids.filter((_, i) => i % 50 === 0), ...ids.slice(0, 100)];
+  const expected = [...new Set(pushed.map((b) => b.toString('hex')))].sort().join('');
+  const merged = (refs: RefRuns): string => {
+    const out: string[] = [];
+    refs.merge((part) => out.push(part.toString('hex')));
+    return out.join('');
+  };
+
+  it('holds at most one block while ids are pushed, merges the runs sorted and unique, again if asked, and leaves no file', async () => {
+    const dir = await tempDir('runs');
+    const cache = new DirTreeCache(dir, 'repo');
+    const refs = new RefRuns(cache.refRuns());
+    assert.deepEqual(fs.readdirSync(path.join(dir, 'repo')), [], 'the runs\' file is unlinked once open');
+    let most = 0;
+    for (const id of pushed) {
+      refs.push(id);
+      most = Math.max(most, refs.inMemory);
+    }
+    assert.equal(most, BLOCK_IDS - 1, 'less than one block in memory');
+    assert.equal(refs.spilled, true);
+    assert.equal(refs.length, pushed.length);
+    assert.equal(merged(refs), expected);
+    assert.equal(merged(refs), expected, 'a second merge gives the same');
+    assert.throws(() => refs.sortedInMemory(), /merge/);
+    const fds = fs.readdirSync('/proc/self/fd').length;
+    refs.dispose();
+    assert.equal(fs.readdirSync('/proc/self/fd').length, fds - 1, 'its descriptor closed');
+  });
+
+  it('keeps every id in memory without a store, or when the store refuses the first run (a full disk)', () => {
+    for (const store of [null, fileRunStore(fs.openSync('/dev/full', 'r+'), '/dev/full')]) {
+      const refs = new RefRuns(store);
+      for (const id of pushed) refs.push(id);
+      assert.equal(refs.spilled, false);
+      assert.equal(refs.inMemory, pushed.length);
+      assert.equal(Buffer.concat(refs.sortedInMemory()).toString('hex'), expected);
+    }
+  });
+
+  it('merges the runs stored before the disk filled with the ones held after', { skip: process.getuid?.() !== 0 && process.env['CI'] !== 'true' ? 'needs root to mount a small tmpfs' : false }, async () => {
+    const dir = await tempDir('runs-full');
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', dir]);
+    try {
+      const refs = new RefRuns(new DirTreeCache(dir, 'repo').refRuns());
+      for (const id of pushed) refs.push(id);
+      assert.equal(refs.spilled, true, 'the first runs went to the file');
+      assert.ok(refs.inMemory > BLOCK_IDS, `then the disk was full: ${refs.inMemory} ids in memory`);
+      assert.equal(merged(refs), expected);
+      refs.dispose();
+    } finally {
+      execFileSync('umount', [dir]);
+    }
+  });
+
+  it('writes the kept index as the runs are merged; the commit reads it from the file; kept only by keep()', async () => {
+    const dir = await tempDir('runs-index');
+    const cache = new DirTreeCache(dir, 'repo');
+    const refs = new RefRuns(cache.refRuns());
+    for (const id of pushed) refs.push(id);
+    fs.mkdirSync(path.join(dir, 'repo'), { recursive: true });
+    fs.writeFileSync(path.join(dir, 'repo', 'index.999999.tmp'), 'left by a backup killed in its commit');
+    const writer = cache.writeIndex(HEAD);
+    assert.ok(writer);
+    assert.ok(!fs.existsSync(path.join(dir, 'repo', 'index.999999.tmp')), 'an old temp index removed');
+    refs.merge((part) => assert.ok(writer.append(part)));
+    const source = writer.finish();
+    assert.ok(source);
+    assert.equal(source.length, expected.length / 2);
+    const back: string[] = [];
+    const scratch = Buffer.alloc(100_000 * 32);
+    for (let pos = 0; pos < source.length; pos += scratch.length) {
+      back.push((await source.read(pos, Math.min(scratch.length, source.length - pos), scratch)).toString('hex'));
+    }
+    assert.equal(back.join(''), expected, 'the ids read back');
+    assert.equal(cache.getIndex(HEAD), null, 'not the kept index before keep()');
+    writer.keep();
+    const kept = cache.getIndex(HEAD);
+    assert.ok(kept, 'a whole kept index after keep()');
+    assert.equal(kept.count, expected.length / 64);
+    for (const id of ids.slice(0, 1000)) assert.ok(kept.has(id));
+    kept.dispose();
+    const other = cache.writeIndex('cd'.repeat(32))!;
+    other.append(Buffer.alloc(32, 1));
+    other.discard();
+    assert.ok(cache.getIndex(HEAD), 'a discarded one leaves the kept index as it was');
+    assert.deepEqual(fs.readdirSync(path.join(dir, 'repo')).sort(), ['index'], 'no temp file left');
+    refs.dispose();
   });
 });

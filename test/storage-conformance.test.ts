@@ -228,6 +228,30 @@ function storageConformance(driver: string, factory: Factory | null, checks: Dri
       assert.deepEqual(await collect(storage), kept, 'the ids that no part lists are pruned');
     });
 
+    it('commit takes the index from an IndexSource, read in pieces (a client\'s kept index file), and checks it', async () => {
+      const { storage, ids } = await setup(make, 40);
+      const kept = [...ids].sort().filter((_, i) => i % 4 !== 2);
+      const source = (whole: Buffer) => ({
+        length: whole.length,
+        // into the scratch, as a file would be read: a piece stays valid only until the next read
+        read: async (pos: number, n: number, scratch: Buffer): Promise<Buffer> => {
+          whole.copy(scratch, 0, pos, pos + n);
+          return scratch.subarray(0, n);
+        },
+      });
+      const missing = indexOf([...kept, 'ff'.repeat(32)]);
+      await rejectsWith(storage.commit(headOf(kept[0]!), source(missing)), 'integrity', /f{64}/);
+      const unsorted = indexOf(kept);
+      const first = Buffer.from(unsorted.subarray(0, 32));
+      unsorted.copy(unsorted, 0, 32, 64);
+      first.copy(unsorted, 32);
+      await rejectsWith(storage.commit(headOf(kept[0]!), source(unsorted)), 'integrity', /sorted/);
+      assert.deepEqual(await storage.listSnapshots(), []);
+      await storage.commit(headOf(kept[0]!), source(indexOf(kept)));
+      assert.deepEqual(await storage.readFile('index'), indexOf(kept));
+      assert.deepEqual(await collect(storage), kept, 'the ids the source does not list are pruned');
+    });
+
     it('commit writes head and index, prunes unlisted objects; the earlier snapshot keeps them', async () => {
       const { storage, ids, blobs } = await setup(make, 3);
       const first = await storage.commit(headOf(ids[0]!), indexOf(ids));

@@ -59,14 +59,7 @@ export class IdBlocks {
    * the caller's.
    */
   drainUnique(): Buffer[] {
-    // in place first: the ids kept move down over the duplicates
-    const w = this.words();
-    let m = 0;
-    for (let i = 0; i < this.n; i++) {
-      if (m > 0 && sameWords(w, i, m - 1)) continue;
-      if (i !== m) copyWords(w, i, w, m);
-      m++;
-    }
+    const m = this.uniqueInPlace();
     const parts: Buffer[] = [];
     this.blocks.forEach((block, b) => {
       const held = Math.min(BLOCK_IDS, m - b * BLOCK_IDS);
@@ -76,6 +69,47 @@ export class IdBlocks {
     this.blocks.length = 0;
     this.n = 0;
     return parts;
+  }
+  /**
+   * Moves the ids kept down over adjacent duplicates (the list is sorted by permute first); returns
+   * how many are kept. The list's length is not changed.
+   */
+  private uniqueInPlace(): number {
+    const w = this.words();
+    let m = 0;
+    for (let i = 0; i < this.n; i++) {
+      if (m > 0 && sameWords(w, i, m - 1)) continue;
+      if (i !== m) copyWords(w, i, w, m);
+      m++;
+    }
+    return m;
+  }
+  /**
+   * Like drainUnique, but the views go to `each` one by one, valid only during the call, and the list
+   * keeps its blocks for the ids pushed next (empty afterwards).
+   */
+  eachUnique(each: (part: Buffer) => void): void {
+    const m = this.uniqueInPlace();
+    for (let b = 0; b * BLOCK_IDS < m; b++) each(this.blocks[b]!.subarray(0, Math.min(BLOCK_IDS, m - b * BLOCK_IDS) * ID_BYTES));
+    this.n = 0;
+  }
+  /** Appends the whole ids in src from byte start to end, a block's worth at a time. */
+  pushRange(src: Buffer, start: number, end: number): void {
+    while (start < end) {
+      const b = this.n >>> BLOCK_SHIFT;
+      if (b === this.blocks.length) this.blocks.push(Buffer.allocUnsafeSlow(BLOCK_IDS * ID_BYTES));
+      const at = (this.n & (BLOCK_IDS - 1)) * ID_BYTES;
+      const take = Math.min(end - start, BLOCK_IDS * ID_BYTES - at);
+      src.copy(this.blocks[b]!, at, start, start + take);
+      this.n += take / ID_BYTES;
+      start += take;
+    }
+  }
+  /** Frees the blocks; the list is empty afterwards. */
+  clear(): void {
+    for (const b of this.blocks) release(b);
+    this.blocks.length = 0;
+    this.n = 0;
   }
   /** The blocks as 32-bit words: ids are moved and compared 8 words at a time (Buffer.copy per id: 3x the time). */
   private words(): Uint32Array[] {
@@ -114,7 +148,6 @@ function sameWords(w: Uint32Array[], i: number, j: number): boolean {
 
 /** Append-only list of ids; sortedUnique() gives the clear-text index format. */
 export class IdList {
-  /** The ids; an IdSet built over this list keeps its added ids here too (IdSet.addListed). */
   readonly ids = new IdBlocks();
   get length(): number {
     return this.ids.length;
@@ -146,10 +179,29 @@ export class IdList {
    * 1,000,000 ids over SSH, docs/DESIGN.md section 13.)
    */
   sortedParts(): Buffer[] {
+    this.sortInPlace();
+    return this.ids.drainUnique();
+  }
+  /**
+   * The sorted, de-duplicated ids to `each` in parts, each valid only during its call; the list is
+   * empty afterwards and keeps its memory for the ids pushed next (RefRuns sorts many small lists so).
+   */
+  sortedEach(each: (part: Buffer) => void): void {
+    this.sortInPlace();
+    this.ids.eachUnique(each);
+  }
+  /** Appends the whole ids in src from byte start to end. */
+  pushRange(src: Buffer, start: number, end: number): void {
+    this.ids.pushRange(src, start, end);
+  }
+  /** Frees the list's memory; it is empty afterwards. */
+  clear(): void {
+    this.ids.clear();
+  }
+  private sortInPlace(): void {
     const order = this.sortOrder();
     this.ids.permute(order);
     release(new Uint8Array(order.buffer as ArrayBuffer)); // (a view of the first half of the sort's memory)
-    return this.ids.drainUnique();
   }
   /**
    * The ids' numbers in the order of their ids, in 8 bytes per id (4 once done). Each id's first bits
@@ -221,31 +273,39 @@ export function sortedHas(s: Buffer, id: Buffer): boolean {
   return false;
 }
 
+/** Bytes of an added id that an IdSet keeps: its first 128 bits (see IdSet). */
+const FP_BYTES = 16;
+/** Added ids per block of an IdSet (1 MiB). */
+const FP_SHIFT = 16;
+const FP_IDS = 1 << FP_SHIFT;
+
 /**
  * Membership over sorted ids (a Buffer, or SortedIds), plus ids added later. The added ids are kept
- * in blocks (IdBlocks, 32 bytes each) and found through an open-addressing hash table of their numbers
- * (a Uint32Array at most half full: 8-16 bytes per id), not in a Set of strings: a backup that adds
- * 100,000 objects keeps about 4.5 MiB outside the JavaScript heap instead of 100,000 long-lived
- * strings that the garbage collector must promote and trace (I8). Ids are keyed MACs, so their
- * bytes are uniformly distributed and serve as the hash.
+ * in blocks of 1 MiB and found through an open-addressing hash table of their numbers (a Uint32Array
+ * at most half full: 8-16 bytes per id), not in a Set of strings: a backup that adds 100,000 objects
+ * keeps about 2.5 MiB outside the JavaScript heap instead of 100,000 long-lived strings that the
+ * garbage collector must promote and trace (I8). Ids are keyed MACs, so their bytes are uniformly
+ * distributed and serve as the hash.
  *
- * Built over a list (`new IdSet(sorted, list)`), the set keeps no copy of the ids it adds: they are
- * numbers of the list's ids (addListed). A backup's set of what current holds is built over the new
- * snapshot's list of references, which holds every new object's id anyway: 8-16 bytes per new object
- * instead of 40-48.
+ * Of an added id the set keeps the first 16 bytes (128 bits): 24-32 bytes per added id with the
+ * table, where the whole id took 40-48 (a first backup of 1,000,000 small files adds as many; DESIGN.md
+ * section 9). Two different ids share their first 128 bits with probability 2^-128 per pair, about
+ * 10^-27 for a million lookups against a million added ids, and nobody without the repository's key
+ * can make such a pair. Were it to happen, a backup would take an object for stored that is not: the
+ * server's commit check refuses the index that lists it; a backup that trusted the kept index runs
+ * again with a listing of current (engine/backup.ts, CommitRefused), any other fails with that error,
+ * and the next run sends the object. The sorted ids are compared whole.
  */
 export class IdSet {
   private sorted: Buffer | SortedIds;
-  private readonly list: IdList;
-  private readonly added: IdBlocks;
+  /** The added ids' first FP_BYTES bytes, FP_IDS per block. */
+  private added: Buffer[] = [];
   private addedCount = 0;
-  /** Slot i holds 1 + the number of an added id in `added`, or 0 when free. */
+  /** Slot i holds 1 + the number of an added id, or 0 when free. */
   private table = new Uint32Array(0);
   private mask = -1;
-  constructor(sorted: Buffer | SortedIds, list: IdList = new IdList()) {
+  constructor(sorted: Buffer | SortedIds) {
     this.sorted = sorted;
-    this.list = list;
-    this.added = list.ids;
   }
   static empty(): IdSet {
     return new IdSet(Buffer.alloc(0));
@@ -259,17 +319,17 @@ export class IdSet {
     if (Buffer.isBuffer(s) ? sortedHas(s, id) : s.has(id)) return true;
     return this.addedCount > 0 && this.slotOf(id) >= 0;
   }
-  /** Adds id (a copy of it, in the list the set was built over). */
+  /** Adds id (a copy of its first 16 bytes). */
   add(id: Buffer): void {
-    if (this.has(id)) return;
-    this.addListed(this.list.push(id));
+    if (!this.has(id)) this.addNew(id);
   }
-  /**
-   * Adds the id at number n of the list the set was built over, without a copy. The caller has made
-   * sure that the set lacks it (has()).
-   */
-  addListed(n: number): void {
-    if ((this.addedCount + 1) * 2 > this.table.length) this.grow();
+  /** Adds id, which the caller has made sure the set lacks (has()). */
+  addNew(id: Buffer): void {
+    const n = this.addedCount;
+    if ((n + 1) * 2 > this.table.length) this.grow();
+    const b = n >>> FP_SHIFT;
+    if (b === this.added.length) this.added.push(Buffer.allocUnsafeSlow(FP_IDS * FP_BYTES));
+    this.added[b]!.set(id.subarray(0, FP_BYTES), (n & (FP_IDS - 1)) * FP_BYTES);
     this.insert(n);
     this.addedCount++;
   }
@@ -278,6 +338,8 @@ export class IdSet {
     if (Buffer.isBuffer(this.sorted)) release(this.sorted);
     else this.sorted.dispose();
     release(this.table);
+    for (const b of this.added) release(b);
+    this.added = [];
     this.sorted = Buffer.alloc(0);
     this.table = new Uint32Array(0);
     this.mask = -1;
@@ -289,9 +351,9 @@ export class IdSet {
     const first = id.readUInt32LE(0);
     for (let i = this.home(id, 0); t[i] !== 0; i = (i + 1) & this.mask) {
       const n = t[i]! - 1;
-      const block = this.added.blockOf(n);
-      const off = this.added.offsetOf(n);
-      if (block.readUInt32LE(off) === first && block.compare(id, 4, ID_BYTES, off + 4, off + ID_BYTES) === 0) return i;
+      const block = this.added[n >>> FP_SHIFT]!;
+      const off = (n & (FP_IDS - 1)) * FP_BYTES;
+      if (block.readUInt32LE(off) === first && block.compare(id, 4, FP_BYTES, off + 4, off + FP_BYTES) === 0) return i;
     }
     return -1;
   }
@@ -300,7 +362,7 @@ export class IdSet {
     return (b[off + 4]! | (b[off + 5]! << 8) | (b[off + 6]! << 16) | (b[off + 7]! << 24)) & this.mask;
   }
   private insert(n: number): void {
-    let i = this.home(this.added.blockOf(n), this.added.offsetOf(n));
+    let i = this.home(this.added[n >>> FP_SHIFT]!, (n & (FP_IDS - 1)) * FP_BYTES);
     while (this.table[i] !== 0) i = (i + 1) & this.mask;
     this.table[i] = n + 1;
   }
@@ -311,6 +373,152 @@ export class IdSet {
     this.mask = slots - 1;
     for (const v of old) if (v !== 0) this.insert(v - 1);
     release(old);
+  }
+}
+
+/**
+ * Where RefRuns keeps its sorted runs: appended one after another, read back by byte position (a temp
+ * file of the workstation's cache, drivers/cachedir.ts).
+ */
+export interface RunStore {
+  /** Appends a run (whole ids); false when it cannot (RefRuns then keeps its runs in memory). */
+  append(run: Buffer): boolean;
+  /** Fills buf with the bytes appended from position pos on, exactly; throws when it cannot. */
+  read(pos: number, buf: Buffer): void;
+  /** Lets go of the file (never throws). */
+  close(): void;
+}
+
+/** Bytes of each stored run that RefRuns.merge reads at a time. */
+const RUN_WINDOW = 64 * 1024;
+
+/** A run being merged: the rest of it from `pos` to `end`, of which [at, to) of `window` is read. */
+interface RunCursor {
+  pos: number;
+  readonly end: number;
+  window: Buffer;
+  at: number;
+  to: number;
+}
+
+/**
+ * A backup's references: ids pushed in any order, given back sorted and without duplicates (the
+ * index of its commit). Each BLOCK_IDS pushed are sorted where they lie into a run that goes to the
+ * store, so that the walk holds one block (1 MiB) of them and not 32 bytes per reference. merge()
+ * reads the runs back one first byte at a time: the ids of that byte in every run (contiguous, since
+ * each run is sorted), sorted together; about 1/256 of the references at once. Without a store, or
+ * once it refuses a run (a full disk), the runs stay in memory.
+ */
+export class RefRuns {
+  private readonly cur = new IdList();
+  private store: RunStore | null;
+  /** Whether runs still go to the store (it refused none so far). */
+  private appending: boolean;
+  private readonly stored: { start: number; end: number }[] = [];
+  private storedBytes = 0;
+  private readonly held: Buffer[] = [];
+  private pushed = 0;
+  constructor(store: RunStore | null) {
+    this.store = store;
+    this.appending = store !== null;
+  }
+  /** Ids pushed so far (with repeats). */
+  get length(): number {
+    return this.pushed;
+  }
+  /** Ids held in memory now, repeats included (for tests and measurements). */
+  get inMemory(): number {
+    return this.cur.length + this.held.reduce((n, b) => n + b.length / ID_BYTES, 0);
+  }
+  push(id: Uint8Array): void {
+    this.cur.push(id);
+    this.pushed++;
+    if (this.appending && this.cur.length === BLOCK_IDS) this.endRun();
+  }
+  /** Whether some runs are in the store (else sortedInMemory() gives the index). */
+  get spilled(): boolean {
+    return this.stored.length > 0;
+  }
+  /** The current block as a run, to the store (the block then takes the next ids), else kept. */
+  private endRun(): void {
+    const parts: Buffer[] = [];
+    this.cur.sortedEach((part) => parts.push(part));
+    const run = parts.length === 1 ? parts[0]! : Buffer.concat(parts);
+    if (this.appending && this.store!.append(run)) {
+      this.stored.push({ start: this.storedBytes, end: this.storedBytes + run.length });
+      this.storedBytes += run.length;
+      return;
+    }
+    this.appending = false; // from now on the ids stay in `cur` (the runs stored are read back from the store)
+    this.held.push(Buffer.from(run)); // (a copy: the block takes the next ids)
+  }
+  /**
+   * With no run in the store: the ids sorted where they lie and de-duplicated, as parts of the
+   * list's own blocks (IdList.sortedParts: no copy); RefRuns is empty afterwards.
+   */
+  sortedInMemory(): Buffer[] {
+    if (this.spilled) throw new Error('RefRuns.sortedInMemory: runs are in the store; merge() them');
+    if (this.held.length > 0) {
+      // (the store refused its first run: that run and the rest)
+      for (const b of this.held) this.cur.pushRange(b, 0, b.length);
+      this.held.length = 0;
+    }
+    return this.cur.sortedParts();
+  }
+  /**
+   * Gives the ids, sorted and unique, to `each` in order, in parts that are valid only during the
+   * call. May be called again; the runs are kept until dispose().
+   */
+  merge(each: (part: Buffer) => void): void {
+    if (this.cur.length > 0) {
+      if (this.appending) this.endRun();
+      else for (const part of this.cur.sortedParts()) this.held.push(part); // (the store refused a run: the rest, sorted)
+    }
+    const cursors: RunCursor[] = [
+      ...this.stored.map((r) => ({ pos: r.start, end: r.end, window: Buffer.alloc(0), at: 0, to: 0 })),
+      ...this.held.map((b) => ({ pos: b.length, end: b.length, window: b, at: 0, to: b.length })),
+    ];
+    const bucket = new IdList();
+    try {
+      for (let p = 0; p < 256; p++) {
+        for (const c of cursors) {
+          for (;;) {
+            if (c.at === c.to) {
+              if (c.pos === c.end) break;
+              const n = Math.min(RUN_WINDOW, c.end - c.pos);
+              if (c.window.length < n) c.window = Buffer.allocUnsafe(RUN_WINDOW);
+              this.store!.read(c.pos, c.window.subarray(0, n));
+              c.pos += n;
+              c.at = 0;
+              c.to = n;
+            }
+            const from = c.at;
+            while (c.at < c.to && c.window[c.at] === p) c.at += ID_BYTES;
+            if (c.at > from) bucket.pushRange(c.window, from, c.at);
+            if (c.at < c.to) break; // the next id is of a later first byte
+          }
+        }
+        // a run's ids below p would mean it is not sorted: they are never taken, and the count below tells
+        if (bucket.length > 0) bucket.sortedEach(each);
+      }
+      for (const c of cursors) {
+        if (c.at !== c.to || c.pos !== c.end) throw new Error('RefRuns.merge: a run is not sorted');
+      }
+    } finally {
+      bucket.clear();
+    }
+  }
+  /** Frees the runs and the store; empty afterwards. */
+  dispose(): void {
+    this.cur.clear();
+    this.store?.close();
+    this.store = null;
+    this.appending = false;
+    for (const b of this.held) release(b);
+    this.held.length = 0;
+    this.stored.length = 0;
+    this.storedBytes = 0;
+    this.pushed = 0;
   }
 }
 

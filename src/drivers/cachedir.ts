@@ -2,9 +2,9 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { createHash } from 'node:crypto';
-import type { KeyStore, RecordsIn, RecordsOut, TreeCache } from '../engine/cache.js';
+import type { KeptIndexWriter, KeyStore, RecordsIn, RecordsOut, TreeCache } from '../engine/cache.js';
 import { type IndexBytes, indexParts } from '../storage/types.js';
-import { ID_BYTES, type SortedIds, sortedHas } from '../core/idset.js';
+import { ID_BYTES, type RunStore, type SortedIds, sortedHas } from '../core/idset.js';
 import { release } from '../core/memory.js';
 import { SnapError } from '../core/errors.js';
 
@@ -159,6 +159,107 @@ export class DirTreeCache implements TreeCache {
       },
     };
   }
+  /**
+   * A temp file for the sorted runs of a backup's references (RunStore), unlinked as soon as it is
+   * open: nothing is left behind however the run ends. In the cache, on the workstation's disk (a
+   * tmpfs /tmp would hold it in memory all the same).
+   */
+  refRuns(): RunStore | null {
+    if (!this.ok) return null;
+    const file = path.join(path.dirname(this.indexFile), `refs.${process.pid}.tmp`);
+    let fd: number;
+    try {
+      fs.mkdirSync(path.dirname(file), { recursive: true, mode: 0o700 });
+      fd = fs.openSync(file, 'wx+', 0o600);
+    } catch {
+      return null;
+    }
+    removeQuietly(file);
+    return fileRunStore(fd, file);
+  }
+  /** The kept index of head, written while the commit's index is made (KeptIndexWriter). */
+  writeIndex(head: string): KeptIndexWriter | null {
+    if (!this.ok) return null;
+    const tmp = `${this.indexFile}.${process.pid}.tmp`;
+    let fd: number;
+    try {
+      fs.mkdirSync(path.dirname(this.indexFile), { recursive: true, mode: 0o700 });
+      // one left by a backup that was killed during its commit (this one holds the repository's lock)
+      const base = path.basename(this.indexFile);
+      for (const name of fs.readdirSync(path.dirname(this.indexFile))) {
+        if (name.startsWith(`${base}.`) && name.endsWith('.tmp')) removeQuietly(path.join(path.dirname(this.indexFile), name));
+      }
+      fd = fs.openSync(tmp, 'w+', 0o600);
+    } catch {
+      return null;
+    }
+    const header = keptIndexHeader(head);
+    const hash = createHash('sha256').update(header);
+    let end = 0;
+    let failed = false;
+    let open = true;
+    const write = (buf: Buffer): void => {
+      for (let off = 0; off < buf.length; ) off += fs.writeSync(fd, buf, off, buf.length - off, end + off);
+      end += buf.length;
+    };
+    const close = (): void => {
+      if (!open) return;
+      open = false;
+      try {
+        fs.closeSync(fd);
+      } catch {
+        /* ignore */
+      }
+    };
+    try {
+      write(header);
+    } catch {
+      failed = true;
+    }
+    return {
+      append: (ids) => {
+        if (failed) return false;
+        try {
+          hash.update(ids);
+          write(ids);
+          return true;
+        } catch {
+          failed = true;
+          return false;
+        }
+      },
+      finish: () => {
+        if (failed) return null;
+        const length = end - header.length;
+        try {
+          write(hash.digest());
+        } catch {
+          failed = true;
+          return null;
+        }
+        return {
+          length,
+          read: async (pos, n, scratch) => {
+            const buf = scratch.subarray(0, n);
+            if (!open || !readAt(fd, buf, header.length + pos)) throw new SnapError('io', `Cannot read the index back from ${tmp}: the cache directory failed; run the backup again`);
+            return buf;
+          },
+        };
+      },
+      keep: () => {
+        close();
+        try {
+          fs.renameSync(tmp, this.indexFile);
+        } catch {
+          removeQuietly(tmp);
+        }
+      },
+      discard: () => {
+        close();
+        removeQuietly(tmp);
+      },
+    };
+  }
   dropRecords(): void {
     // (records are used only with the kept index, which is gone)
     removeQuietly(this.recordsFile);
@@ -166,6 +267,38 @@ export class DirTreeCache implements TreeCache {
 }
 
 /** Removes a file of the cache if it is there; a failure is harmless (the cache is only a cache). */
+/** A RunStore on an open file (fd, which it closes); label names the file in errors. */
+export function fileRunStore(fd: number, label: string): RunStore {
+  let end = 0;
+  let open = true;
+  return {
+    append: (run) => {
+      if (!open) return false;
+      try {
+        for (let off = 0; off < run.length; ) off += fs.writeSync(fd, run, off, run.length - off, end + off);
+      } catch {
+        return false; // a full or failing cache: the runs stay in memory from here
+      }
+      end += run.length;
+      return true;
+    },
+    read: (pos, buf) => {
+      if (!open || pos + buf.length > end || !readAt(fd, buf, pos)) {
+        throw new SnapError('io', `Cannot read back the references from ${label}: the cache directory failed; run the backup again`);
+      }
+    },
+    close: () => {
+      if (!open) return;
+      open = false;
+      try {
+        fs.closeSync(fd);
+      } catch {
+        /* ignore */
+      }
+    },
+  };
+}
+
 function removeQuietly(file: string): void {
   try {
     fs.rmSync(file, { force: true });

@@ -52,9 +52,10 @@ import { join, resolve } from 'node:path';
 import { IntegrityError, ioFailure, SnapError } from '../core/errors.js';
 import { mapInLanes } from '../core/lanes.js';
 import { release } from '../core/memory.js';
-import { indexParts, isValidFileName, isValidObjectId, readObjectsOneByOne } from '../storage/types.js';
+import { indexParts, isIndexSource, isValidFileName, isValidObjectId, readObjectsOneByOne } from '../storage/types.js';
 import { DIR_MODE, INCOMPLETE_MODE, writeObjectFile } from './dirwriter.js';
-import type { DirectWriterSpec, IndexBytes, Lock, ObjectReader, ObjectSink, SnapshotInfo, StagedIndex, Storage } from '../storage/types.js';
+import type { DirectWriterSpec, IndexBytes, IndexSource, Lock, ObjectReader, ObjectSink, SnapshotInfo, StagedIndex, Storage } from '../storage/types.js';
+export type { IndexSource } from '../storage/types.js';
 
 export interface DirStorageOptions {
   /** Source of snapshot names and times (ms since the epoch); Date.now by default. */
@@ -580,15 +581,6 @@ async function writeAll(fh: fsp.FileHandle, buf: Buffer, pos: number): Promise<v
  * from a file (a staged index, the index of current), so that a commit never needs the whole index in
  * memory when it comes from a file.
  */
-export interface IndexSource {
-  /** Total bytes. */
-  readonly length: number;
-  /**
-   * Exactly n bytes from pos (0 < n <= scratch.length, pos + n <= length), possibly read into scratch:
-   * valid until the next read with the same scratch buffer.
-   */
-  read(pos: number, n: number, scratch: Buffer): Promise<Buffer>;
-}
 
 /**
  * Bytes of an index read at once: 8 Ki ids (a whole number of ids). Each pass of a commit reads through
@@ -1487,8 +1479,8 @@ export abstract class DirStorage extends DirReader implements Storage {
     return this.recovering;
   }
 
-  async commit(head: Buffer, index: IndexBytes): Promise<SnapshotInfo> {
-    return this.commitIndex(head, partsSource(indexParts(index)));
+  async commit(head: Buffer, index: IndexBytes | IndexSource): Promise<SnapshotInfo> {
+    return this.commitIndex(head, isIndexSource(index) ? index : partsSource(indexParts(index)));
   }
 
   /**

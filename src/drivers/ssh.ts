@@ -34,8 +34,8 @@ import {
   expectedResponses,
 } from '../core/protocol.js';
 import type { Frame, ObjectToPut, Request, Response, Scope } from '../core/protocol.js';
-import type { IndexBytes, Lock, ObjectReader, SnapshotInfo, Storage } from '../storage/types.js';
-import { indexLength, indexParts } from '../storage/types.js';
+import type { IndexBytes, IndexSource, Lock, ObjectReader, SnapshotInfo, Storage } from '../storage/types.js';
+import { indexLength, indexParts, isIndexSource } from '../storage/types.js';
 import { parseSshTarget, sshInvocation } from './sshkeys.js';
 import type { SshInvocationOptions } from './sshkeys.js';
 
@@ -545,6 +545,18 @@ async function* listing(conn: Connection, scope: Scope): AsyncGenerator<string> 
   }
 }
 
+/** An IndexSource in parts of at most `size` bytes, each a Buffer of its own. */
+async function* sourceParts(source: IndexSource, size: number): AsyncGenerator<Buffer> {
+  for (let pos = 0; pos < source.length; ) {
+    const n = Math.min(size, source.length - pos);
+    const part = Buffer.allocUnsafe(n);
+    const got = await source.read(pos, n, part);
+    if (got !== part) got.copy(part);
+    yield part;
+    pos += n;
+  }
+}
+
 export class RemoteStorage extends RemoteReader implements Storage {
   readonly location: string;
 
@@ -651,9 +663,10 @@ export class RemoteStorage extends RemoteReader implements Storage {
    * unanswered), then COMMIT names its length. After a failed part no more parts are sent; the COMMIT
    * then names what was sent, and the server answers it with that failure without committing.
    */
-  async commit(head: Buffer, index: IndexBytes): Promise<SnapshotInfo> {
-    const length = indexLength(index);
-    if (indexParts(index).some((p) => p.length % ID_BYTES !== 0)) {
+  async commit(head: Buffer, index: IndexBytes | IndexSource): Promise<SnapshotInfo> {
+    const source = isIndexSource(index) ? index : null;
+    const length = source ? source.length : indexLength(index as IndexBytes);
+    if (source ? length % ID_BYTES !== 0 : indexParts(index as IndexBytes).some((p) => p.length % ID_BYTES !== 0)) {
       throw new SnapError('integrity', `Cannot commit to ${this.location}: index of ${length} bytes is not a whole number of 32-byte ids`);
     }
     if (length > MAX_INDEX_BYTES) {
@@ -662,7 +675,9 @@ export class RemoteStorage extends RemoteReader implements Storage {
     let failure: unknown = null;
     const inFlight: Promise<void>[] = [];
     let sent = 0;
-    for (const whole of indexParts(index)) {
+    // an IndexSource is read one part at a time, each into memory of its own (a part in flight holds it)
+    const wholes: Iterable<Buffer> | AsyncIterable<Buffer> = source ? sourceParts(source, INDEX_PART_BYTES) : indexParts(index as IndexBytes);
+    for await (const whole of wholes) {
       for (let at = 0; at < whole.length && failure === null; ) {
         if (inFlight.length >= INDEX_PARTS_IN_FLIGHT) {
           await inFlight.shift();

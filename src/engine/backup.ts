@@ -13,7 +13,7 @@ import {
 } from '../core/format.js';
 import { ObjectType, objectId, type ObjectTypeCode } from '../core/crypto.js';
 import { release } from '../core/memory.js';
-import { ID_BYTES, IdList, IdSet } from '../core/idset.js';
+import { ID_BYTES, IdSet, RefRuns } from '../core/idset.js';
 import { SnapError } from '../core/errors.js';
 import type { Excluder } from '../core/excluder.js';
 import type { Repository } from './repository.js';
@@ -22,7 +22,7 @@ import type { SourceFs, SourceStat } from './source.js';
 import { type AheadFile, type AsyncSource, ReadAhead, asyncSource, readFullAsync, readFullSync } from './readahead.js';
 import { type DirCounts, type EnterRecord, type LeaveRecord, DirRecordsReader, DirRecordsWriter, StatLine } from './dirrecords.js';
 import { rng } from './repository.js';
-import type { DirectWriterSpec, SnapshotInfo, ObjectReader } from '../storage/types.js';
+import { type DirectWriterSpec, type IndexBytes, type IndexSource, type SnapshotInfo, type ObjectReader, isIndexSource } from '../storage/types.js';
 
 
 export const IGNORE_FILE = '.snapcryptignore';
@@ -140,7 +140,7 @@ class Uploader {
    * the id's number in the references of the new snapshot (the list the known set is built over). With
    * reads, plain is in one of its buffers, which goes back to it once plain is no longer needed.
    */
-  async store(type: ObjectTypeCode, id: Buffer, ref: number, plain: Buffer, reads: ReadBuffers | null = null): Promise<void> {
+  async store(type: ObjectTypeCode, id: Buffer, plain: Buffer, reads: ReadBuffers | null = null): Promise<void> {
     if (this.failure) {
       reads?.give(plain);
       throw this.failure;
@@ -149,7 +149,7 @@ class Uploader {
       reads?.give(plain);
       return;
     }
-    this.known.addListed(ref);
+    this.known.addNew(id);
     // bounded in bytes and in count. The bytes are those of the memory the object holds (a pooled
     // read buffer is a whole chunk's, and so is the buffer it is sealed into), not its length: else
     // 8 MiB of 100 KB files would hold 80 chunk buffers. Taken now: the buffer may move to a worker.
@@ -163,10 +163,10 @@ class Uploader {
    * queued; else it counts as queued from now on, room is taken for it, and its sealed form must
    * follow (sealed()).
    */
-  async admit(id: Buffer, ref: number, size: number): Promise<boolean> {
+  async admit(id: Buffer, size: number): Promise<boolean> {
     if (this.failure) throw this.failure;
     if (this.known.has(id)) return false;
-    this.known.addListed(ref);
+    this.known.addNew(id);
     await this.room(size);
     return true;
   }
@@ -237,7 +237,7 @@ interface Walk {
   readonly async: AsyncSource | null;
   readonly ahead: ReadAhead | null;
   readonly known: IdSet;
-  readonly refs: IdList;
+  readonly refs: RefRuns;
   readonly stats: SnapshotStats;
   readonly prevReader: ObjectReader;
   readonly hardlinks: Map<string, readonly Buffer[]>;
@@ -479,7 +479,8 @@ async function readFileChunks(w: Walk, p: Buffer, st: SourceStat, ahead: AheadFi
         // per id, held in the directory's entries until its tree is built)
         const id = Buffer.from(objectId(w.repo.keys, ObjectType.data, data));
         chunks.push(id);
-        await w.up.store(ObjectType.data, id, w.refs.push(id), data, pooled ? w.reads : null);
+        w.refs.push(id);
+        await w.up.store(ObjectType.data, id, data, pooled ? w.reads : null);
       }
       if (n < cs) break;
     }
@@ -515,7 +516,10 @@ async function readFileOnWorker(w: Walk, p: Buffer, st: SourceStat, prev: TreeEn
     });
     const cs = w.repo.chunkSize;
     const r = await w.up.pool.readFile(fd, w.workerReader!, before, {
-      admit: (id) => w.up.admit(id, w.refs.push(id), cs),
+      admit: (id) => {
+        w.refs.push(id);
+        return w.up.admit(id, cs);
+      },
       sealed: (id, object) => w.up.sealed(id, cs, object),
     });
     pushChunkRefs(w, r.chunks);
@@ -1061,7 +1065,8 @@ function writeEnter(w: Walk, p: Buffer, pending: readonly (Item | null)[], done:
 async function storeTree(w: Walk, entries: TreeEntry[]): Promise<Buffer> {
   const plain = encodeTree(entries);
   const id = objectId(w.repo.keys, ObjectType.tree, plain);
-  await w.up.store(ObjectType.tree, id, w.refs.push(id), plain);
+  w.refs.push(id);
+  await w.up.store(ObjectType.tree, id, plain);
   return id;
 }
 
@@ -1151,9 +1156,9 @@ export async function backup(repo: Repository, opts: BackupOptions): Promise<Bac
   repo.cache?.dropIndex?.();
   repo.cache?.dropRecords?.();
   for (;;) {
-    // the ids the run adds to what current holds are the new snapshot's references: kept once, in refs
-    const refs = new IdList();
-    const known = cached ? new IdSet(cached, refs) : await repo.knownObjects(refs);
+    // the new snapshot's references: sorted runs in the cache, merged at the commit (one block in memory)
+    const refs = new RefRuns(repo.cache?.refRuns?.() ?? null);
+    const known = cached ? new IdSet(cached) : await repo.knownObjects();
     const stats = newStats();
     const pool = await repo.sealPool();
     const inflight = opts.inflightBytes ?? 8 * 1024 * 1024;
@@ -1169,6 +1174,7 @@ export async function backup(repo: Repository, opts: BackupOptions): Promise<Bac
       cached = null;
     } finally {
       known.dispose(); // (the kept index's open file, on every way out)
+      refs.dispose(); // (the runs' open file, on every way out)
       records?.close();
       records = null;
       recordsOut?.discard(); // (after finish, nothing)
@@ -1188,7 +1194,7 @@ class CommitRefused extends Error {
 
 async function runBackup(
   repo: Repository, opts: BackupOptions, paths: Buffer[], known: IdSet, prevComplete: boolean, parent: Awaited<ReturnType<Repository['currentHead']>>,
-  stats: SnapshotStats, refs: IdList, up: Uploader, reads: ReadBuffers, step: (s: string) => void, started: Date,
+  stats: SnapshotStats, refs: RefRuns, up: Uploader, reads: ReadBuffers, step: (s: string) => void, started: Date,
   records: DirRecordsReader | null, recordsOut: DirRecordsWriter | null,
 ): Promise<BackupResult> {
   const async = asyncSource(opts.source);
@@ -1227,22 +1233,46 @@ async function runBackup(
   };
   const rootPlain = encodeSnapshotRoot(root);
   const rootId = objectId(repo.keys, ObjectType.snapshot, rootPlain);
-  await up.store(ObjectType.snapshot, rootId, refs.push(rootId), rootPlain);
+  refs.push(rootId);
+  await up.store(ObjectType.snapshot, rootId, rootPlain);
   await up.drain();
   step('commit');
   // what current held is no longer needed: its memory (32 bytes per object after a listing, the
   // kept index's open file otherwise) is freed before the sort takes its own (8 bytes per
   // reference); the index is the references' own blocks, sorted
   known.dispose();
-  const index = refs.sortedParts();
+  const rootHex = rootId.toString('hex');
+  // references in runs in the cache: merged into the kept index's new file, which the commit reads;
+  // else (few references, or no cache) sorted where they lie
+  const kept = refs.spilled ? (repo.cache?.writeIndex?.(rootHex) ?? null) : null;
+  let index: IndexBytes | IndexSource | null = null;
+  if (kept !== null) {
+    let written = true;
+    refs.merge((part) => {
+      written &&= kept.append(part);
+    });
+    index = written ? kept.finish() : null;
+  }
+  if (index === null) {
+    const parts: Buffer[] = [];
+    if (refs.spilled) refs.merge((part) => parts.push(Buffer.from(part)));
+    else parts.push(...refs.sortedInMemory());
+    index = parts;
+  }
+  refs.dispose();
   let snapshot: SnapshotInfo;
   try {
-    snapshot = await repo.storage.commit(encodeHead(rootId.toString('hex')), index);
+    snapshot = await repo.storage.commit(encodeHead(rootHex), index);
   } catch (err) {
+    kept?.discard();
     if (err instanceof SnapError && err.code === 'integrity') throw new CommitRefused(err);
     throw err;
   }
-  repo.cache?.putIndex?.(rootId.toString('hex'), index);
+  if (isIndexSource(index)) kept!.keep();
+  else {
+    kept?.discard();
+    repo.cache?.putIndex?.(rootHex, index);
+  }
   recordsOut?.finish(rootId);
   step('committed');
   opts.onProgress?.({ ...w.progress, currentPath: '' });

@@ -1,5 +1,5 @@
-import type { SortedIds } from '../core/idset.js';
-import type { IndexBytes } from '../storage/types.js';
+import type { RunStore, SortedIds } from '../core/idset.js';
+import type { IndexBytes, IndexSource } from '../storage/types.js';
 
 /**
  * The local cache of tree objects (still encrypted, exactly as stored), so that a backup can compare
@@ -29,6 +29,28 @@ export interface TreeCache {
   writeRecords?(): RecordsOut | null;
   /** Forget the records file (done with dropIndex, for the same reason). */
   dropRecords?(): void;
+  /**
+   * A temp file for the sorted runs of a backup's references (RefRuns), which nothing else sees, or
+   * null: the runs then stay in memory.
+   */
+  refRuns?(): RunStore | null;
+  /**
+   * The kept index of the commit with `head`, written as the commit's index is made (replacing the
+   * last one only by keep()), or null.
+   */
+  writeIndex?(head: string): KeptIndexWriter | null;
+}
+
+/** A kept index being written (TreeCache.writeIndex). */
+export interface KeptIndexWriter {
+  /** Appends ids (sorted, after the ones before); false once a write failed. */
+  append(ids: Buffer): boolean;
+  /** Ends the ids; what was appended, read from the file, or null when a write failed. */
+  finish(): IndexSource | null;
+  /** Closes the file and makes it the kept index. */
+  keep(): void;
+  /** Closes and deletes the file (never throws). */
+  discard(): void;
 }
 
 /** A records file open for reading (it stays readable after dropRecords). */

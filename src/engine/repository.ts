@@ -355,11 +355,11 @@ export class Repository {
     }
   }
 
-  /** Every object id present in current; ids added to the set later are kept in `addTo` (IdSet). */
-  async knownObjects(addTo?: IdList): Promise<IdSet> {
+  /** Every object id present in current. */
+  async knownObjects(): Promise<IdSet> {
     const list = new IdList();
     for await (const hex of this.storage.listObjects()) list.pushHex(hex);
-    return new IdSet(list.sortedUnique(), addTo);
+    return new IdSet(list.sortedUnique());
   }
 }
 

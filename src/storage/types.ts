@@ -100,6 +100,25 @@ export interface DirectWriterSpec {
  */
 export type IndexBytes = Buffer | readonly Buffer[];
 
+/**
+ * An index read in order, in pieces, from wherever it lies (a file): what a commit may be given
+ * instead of IndexBytes, so that a client need not hold a large index in memory at all.
+ */
+export interface IndexSource {
+  /** Total bytes (a whole number of ids). */
+  readonly length: number;
+  /**
+   * Exactly n bytes from pos (0 < n <= scratch.length, pos + n <= length), possibly read into scratch:
+   * valid until the next read with the same scratch buffer.
+   */
+  read(pos: number, n: number, scratch: Buffer): Promise<Buffer>;
+}
+
+/** Whether a commit's index is an IndexSource (else IndexBytes). */
+export function isIndexSource(index: IndexBytes | IndexSource): index is IndexSource {
+  return !Buffer.isBuffer(index) && !Array.isArray(index);
+}
+
 /** The parts of an index, in order. */
 export function indexParts(index: IndexBytes): readonly Buffer[] {
   return Buffer.isBuffer(index) ? [index] : (index as readonly Buffer[]);
@@ -138,7 +157,7 @@ export interface Storage extends ObjectReader {
   /** Store an object in current (atomic, idempotent). */
   putObject(id: string, data: Buffer): Promise<void>;
   /** Check, prune, make durable and seal current; returns the new snapshot. */
-  commit(head: Buffer, index: IndexBytes): Promise<SnapshotInfo>;
+  commit(head: Buffer, index: IndexBytes | IndexSource): Promise<SnapshotInfo>;
   /** Sealed snapshots, oldest first. */
   listSnapshots(): Promise<SnapshotInfo[]>;
   /** Read-only view of one sealed snapshot; SnapError('not-found') if absent. */
