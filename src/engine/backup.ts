@@ -136,8 +136,7 @@ class Uploader {
   }
 
   /**
-   * Store the object unless current has it; returns once it is queued (not necessarily stored). ref is
-   * the id's number in the references of the new snapshot (the list the known set is built over). With
+   * Store the object unless current has it; returns once it is queued (not necessarily stored). With
    * reads, plain is in one of its buffers, which goes back to it once plain is no longer needed.
    */
   async store(type: ObjectTypeCode, id: Buffer, plain: Buffer, reads: ReadBuffers | null = null): Promise<void> {
@@ -1238,8 +1237,7 @@ async function runBackup(
   await up.drain();
   step('commit');
   // what current held is no longer needed: its memory (32 bytes per object after a listing, the
-  // kept index's open file otherwise) is freed before the sort takes its own (8 bytes per
-  // reference); the index is the references' own blocks, sorted
+  // kept index's open file otherwise, and the ids added) is freed before the index is made
   known.dispose();
   const rootHex = rootId.toString('hex');
   // references in runs in the cache: merged into the kept index's new file, which the commit reads;
