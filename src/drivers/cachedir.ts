@@ -81,28 +81,13 @@ export class DirTreeCache implements TreeCache {
     fs.closeSync(fd);
     return null;
   }
+  /** The kept index of head from the index in memory (a commit that had its references in memory). */
   putIndex(head: string, index: IndexBytes): void {
-    if (!this.ok) return;
-    const tmp = `${this.indexFile}.${process.pid}.tmp`;
-    try {
-      const parts = [keptIndexHeader(head), ...indexParts(index)];
-      const hash = createHash('sha256');
-      for (const part of parts) hash.update(part);
-      parts.push(hash.digest());
-      fs.mkdirSync(path.dirname(this.indexFile), { recursive: true, mode: 0o700 });
-      // part by part, not one write of a concatenation: that would be a second copy of the index
-      const fd = fs.openSync(tmp, 'w', 0o600);
-      try {
-        for (const part of parts) {
-          for (let off = 0; off < part.length; ) off += fs.writeSync(fd, part, off);
-        }
-      } finally {
-        fs.closeSync(fd);
-      }
-      fs.renameSync(tmp, this.indexFile);
-    } catch {
-      fs.rmSync(tmp, { force: true });
-    }
+    const writer = this.writeIndex(head);
+    if (writer === null) return;
+    // part by part, not one write of a concatenation: that would be a second copy of the index
+    if (indexParts(index).every((part) => writer.append(part)) && writer.finish() !== null) writer.keep();
+    else writer.discard();
   }
   dropIndex(): void {
     // (one left behind lacks only what a later session uploaded, which is sent again)
@@ -126,13 +111,8 @@ export class DirTreeCache implements TreeCache {
     if (!this.ok) return null;
     const file = this.recordsFile;
     const tmp = `${file}.${process.pid}.tmp`;
-    let fd: number;
-    try {
-      fs.mkdirSync(path.dirname(file), { recursive: true, mode: 0o700 });
-      fd = fs.openSync(tmp, 'w', 0o600);
-    } catch {
-      return null;
-    }
+    const fd = openInCache(tmp, 'w');
+    if (fd === null) return null;
     let end = 0;
     let open = true;
     const close = (): void => {
@@ -141,8 +121,7 @@ export class DirTreeCache implements TreeCache {
     };
     return {
       write: (data, position) => {
-        const at = position ?? end;
-        for (let off = 0; off < data.length; ) off += fs.writeSync(fd, data, off, data.length - off, at + off);
+        writeAt(fd, data, position ?? end);
         if (position === undefined) end += data.length;
       },
       keep: () => {
@@ -167,13 +146,8 @@ export class DirTreeCache implements TreeCache {
   refRuns(): RunStore | null {
     if (!this.ok) return null;
     const file = path.join(path.dirname(this.indexFile), `refs.${process.pid}.tmp`);
-    let fd: number;
-    try {
-      fs.mkdirSync(path.dirname(file), { recursive: true, mode: 0o700 });
-      fd = fs.openSync(file, 'wx+', 0o600);
-    } catch {
-      return null;
-    }
+    const fd = openInCache(file, 'wx+');
+    if (fd === null) return null;
     removeQuietly(file);
     return fileRunStore(fd, file);
   }
@@ -181,35 +155,28 @@ export class DirTreeCache implements TreeCache {
   writeIndex(head: string): KeptIndexWriter | null {
     if (!this.ok) return null;
     const tmp = `${this.indexFile}.${process.pid}.tmp`;
-    let fd: number;
+    const dir = path.dirname(this.indexFile);
+    const base = path.basename(this.indexFile);
     try {
-      fs.mkdirSync(path.dirname(this.indexFile), { recursive: true, mode: 0o700 });
       // one left by a backup that was killed during its commit (this one holds the repository's lock)
-      const base = path.basename(this.indexFile);
-      for (const name of fs.readdirSync(path.dirname(this.indexFile))) {
-        if (name.startsWith(`${base}.`) && name.endsWith('.tmp')) removeQuietly(path.join(path.dirname(this.indexFile), name));
-      }
-      fd = fs.openSync(tmp, 'w+', 0o600);
+      for (const name of fs.readdirSync(dir)) if (name.startsWith(`${base}.`) && name.endsWith('.tmp')) removeQuietly(path.join(dir, name));
     } catch {
-      return null;
+      /* no directory yet */
     }
+    const fd = openInCache(tmp, 'w+');
+    if (fd === null) return null;
     const header = keptIndexHeader(head);
     const hash = createHash('sha256').update(header);
     let end = 0;
     let failed = false;
     let open = true;
     const write = (buf: Buffer): void => {
-      for (let off = 0; off < buf.length; ) off += fs.writeSync(fd, buf, off, buf.length - off, end + off);
+      writeAt(fd, buf, end);
       end += buf.length;
     };
     const close = (): void => {
-      if (!open) return;
+      if (open) closeQuietly(fd);
       open = false;
-      try {
-        fs.closeSync(fd);
-      } catch {
-        /* ignore */
-      }
     };
     try {
       write(header);
@@ -266,7 +233,6 @@ export class DirTreeCache implements TreeCache {
   }
 }
 
-/** Removes a file of the cache if it is there; a failure is harmless (the cache is only a cache). */
 /** A RunStore on an open file (fd, which it closes); label names the file in errors. */
 export function fileRunStore(fd: number, label: string): RunStore {
   let end = 0;
@@ -275,7 +241,7 @@ export function fileRunStore(fd: number, label: string): RunStore {
     append: (run) => {
       if (!open) return false;
       try {
-        for (let off = 0; off < run.length; ) off += fs.writeSync(fd, run, off, run.length - off, end + off);
+        writeAt(fd, run, end);
       } catch {
         return false; // a full or failing cache: the runs stay in memory from here
       }
@@ -288,17 +254,36 @@ export function fileRunStore(fd: number, label: string): RunStore {
       }
     },
     close: () => {
-      if (!open) return;
+      if (open) closeQuietly(fd);
       open = false;
-      try {
-        fs.closeSync(fd);
-      } catch {
-        /* ignore */
-      }
     },
   };
 }
 
+/** Opens a file of the cache (made 0600, its directory 0700 if need be), or null when it cannot. */
+function openInCache(file: string, flags: string): number | null {
+  try {
+    fs.mkdirSync(path.dirname(file), { recursive: true, mode: 0o700 });
+    return fs.openSync(file, flags, 0o600);
+  } catch {
+    return null;
+  }
+}
+
+/** Writes all of buf at position pos of the file; throws what the write throws. */
+function writeAt(fd: number, buf: Uint8Array, pos: number): void {
+  for (let off = 0; off < buf.length; ) off += fs.writeSync(fd, buf, off, buf.length - off, pos + off);
+}
+
+function closeQuietly(fd: number): void {
+  try {
+    fs.closeSync(fd);
+  } catch {
+    /* ignore */
+  }
+}
+
+/** Removes a file of the cache if it is there; a failure is harmless (the cache is only a cache). */
 function removeQuietly(file: string): void {
   try {
     fs.rmSync(file, { force: true });

@@ -577,12 +577,6 @@ async function writeAll(fh: fsp.FileHandle, buf: Buffer, pos: number): Promise<v
 }
 
 /**
- * The bytes of an index (sorted 32-byte ids), read a chunk at a time: from memory (commit's Buffer) or
- * from a file (a staged index, the index of current), so that a commit never needs the whole index in
- * memory when it comes from a file.
- */
-
-/**
  * Bytes of an index read at once: 8 Ki ids (a whole number of ids). Each pass of a commit reads through
  * its own buffer of this size, which lives until V8 collects it: kept small, so that the server's peak
  * RSS does not carry several of them (bench/server-rss.sh).
@@ -1429,7 +1423,7 @@ export abstract class DirStorage extends DirReader implements Storage {
     for (let p = 0; p < 256; p++) {
       const listed = await cursor.takeBytes(p);
       const before = last === null ? null : await last.takeBytes(p);
-      const diff = before === null ? null : await this.prefixSince(p, listed, before, since!.dirs[p] ?? null);
+      const diff = before === null ? null : this.prefixSince(p, listed, before, since!.dirs[p] ?? null);
       yield diff ?? (await this.prefixDiff(p, listed));
     }
     // an id out of order in the last index stops its cursor early: what it gave is not to be trusted
@@ -1440,7 +1434,7 @@ export abstract class DirStorage extends DirReader implements Storage {
    * One prefix of prefixDiffs from the last index, when its directory is as the last commit left it
    * (the inode and ctime that objects-state recorded): null when it is not, and it must be read.
    */
-  private async prefixSince(p: number, listed: Buffer, before: Buffer, stamp: string | null): Promise<PrefixDiff | null> {
+  private prefixSince(p: number, listed: Buffer, before: Buffer, stamp: string | null): PrefixDiff | null {
     if (stamp === null) return null;
     const dir = join(this.current, 'objects', prefixName(p));
     if (dirStamp(dir) !== stamp) return null;

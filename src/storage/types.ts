@@ -101,8 +101,10 @@ export interface DirectWriterSpec {
 export type IndexBytes = Buffer | readonly Buffer[];
 
 /**
- * An index read in order, in pieces, from wherever it lies (a file): what a commit may be given
- * instead of IndexBytes, so that a client need not hold a large index in memory at all.
+ * The bytes of an index (sorted 32-byte ids), read a chunk at a time, from memory or from a file (a
+ * server's staged index, the index of current, a client's kept index being written): what a commit
+ * may be given instead of IndexBytes, so that it never needs the whole index in memory when it comes
+ * from a file.
  */
 export interface IndexSource {
   /** Total bytes (a whole number of ids). */
