@@ -21,7 +21,7 @@ import {
   type RepoConfig, type RepoSecret, type SnapshotRoot, type TreeEntry,
   DEFAULT_CHUNK_SIZE, FORMAT_NAME, FORMAT_VERSION, FORMAT_VERSION_2, ID_LEN, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, NodeKind, TREE_VERSION,
   ZERO_CHUNK, decodeConfig, decodeHead, decodeKeyFile, decodeSecret, decodeSnapshotRoot, decodeTree, encodeConfig,
-  encodeHead, encodeIndex, encodeKeyFile, encodeSecret, encodeSnapshotRoot, encodeTree, formatVersionOf, sameEntry,
+  encodeHead, encodeIndex, encodeKeyFile, encodeSecret, encodeSnapshotRoot, encodeTree, formatVersionOf, TreeBuilder, TreeView,
 } from '../src/core/format.js';
 import { IntegrityError, SnapError } from '../src/core/errors.js';
 import { Repository } from '../src/engine/repository.js';
@@ -370,40 +370,102 @@ function vectorTests(version: 1 | 2): void {
 vectorTests(1);
 vectorTests(2);
 
-test('sameEntry is true exactly when two entries encode to the same tree bytes', () => {
+/** Entries of every kind, and names that sort by bytes (not by string): what a tree of a backup holds. */
+function sampleEntries(): TreeEntry[] {
   const base: TreeEntry = {
     kind: NodeKind.file, name: Buffer.from('a.txt'), mode: 0o644, uid: 1000, gid: 1000, mtimeNs: 1_700_000_000_123_456_789n,
     ctimeNs: 1_700_000_001_000_000_001n, inode: 42, nlink: 1, xattrs: [{ name: Buffer.from('user.k'), value: Buffer.from('v') }],
     size: 5, chunks: [Buffer.alloc(32, 7)], subtree: null, target: null, rdev: 0,
   };
-  const dir: TreeEntry = { ...base, kind: NodeKind.dir, size: 0, chunks: [], subtree: Buffer.alloc(32, 9) };
-  const link: TreeEntry = { ...base, kind: NodeKind.symlink, size: 0, chunks: [], target: Buffer.from('x') };
-  const dev: TreeEntry = { ...base, kind: NodeKind.chardev, size: 0, chunks: [], rdev: 0x0501 };
-  const variants: TreeEntry[] = [base, dir, link, dev, { ...base, kind: NodeKind.fifo, size: 0, chunks: [] }];
-  for (const e of [base, dir, link, dev]) {
-    variants.push(
-      { ...e, name: Buffer.from('b.txt') }, { ...e, mode: 0o600 }, { ...e, uid: 1 }, { ...e, gid: 1 }, { ...e, mtimeNs: e.mtimeNs + 1n },
-      { ...e, ctimeNs: e.ctimeNs + 1n }, { ...e, inode: 43 }, { ...e, nlink: 2 }, { ...e, xattrs: [] },
-      { ...e, xattrs: [{ name: Buffer.from('user.k'), value: Buffer.from('w') }] },
-      { ...e, xattrs: [{ name: Buffer.from('user.j'), value: Buffer.from('v') }] },
-      // copies with equal but distinct buffers: still the same
-      { ...e, name: Buffer.from(e.name), chunks: e.chunks.map((c) => Buffer.from(c)), xattrs: e.xattrs.map((x) => ({ ...x, value: Buffer.from(x.value) })) },
-    );
+  const out: TreeEntry[] = [
+    base,
+    { ...base, name: Buffer.from('b'), kind: NodeKind.dir, size: 0, chunks: [], subtree: Buffer.alloc(32, 9), xattrs: [], inode: 7 },
+    { ...base, name: Buffer.from('c'), kind: NodeKind.symlink, size: 0, chunks: [], target: Buffer.from('x'), mtimeNs: -5n },
+    { ...base, name: Buffer.from('d'), kind: NodeKind.chardev, size: 0, chunks: [], rdev: 0x0501 },
+    { ...base, name: Buffer.from('e'), kind: NodeKind.fifo, size: 0, chunks: [] },
+    { ...base, name: Buffer.from('f'), size: 3 << 20, chunks: [Buffer.alloc(32, 1), ZERO_CHUNK, Buffer.alloc(32, 3)], inode: 2 ** 40 },
+    { ...base, name: Buffer.from([0xc3, 0xa9]), size: 0, chunks: [] },
+    { ...base, name: Buffer.alloc(300, 0x7a), xattrs: [] },
+  ];
+  for (let i = 0; i < 40; i++) out.push({ ...base, name: Buffer.from(`n${String(i).padStart(3, '0')}`), inode: 100 + i, chunks: [Buffer.alloc(32, i)] });
+  return out.sort((a, b) => Buffer.compare(a.name, b.name));
+}
+
+test('a tree view reads each entry as decodeTree does, finds names by bytes, and refuses what decodeTree refuses', () => {
+  const entries = sampleEntries();
+  const bytes = encodeTree(entries);
+  const view = TreeView.parse(bytes);
+  assert.equal(view.length, entries.length);
+  assert.deepEqual(view.entries(), decodeTree(bytes));
+  entries.forEach((e, i) => {
+    assert.deepEqual(view.entry(i), e);
+    assert.equal(view.kind(i), e.kind);
+    assert.equal(view.inode(i), e.inode);
+    assert.equal(view.find(e.name), i);
+    assert.equal(view.compareName(i, e.name), 0);
+    assert.equal(Math.sign(view.compareName(i, Buffer.from('n020'))), Math.sign(Buffer.compare(e.name, Buffer.from('n020'))));
+    assert.ok(view.raw(i).subarray(view.nameOffset(i), view.nameOffset(i) + view.nameLength(i)).equals(e.name));
+  });
+  assert.equal(Buffer.concat(entries.map((_e, i) => view.raw(i))).length + 2, bytes.length, 'the entries are the tree after its header');
+  for (const absent of ['', 'a', 'n0205', 'zz', '\xff']) assert.equal(view.find(Buffer.from(absent, 'latin1')), -1, absent);
+  assert.equal(TreeView.parse(encodeTree([])).length, 0);
+
+  // every single-byte change and every cut: the view and decodeTree agree on what is a tree
+  let refused = 0;
+  const tries: Buffer[] = [];
+  for (let i = 0; i < bytes.length; i++) {
+    for (const x of i % 3 === 0 ? [0x01, 0xff] : [0x80]) {
+      const b = Buffer.from(bytes);
+      b[i]! ^= x;
+      tries.push(b);
+    }
+    if (i % 7 === 0) tries.push(bytes.subarray(0, i));
   }
-  variants.push(
-    { ...base, size: 6 }, { ...base, chunks: [Buffer.alloc(32, 8)] }, { ...base, chunks: [Buffer.alloc(32, 7), Buffer.alloc(32, 7)] },
-    { ...dir, subtree: Buffer.alloc(32, 10) }, { ...link, target: Buffer.from('y') }, { ...link, target: Buffer.alloc(0) }, { ...link, target: null },
-    { ...dev, rdev: 0x0502 }, { ...dev, kind: NodeKind.blockdev },
-    // fields a kind does not encode do not count
-    { ...dir, size: 9 }, { ...link, rdev: 3 }, { ...base, rdev: 3 },
-  );
-  let same = 0;
-  for (const a of variants) {
-    for (const b of variants) {
-      const bytesEqual = encodeTree([a]).equals(encodeTree([b]));
-      assert.equal(sameEntry(a, b), bytesEqual, `sameEntry(${JSON.stringify(a, (_k, v: unknown) => (typeof v === 'bigint' ? String(v) : v))}, ...)`);
-      if (bytesEqual && a !== b) same++;
+  tries.push(Buffer.concat([bytes, Buffer.from([0])]));
+  // two entries swapped (each still well-formed): not sorted
+  const swapped = Buffer.from(bytes);
+  swapped[1] = 2;
+  tries.push(Buffer.concat([swapped.subarray(0, 2), view.raw(1), view.raw(0)]));
+  tries.push(Buffer.concat([swapped.subarray(0, 2), view.raw(0), view.raw(0)]));
+  for (const b of tries) {
+    let decoded: TreeEntry[] | Error;
+    try {
+      decoded = decodeTree(b);
+    } catch (err) {
+      decoded = err as Error;
+    }
+    if (decoded instanceof Error) {
+      assert.throws(() => TreeView.parse(b), (err: unknown) => err instanceof SnapError && err.code === 'integrity' && err.message === decoded.message);
+      refused++;
+    } else {
+      assert.deepEqual(TreeView.parse(b).entries(), decoded);
     }
   }
-  assert.ok(same >= 8, `equal encodings of distinct objects were compared (${same})`);
+  assert.ok(refused > 500 && tries.length - refused > 500, `changes refused and changes taken (${refused} of ${tries.length} refused)`);
+});
+
+test('a tree built from new entries and entries copied from a view, in any order, has encodeTree\'s bytes', () => {
+  const entries = sampleEntries();
+  const view = TreeView.parse(encodeTree(entries));
+  const rnd = ((seed) => () => (seed = (seed * 1103515245 + 12345) % 2 ** 31) / 2 ** 31)(7);
+  for (let round = 0; round < 20; round++) {
+    const changed = entries.map((e) => (rnd() < 0.3 ? { ...e, mtimeNs: e.mtimeNs + 1n, inode: e.inode + 1 } : e));
+    const kept = changed.filter(() => rnd() < 0.9);
+    const order = kept.map((_e, i) => i).sort(() => rnd() - 0.5);
+    if (round === 0) order.sort((a, b) => a - b); // (in order: copied as they are)
+    const b = new TreeBuilder();
+    for (const i of order) {
+      const e = kept[i]!;
+      const k = view.find(e.name);
+      if (e === entries[k] && rnd() < 0.8) b.addRaw(view, k);
+      else b.add(e);
+    }
+    assert.equal(b.count, kept.length);
+    assert.ok(b.finish().equals(encodeTree(kept)), `round ${round}`);
+  }
+  const dup = new TreeBuilder();
+  dup.add(entries[0]!);
+  dup.addRaw(view, 0);
+  assert.throws(() => dup.finish(), /sorted and unique/);
+  assert.ok(new TreeBuilder().finish().equals(encodeTree([])));
 });

@@ -47,12 +47,25 @@ export class Writer {
     this.pos += b.length;
     return this;
   }
+  /** Bytes src[start, end) without a length. */
+  rawRange(src: Uint8Array, start: number, end: number): this {
+    const n = end - start;
+    this.ensure(n);
+    if (n <= 64) for (let i = 0; i < n; i++) this.buf[this.pos + i] = src[start + i]!;
+    else this.buf.set(src.subarray(start, end), this.pos);
+    this.pos += n;
+    return this;
+  }
   /** Length-prefixed bytes. */
   bytes(b: Uint8Array): this {
     return this.uvar(b.length).raw(b);
   }
   str(s: string): this {
     return this.bytes(Buffer.from(s, 'utf8'));
+  }
+  /** Bytes written so far. */
+  get position(): number {
+    return this.pos;
   }
   finish(): Buffer {
     return this.buf.subarray(0, this.pos);
@@ -63,9 +76,13 @@ export class Reader {
   private pos = 0;
   private readonly buf: Buffer;
   private readonly what: string;
-  constructor(buf: Buffer, what: string) {
+  constructor(buf: Buffer, what: string, start = 0) {
     this.buf = buf;
     this.what = what;
+    this.pos = start;
+  }
+  get position(): number {
+    return this.pos;
   }
   fail(msg: string): never {
     throw new SnapError('integrity', `Malformed ${this.what}: ${msg} at byte ${this.pos}`);
@@ -100,6 +117,18 @@ export class Reader {
     const out = this.buf.subarray(this.pos, this.pos + n);
     this.pos += n;
     return out;
+  }
+  /** Steps over n bytes (as raw(n) reads them). */
+  skip(n: number): void {
+    if (n > this.remaining) this.fail(`length ${n} exceeds the ${this.remaining} bytes left`);
+    this.pos += n;
+  }
+  /** Steps over a length-prefixed field (as bytes(limit) reads it); returns its length. */
+  skipBytes(limit: number): number {
+    const n = this.uvar();
+    if (n > limit) this.fail(`field of ${n} bytes exceeds limit ${limit}`);
+    this.skip(n);
+    return n;
   }
   bytes(limit: number): Buffer {
     const n = this.uvar();

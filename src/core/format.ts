@@ -205,69 +205,38 @@ export function encodeTree(entries: readonly TreeEntry[]): Buffer {
   for (const e of entries) {
     if (prev !== null && Buffer.compare(prev, e.name) >= 0) throw new Error('tree entries must be sorted and unique');
     prev = e.name;
-    const [ms, mn] = splitNs(e.mtimeNs);
-    const [cs, cn] = splitNs(e.ctimeNs);
-    w.u8(e.kind).bytes(e.name).uvar(e.mode).uvar(e.uid).uvar(e.gid);
-    w.svar(ms).uvar(mn).svar(cs).uvar(cn).uvar(e.inode).uvar(e.nlink);
-    w.uvar(e.xattrs.length);
-    for (const x of e.xattrs) w.bytes(x.name).bytes(x.value);
-    switch (e.kind) {
-      case NodeKind.file:
-        w.uvar(e.size).uvar(e.chunks.length);
-        for (const c of e.chunks) w.raw(c);
-        break;
-      case NodeKind.dir:
-        if (!e.subtree) throw new Error('directory entry without subtree');
-        w.raw(e.subtree);
-        break;
-      case NodeKind.symlink:
-        w.bytes(e.target ?? Buffer.alloc(0));
-        break;
-      case NodeKind.chardev:
-      case NodeKind.blockdev:
-        w.uvar(e.rdev);
-        break;
-      default:
-        break;
-    }
+    encodeEntry(w, e);
   }
   return w.finish();
 }
 
-/**
- * Whether two entries encode to the same bytes (encodeTree), compared field by field without encoding:
- * a directory whose entries all match its previous tree's keeps that tree's id.
- */
-export function sameEntry(a: TreeEntry, b: TreeEntry): boolean {
-  if (a === b) return true;
-  if (
-    a.kind !== b.kind || a.mode !== b.mode || a.uid !== b.uid || a.gid !== b.gid || a.mtimeNs !== b.mtimeNs ||
-    a.ctimeNs !== b.ctimeNs || a.inode !== b.inode || a.nlink !== b.nlink || !a.name.equals(b.name)
-  ) {
-    return false;
-  }
-  if (a.xattrs !== b.xattrs) {
-    if (a.xattrs.length !== b.xattrs.length) return false;
-    for (let i = 0; i < a.xattrs.length; i++) {
-      if (!a.xattrs[i]!.name.equals(b.xattrs[i]!.name) || !a.xattrs[i]!.value.equals(b.xattrs[i]!.value)) return false;
-    }
-  }
-  switch (a.kind) {
+function encodeEntry(w: Writer, e: TreeEntry): void {
+  const [ms, mn] = splitNs(e.mtimeNs);
+  const [cs, cn] = splitNs(e.ctimeNs);
+  w.u8(e.kind).bytes(e.name).uvar(e.mode).uvar(e.uid).uvar(e.gid);
+  w.svar(ms).uvar(mn).svar(cs).uvar(cn).uvar(e.inode).uvar(e.nlink);
+  w.uvar(e.xattrs.length);
+  for (const x of e.xattrs) w.bytes(x.name).bytes(x.value);
+  switch (e.kind) {
     case NodeKind.file:
-      if (a.size !== b.size || a.chunks.length !== b.chunks.length) return false;
-      return a.chunks === b.chunks || a.chunks.every((c, i) => c.equals(b.chunks[i]!));
+      w.uvar(e.size).uvar(e.chunks.length);
+      for (const c of e.chunks) w.raw(c);
+      break;
     case NodeKind.dir:
-      return a.subtree !== null && b.subtree !== null && a.subtree.equals(b.subtree);
+      if (!e.subtree) throw new Error('directory entry without subtree');
+      w.raw(e.subtree);
+      break;
     case NodeKind.symlink:
-      return (a.target ?? EMPTY).equals(b.target ?? EMPTY);
+      w.bytes(e.target ?? Buffer.alloc(0));
+      break;
     case NodeKind.chardev:
     case NodeKind.blockdev:
-      return a.rdev === b.rdev;
+      w.uvar(e.rdev);
+      break;
     default:
-      return true;
+      break;
   }
 }
-const EMPTY = Buffer.alloc(0);
 
 /** The xattrs and chunks of entries that have none (frozen: shared by all of them). */
 export const NO_XATTRS: readonly Xattr[] = Object.freeze([]);
@@ -275,71 +244,305 @@ export const NO_CHUNKS: readonly Buffer[] = Object.freeze([]);
 
 export function decodeTree(buf: Buffer): TreeEntry[] {
   const r = new Reader(buf, 'tree');
-  const version = r.u8();
-  if (version !== TREE_VERSION) r.fail(`unknown tree version ${version}`);
-  const n = r.count(MAX_ENTRIES, 16);
+  const n = readTreeHeader(r);
   const out: TreeEntry[] = [];
   let prev: Buffer | null = null;
   for (let i = 0; i < n; i++) {
-    const kind = r.u8();
-    if (kind < 1 || kind > 7) r.fail(`unknown entry kind ${kind}`);
-    const name = Buffer.from(r.bytes(MAX_NAME));
-    if (name.length === 0 || name.includes(0x2f) || name.includes(0) || (name.length <= 2 && /^\.\.?$/.test(name.toString('latin1')))) {
-      r.fail('invalid entry name');
-    }
-    if (prev !== null && Buffer.compare(prev, name) >= 0) r.fail('entries not sorted');
-    prev = name;
-    const mode = r.uvar();
-    if (mode > 0o7777) r.fail('invalid mode');
-    const uid = r.uvar();
-    const gid = r.uvar();
-    const mtimeNs = BigInt(r.svar()) * 1_000_000_000n + BigInt(r.uvar());
-    const ctimeNs = BigInt(r.svar()) * 1_000_000_000n + BigInt(r.uvar());
-    const inode = r.uvar();
-    const nlink = r.uvar();
-    const nx = r.count(MAX_XATTRS, 2);
-    // Arrays of exactly their length (a first push() gives an array room for 17 elements: 150 bytes
-    // more per entry, and a backup holds a directory's previous entries while it walks it); one
-    // shared empty array for entries without xattrs.
-    let xattrs: readonly Xattr[] = NO_XATTRS;
-    if (nx > 0) {
-      const list = new Array<Xattr>(nx);
-      for (let j = 0; j < nx; j++) list[j] = { name: Buffer.from(r.bytes(MAX_NAME)), value: Buffer.from(r.bytes(MAX_XATTR_VALUE)) };
-      xattrs = list;
-    }
-    let size = 0;
-    let chunks: readonly Buffer[] = NO_CHUNKS;
-    let subtree: Buffer | null = null;
-    let target: Buffer | null = null;
-    let rdev = 0;
-    switch (kind) {
-      case NodeKind.file: {
-        size = r.uvar();
-        const nc = r.count(MAX_ENTRIES, ID_LEN);
-        if (nc > 0) {
-          const list = new Array<Buffer>(nc);
-          for (let j = 0; j < nc; j++) list[j] = Buffer.from(r.raw(ID_LEN));
-          chunks = list;
-        }
-        break;
-      }
-      case NodeKind.dir:
-        subtree = Buffer.from(r.raw(ID_LEN));
-        break;
-      case NodeKind.symlink:
-        target = Buffer.from(r.bytes(MAX_NAME));
-        break;
-      case NodeKind.chardev:
-      case NodeKind.blockdev:
-        rdev = r.uvar();
-        break;
-      default:
-        break;
-    }
-    out.push({ kind: kind as NodeKindCode, name, mode, uid, gid, mtimeNs, ctimeNs, inode, nlink, xattrs, size, chunks, subtree, target, rdev });
+    const e = readEntry(r);
+    if (prev !== null && Buffer.compare(prev, e.name) >= 0) r.fail('entries not sorted');
+    prev = e.name;
+    out.push(e);
   }
   r.end();
   return out;
+}
+
+function readTreeHeader(r: Reader): number {
+  const version = r.u8();
+  if (version !== TREE_VERSION) r.fail(`unknown tree version ${version}`);
+  return r.count(MAX_ENTRIES, 16);
+}
+
+/** One entry of a tree, checked (everything but its order among the others). */
+function readEntry(r: Reader): TreeEntry {
+  const kind = r.u8();
+  if (kind < 1 || kind > 7) r.fail(`unknown entry kind ${kind}`);
+  const name = Buffer.from(r.bytes(MAX_NAME));
+  if (name.length === 0 || name.includes(0x2f) || name.includes(0) || (name.length <= 2 && /^\.\.?$/.test(name.toString('latin1')))) {
+    r.fail('invalid entry name');
+  }
+  const mode = r.uvar();
+  if (mode > 0o7777) r.fail('invalid mode');
+  const uid = r.uvar();
+  const gid = r.uvar();
+  const mtimeNs = BigInt(r.svar()) * 1_000_000_000n + BigInt(r.uvar());
+  const ctimeNs = BigInt(r.svar()) * 1_000_000_000n + BigInt(r.uvar());
+  const inode = r.uvar();
+  const nlink = r.uvar();
+  const nx = r.count(MAX_XATTRS, 2);
+  // Arrays of exactly their length (a first push() gives an array room for 17 elements: 150 bytes
+  // more per entry, and a backup holds a directory's previous entries while it walks it); one
+  // shared empty array for entries without xattrs.
+  let xattrs: readonly Xattr[] = NO_XATTRS;
+  if (nx > 0) {
+    const list = new Array<Xattr>(nx);
+    for (let j = 0; j < nx; j++) list[j] = { name: Buffer.from(r.bytes(MAX_NAME)), value: Buffer.from(r.bytes(MAX_XATTR_VALUE)) };
+    xattrs = list;
+  }
+  let size = 0;
+  let chunks: readonly Buffer[] = NO_CHUNKS;
+  let subtree: Buffer | null = null;
+  let target: Buffer | null = null;
+  let rdev = 0;
+  switch (kind) {
+    case NodeKind.file: {
+      size = r.uvar();
+      const nc = r.count(MAX_ENTRIES, ID_LEN);
+      if (nc > 0) {
+        const list = new Array<Buffer>(nc);
+        for (let j = 0; j < nc; j++) list[j] = Buffer.from(r.raw(ID_LEN));
+        chunks = list;
+      }
+      break;
+    }
+    case NodeKind.dir:
+      subtree = Buffer.from(r.raw(ID_LEN));
+      break;
+    case NodeKind.symlink:
+      target = Buffer.from(r.bytes(MAX_NAME));
+      break;
+    case NodeKind.chardev:
+    case NodeKind.blockdev:
+      rdev = r.uvar();
+      break;
+    default:
+      break;
+  }
+  return { kind: kind as NodeKindCode, name, mode, uid, gid, mtimeNs, ctimeNs, inode, nlink, xattrs, size, chunks, subtree, target, rdev };
+}
+
+/**
+ * A tree's bytes, checked entry by entry as decodeTree checks them, and where each entry lies: a
+ * backup compares a large directory with its previous tree one entry at a time (entry(i) decodes one)
+ * and copies the entries that did not change into the new tree as they are (TreeBuilder.addRaw),
+ * instead of holding every previous entry as objects (about 450 bytes each) while it walks.
+ */
+export class TreeView {
+  readonly bytes: Buffer;
+  readonly length: number;
+  /** Per entry: its first byte, its name's first byte and its name's length; then the end. */
+  private readonly at: Uint32Array;
+  private readonly inodes: Float64Array;
+
+  private constructor(bytes: Buffer, at: Uint32Array, inodes: Float64Array) {
+    this.bytes = bytes;
+    this.length = inodes.length;
+    this.at = at;
+    this.inodes = inodes;
+  }
+
+  /** Checks a whole tree (SnapError 'integrity' as decodeTree) and notes where its entries lie. */
+  static parse(buf: Buffer): TreeView {
+    const r = new Reader(buf, 'tree');
+    const n = readTreeHeader(r);
+    const at = new Uint32Array(n * 3 + 1);
+    const inodes = new Float64Array(n);
+    for (let i = 0; i < n; i++) {
+      at[i * 3] = r.position;
+      // the checks of readEntry, in its order, without making the entry
+      const kind = r.u8();
+      if (kind < 1 || kind > 7) r.fail(`unknown entry kind ${kind}`);
+      const len = r.uvar();
+      if (len > MAX_NAME) r.fail(`field of ${len} bytes exceeds limit ${MAX_NAME}`);
+      const nameAt = r.position;
+      r.skip(len);
+      if (!validName(buf, nameAt, nameAt + len)) r.fail('invalid entry name');
+      at[i * 3 + 1] = nameAt;
+      at[i * 3 + 2] = len;
+      if (r.uvar() > 0o7777) r.fail('invalid mode');
+      r.uvar(); // uid
+      r.uvar(); // gid
+      r.svar();
+      r.uvar(); // mtime
+      r.svar();
+      r.uvar(); // ctime
+      inodes[i] = r.uvar();
+      r.uvar(); // nlink
+      const nx = r.count(MAX_XATTRS, 2);
+      for (let j = 0; j < nx; j++) {
+        r.skipBytes(MAX_NAME);
+        r.skipBytes(MAX_XATTR_VALUE);
+      }
+      switch (kind) {
+        case NodeKind.file: {
+          r.uvar(); // size
+          const nc = r.count(MAX_ENTRIES, ID_LEN);
+          for (let j = 0; j < nc; j++) r.skip(ID_LEN);
+          break;
+        }
+        case NodeKind.dir:
+          r.skip(ID_LEN);
+          break;
+        case NodeKind.symlink:
+          r.skipBytes(MAX_NAME);
+          break;
+        case NodeKind.chardev:
+        case NodeKind.blockdev:
+          r.uvar();
+          break;
+        default:
+          break;
+      }
+      if (i > 0 && compareRanges(buf, at[i * 3 - 2]!, at[i * 3 - 2]! + at[i * 3 - 1]!, buf, nameAt, nameAt + len) >= 0) r.fail('entries not sorted');
+    }
+    r.end();
+    at[n * 3] = buf.length;
+    return new TreeView(buf, at, inodes);
+  }
+
+  /** Entry i decoded (its own copies of names and ids). */
+  entry(i: number): TreeEntry {
+    return readEntry(new Reader(this.bytes, 'tree', this.at[i * 3]!));
+  }
+  /** Entry i's encoded bytes (a view). */
+  raw(i: number): Buffer {
+    return this.bytes.subarray(this.at[i * 3]!, i + 1 < this.length ? this.at[i * 3 + 3]! : this.at[this.length * 3]!);
+  }
+  /** Appends entry i's encoded bytes to w. */
+  copyTo(w: Writer, i: number): void {
+    w.rawRange(this.bytes, this.at[i * 3]!, i + 1 < this.length ? this.at[i * 3 + 3]! : this.at[this.length * 3]!);
+  }
+  /** Where entry i's name starts within raw(i), and its length. */
+  nameOffset(i: number): number {
+    return this.at[i * 3 + 1]! - this.at[i * 3]!;
+  }
+  nameLength(i: number): number {
+    return this.at[i * 3 + 2]!;
+  }
+  kind(i: number): NodeKindCode {
+    return this.bytes[this.at[i * 3]!]! as NodeKindCode;
+  }
+  inode(i: number): number {
+    return this.inodes[i]!;
+  }
+  /** Entry i's name against name, as Buffer.compare(entry i's name, name). */
+  compareName(i: number, name: Buffer): number {
+    const o = this.at[i * 3 + 1]!;
+    return compareRanges(this.bytes, o, o + this.at[i * 3 + 2]!, name, 0, name.length);
+  }
+  /** The index of the entry with this name, or -1. */
+  find(name: Buffer): number {
+    let lo = 0;
+    let hi = this.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      const c = this.compareName(mid, name);
+      if (c === 0) return mid;
+      if (c < 0) lo = mid + 1;
+      else hi = mid;
+    }
+    return -1;
+  }
+  /** Every entry decoded. */
+  entries(): TreeEntry[] {
+    const out = new Array<TreeEntry>(this.length);
+    for (let i = 0; i < this.length; i++) out[i] = this.entry(i);
+    return out;
+  }
+}
+
+/** A tree entry's name: not empty, no "/" or NUL, not "." or "..". */
+function validName(b: Uint8Array, start: number, end: number): boolean {
+  if (end === start) return false;
+  for (let i = start; i < end; i++) if (b[i] === 0x2f || b[i] === 0) return false;
+  return !(b[start] === 0x2e && (end - start === 1 || (end - start === 2 && b[start + 1] === 0x2e)));
+}
+
+/**
+ * Buffer.compare of a[aStart, aEnd) and b[bStart, bEnd), in JavaScript: names are short, and a call
+ * into Buffer's native compare with ranges costs more than comparing them here.
+ */
+function compareRanges(a: Uint8Array, aStart: number, aEnd: number, b: Uint8Array, bStart: number, bEnd: number): number {
+  const n = Math.min(aEnd - aStart, bEnd - bStart);
+  for (let i = 0; i < n; i++) {
+    const x = a[aStart + i]!;
+    const y = b[bStart + i]!;
+    if (x !== y) return x < y ? -1 : 1;
+  }
+  const d = aEnd - aStart - (bEnd - bStart);
+  return d < 0 ? -1 : d > 0 ? 1 : 0;
+}
+
+function uvarLength(v: number): number {
+  let n = 1;
+  while (v >= 0x80) {
+    v = Math.floor(v / 0x80);
+    n++;
+  }
+  return n;
+}
+
+/**
+ * A tree made one entry at a time, in any order: each entry is encoded when it is added (a new one
+ * from its fields, an unchanged one copied from its previous tree's bytes), and finish() puts them in
+ * the order of their names. The bytes are encodeTree's for the same entries.
+ */
+export class TreeBuilder {
+  private readonly w = new Writer(4096);
+  /** Per entry: its first byte, its name's first byte and its name's length (in w). */
+  private at = new Uint32Array(96);
+  private n = 0;
+
+  get count(): number {
+    return this.n;
+  }
+
+  add(e: TreeEntry): void {
+    const start = this.w.position;
+    encodeEntry(this.w, e);
+    this.note(start, start + 1 + uvarLength(e.name.length), e.name.length);
+  }
+
+  /** Entry i of a checked tree, as it is. */
+  addRaw(view: TreeView, i: number): void {
+    const start = this.w.position;
+    view.copyTo(this.w, i);
+    this.note(start, start + view.nameOffset(i), view.nameLength(i));
+  }
+
+  private note(start: number, nameAt: number, nameLen: number): void {
+    if ((this.n + 1) * 3 > this.at.length) {
+      const grown = new Uint32Array(this.at.length * 2);
+      grown.set(this.at);
+      this.at = grown;
+    }
+    this.at[this.n * 3] = start;
+    this.at[this.n * 3 + 1] = nameAt;
+    this.at[this.n * 3 + 2] = nameLen;
+    this.n++;
+  }
+
+  /** The tree's bytes, its entries sorted by name (Error if two have the same name). */
+  finish(): Buffer {
+    const body = this.w.finish();
+    const at = this.at;
+    const n = this.n;
+    const cmp = (a: number, b: number): number =>
+      compareRanges(body, at[a * 3 + 1]!, at[a * 3 + 1]! + at[a * 3 + 2]!, body, at[b * 3 + 1]!, at[b * 3 + 1]! + at[b * 3 + 2]!);
+    let sorted = true;
+    for (let i = 1; i < n && sorted; i++) sorted = cmp(i - 1, i) < 0;
+    const order = new Array<number>(n);
+    for (let i = 0; i < n; i++) order[i] = i;
+    if (!sorted) order.sort(cmp); // (two runs, the files' and the directories': merged by the sort)
+    for (let i = 1; i < n; i++) if (cmp(order[i - 1]!, order[i]!) >= 0) throw new Error('tree entries must be sorted and unique');
+    const head = new Writer(16).u8(TREE_VERSION).uvar(n).finish();
+    const out = Buffer.allocUnsafe(head.length + body.length);
+    let o = head.copy(out, 0);
+    const end = (k: number): number => (k + 1 < n ? at[k * 3 + 3]! : body.length);
+    if (sorted) body.copy(out, o);
+    else for (const k of order) o += body.copy(out, o, at[k * 3]!, end(k));
+    return out;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -196,10 +196,10 @@ export class DirRecordsWriter {
     if (this.buf.length > BLOCK) this.buf = Buffer.allocUnsafe(BLOCK);
   }
 
-  /** A directory's ENTER record: its path, its stat line, its files' chunk ids and its counts. */
-  enter(path: Buffer, line: Buffer, ids: readonly Buffer[], counts: DirCounts): void {
+  /** A directory's ENTER record: its path, its stat line, its files' chunk ids (one after another) and its counts. */
+  enter(path: Buffer, line: Buffer, ids: Buffer, counts: DirCounts): void {
     if (this.dead) return;
-    const rest = 2 + path.length + COUNTS_LEN + 4 + line.length + 4 + ids.length * ID_LEN;
+    const rest = 2 + path.length + COUNTS_LEN + 4 + line.length + 4 + ids.length;
     const b = this.room(ENTER_HEAD + rest);
     let o = b.writeUInt8(ENTER, this.len);
     o = b.writeUInt32LE(rest, o);
@@ -211,8 +211,8 @@ export class DirRecordsWriter {
     o = b.writeUInt32LE(counts.others, o);
     o = b.writeUInt32LE(line.length, o);
     o += line.copy(b, o);
-    o = b.writeUInt32LE(ids.length, o);
-    for (const id of ids) o += id.copy(b, o);
+    o = b.writeUInt32LE(ids.length / ID_LEN, o);
+    o += ids.copy(b, o);
     this.len = o;
   }
 

@@ -11,7 +11,7 @@ import {
 import {
   type RepoConfig, type RepoSecret, type SnapshotRoot, type TreeEntry,
   DEFAULT_CHUNK_SIZE, FORMAT_NAME, decodeConfig, decodeHead, decodeKeyFile, formatVersionOf,
-  decodeSecret, decodeSnapshotRoot, decodeTree, encodeConfig, encodeKeyFile, encodeSecret,
+  decodeSecret, decodeSnapshotRoot, decodeTree, TreeView, encodeConfig, encodeKeyFile, encodeSecret,
 } from '../core/format.js';
 import { IdSet, IdList } from '../core/idset.js';
 import { release } from '../core/memory.js';
@@ -254,10 +254,19 @@ export class Repository {
   }
 
   async loadTree(reader: ObjectReader, id: Buffer): Promise<TreeEntry[]> {
+    return this.loadTreeAs(reader, id, decodeTree);
+  }
+
+  /** A tree as its checked bytes (TreeView): a backup reads its previous trees so. */
+  async loadTreeView(reader: ObjectReader, id: Buffer): Promise<TreeView> {
+    return this.loadTreeAs(reader, id, (b) => TreeView.parse(b));
+  }
+
+  private async loadTreeAs<T>(reader: ObjectReader, id: Buffer, parse: (plain: Buffer) => T): Promise<T> {
     const cached = this.cache?.get(id);
     if (cached) {
       try {
-        return decodeTree(this.openData(id, ObjectType.tree, cached)); // (its names and ids are copies)
+        return parse(this.openData(id, ObjectType.tree, cached)); // (the plaintext is a buffer of its own)
       } catch {
         this.cache?.drop(id); // a damaged cache entry costs a download, never correctness
       } finally {
@@ -272,7 +281,7 @@ export class Repository {
       if (err instanceof SnapError && err.code === 'not-found') throw new IntegrityError(hex, `Tree ${hex} is missing`);
       throw err;
     }
-    const tree = decodeTree(this.openData(id, ObjectType.tree, data));
+    const tree = parse(this.openData(id, ObjectType.tree, data));
     this.cache?.put(id, data);
     return tree;
   }
