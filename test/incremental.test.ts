@@ -20,7 +20,7 @@ import { openTreeCache } from '../src/drivers/cachedir.js';
 import { LocalSourceFs } from '../src/drivers/localfs.js';
 import { Repository } from '../src/engine/repository.js';
 import { backup as engineBackup } from '../src/engine/backup.js';
-import { assertSameTree, expectExit, jsonLines, makeRepo, runCli, treeSnapshot, type TestRepo } from './cli-helpers.js';
+import { assertSameTree, countingCalls, expectExit, jsonLines, makeRepo, runCli, treeSnapshot, type TestRepo } from './cli-helpers.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -208,4 +208,30 @@ test('a directory renamed within its parent is compared with its old tree: its f
   const changed = await backup(repo, src, 'after a change and another rename');
   assert.equal(changed.s.filesRead, 1, 'the changed file is read');
   await assertRestores(repo, src, 'after a change and another rename');
+});
+
+test('a symlink whose inode, times and length are unchanged keeps its target without a readlink; a new one is read', async () => {
+  const repo = await makeRepo();
+  const src = await tempDir('incr-symlink-src');
+  fs.writeFileSync(path.join(src, 'file'), 'x');
+  for (let i = 0; i < 5; i++) fs.symlinkSync(`target-${i}`, path.join(src, `link${i}`));
+  const storage = await openStorage(repo.repo);
+  const r = await Repository.open(storage, Buffer.from(repo.env['SNAPCRYPT_PASSWORD'] ?? ''), openTreeCache(repo.cacheDir));
+  const local = new LocalSourceFs();
+  let readlinks = 0;
+  const source = countingCalls(local, 'readlink', () => readlinks++);
+  const run = () => engineBackup(r, { paths: [src], source, host: 'h', user: 'u' });
+  await run();
+  assert.equal(readlinks, 5, 'the first backup reads every symlink');
+  // the directory changes (a file), and one symlink is replaced by one of the same length: only the new one is read
+  fs.writeFileSync(path.join(src, 'file'), 'yy');
+  fs.rmSync(path.join(src, 'link3'));
+  fs.symlinkSync('target-X', path.join(src, 'link3'));
+  readlinks = 0;
+  const second = await run();
+  assert.equal(readlinks, 1, 'only the replaced symlink is read');
+  assert.equal(second.root.stats.symlinks, 5);
+  await local.finish();
+  await storage.close();
+  await assertRestores(repo, src, 'after a symlink was replaced'); // (the targets compared too)
 });

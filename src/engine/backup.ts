@@ -391,6 +391,18 @@ function readFull(w: Walk, fd: number, buf: Buffer, pos: number): number {
   return readFullSync((f, b, p) => w.fs.read(f, b, p), fd, buf, pos);
 }
 
+/**
+ * A symlink's target cannot be changed in place (a new target is a new symlink, a new inode): with the
+ * inode, ctime, mtime and length (lstat's size) of the previous entry, it has the previous target,
+ * which is taken without a readlink.
+ */
+function sameSymlink(st: SourceStat, prev: TreeEntry | undefined): prev is TreeEntry & { readonly target: Buffer } {
+  return (
+    prev !== undefined && prev.kind === NodeKind.symlink && st.kind === NodeKind.symlink && prev.inode === st.ino &&
+    prev.ctimeNs === st.ctimeNs && prev.mtimeNs === st.mtimeNs && prev.target !== null && prev.target.length === st.size
+  );
+}
+
 /** Whether a file's previous chunk list can be taken as it is (the file is not read). */
 function reusable(w: Walk, st: SourceStat, prev: TreeEntry | undefined): prev is TreeEntry {
   return sameFile(st, prev) && (w.prevComplete || prev.chunks.every((c) => c.equals(ZERO_CHUNK) || w.known.has(c)));
@@ -623,6 +635,10 @@ async function backupNode(
     }
     case NodeKind.symlink: {
       w.stats.symlinks++;
+      if (sameSymlink(st, prev)) {
+        if (xattrs === prev.xattrs && (st.mode & 0o7777) === prev.mode && st.uid === prev.uid && st.gid === prev.gid && st.nlink === prev.nlink) return prev;
+        return entryOf(name, st, xattrs, 0, NO_CHUNKS, null, prev.target);
+      }
       return entryOf(name, st, xattrs, 0, NO_CHUNKS, null, w.fs.readlink(p));
     }
     default:
