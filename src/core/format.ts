@@ -268,9 +268,7 @@ function readEntry(r: Reader): TreeEntry {
   const kind = r.u8();
   if (kind < 1 || kind > 7) r.fail(`unknown entry kind ${kind}`);
   const name = Buffer.from(r.bytes(MAX_NAME));
-  if (name.length === 0 || name.includes(0x2f) || name.includes(0) || (name.length <= 2 && /^\.\.?$/.test(name.toString('latin1')))) {
-    r.fail('invalid entry name');
-  }
+  if (!validName(name, 0, name.length)) r.fail('invalid entry name');
   const mode = r.uvar();
   if (mode > 0o7777) r.fail('invalid mode');
   const uid = r.uvar();
