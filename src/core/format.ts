@@ -328,7 +328,7 @@ function readEntry(r: Reader): TreeEntry {
 export class TreeView {
   readonly bytes: Buffer;
   readonly length: number;
-  /** Per entry: its first byte, its name's first byte and its name's length; then the end. */
+  /** Per entry: its first byte, its name's first byte and its name's length; then the end (so entry i ends at at[i * 3 + 3]). */
   private readonly at: Uint32Array;
   private readonly inodes: Float64Array;
 
@@ -404,11 +404,11 @@ export class TreeView {
   }
   /** Entry i's encoded bytes (a view). */
   raw(i: number): Buffer {
-    return this.bytes.subarray(this.at[i * 3]!, i + 1 < this.length ? this.at[i * 3 + 3]! : this.at[this.length * 3]!);
+    return this.bytes.subarray(this.at[i * 3]!, this.at[i * 3 + 3]!);
   }
   /** Appends entry i's encoded bytes to w. */
   copyTo(w: Writer, i: number): void {
-    w.rawRange(this.bytes, this.at[i * 3]!, i + 1 < this.length ? this.at[i * 3 + 3]! : this.at[this.length * 3]!);
+    w.rawRange(this.bytes, this.at[i * 3]!, this.at[i * 3 + 3]!);
   }
   /** Where entry i's name starts within raw(i), and its length. */
   nameOffset(i: number): number {
@@ -527,18 +527,22 @@ export class TreeBuilder {
     const n = this.n;
     const cmp = (a: number, b: number): number =>
       compareRanges(body, at[a * 3 + 1]!, at[a * 3 + 1]! + at[a * 3 + 2]!, body, at[b * 3 + 1]!, at[b * 3 + 1]! + at[b * 3 + 2]!);
+    // strictly ascending as added (then unique too), or put in order: two runs, the files' and the
+    // directories', merged by the sort, and checked for a name added twice
     let sorted = true;
     for (let i = 1; i < n && sorted; i++) sorted = cmp(i - 1, i) < 0;
-    const order = new Array<number>(n);
-    for (let i = 0; i < n; i++) order[i] = i;
-    if (!sorted) order.sort(cmp); // (two runs, the files' and the directories': merged by the sort)
-    for (let i = 1; i < n; i++) if (cmp(order[i - 1]!, order[i]!) >= 0) throw new Error('tree entries must be sorted and unique');
+    let order: number[] | null = null;
+    if (!sorted) {
+      order = new Array<number>(n);
+      for (let i = 0; i < n; i++) order[i] = i;
+      order.sort(cmp);
+      for (let i = 1; i < n; i++) if (cmp(order[i - 1]!, order[i]!) >= 0) throw new Error('tree entries must be sorted and unique');
+    }
     const head = new Writer(16).u8(TREE_VERSION).uvar(n).finish();
     const out = Buffer.allocUnsafe(head.length + body.length);
     let o = head.copy(out, 0);
-    const end = (k: number): number => (k + 1 < n ? at[k * 3 + 3]! : body.length);
-    if (sorted) body.copy(out, o);
-    else for (const k of order) o += body.copy(out, o, at[k * 3]!, end(k));
+    if (order === null) body.copy(out, o);
+    else for (const k of order) o += body.copy(out, o, at[k * 3]!, k + 1 < n ? at[k * 3 + 3]! : body.length);
     return out;
   }
 }

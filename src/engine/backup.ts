@@ -13,6 +13,7 @@ import {
 } from '../core/format.js';
 import { ObjectType, objectId, type ObjectTypeCode } from '../core/crypto.js';
 import { release } from '../core/memory.js';
+import { Writer } from '../core/codec.js';
 import { ID_BYTES, IdSet, RefRuns } from '../core/idset.js';
 import { SnapError } from '../core/errors.js';
 import type { Excluder } from '../core/excluder.js';
@@ -403,6 +404,14 @@ function sameSymlink(st: SourceStat, prev: TreeEntry | undefined): prev is TreeE
   );
 }
 
+/**
+ * Whether an entry whose contents are its previous entry's (reusable, sameSymlink) is that entry
+ * itself: the same xattrs (the previous list, sameXattrs), mode, owner and link count.
+ */
+function sameOwnMeta(st: SourceStat, xattrs: readonly Xattr[], prev: TreeEntry): boolean {
+  return xattrs === prev.xattrs && (st.mode & 0o7777) === prev.mode && st.uid === prev.uid && st.gid === prev.gid && st.nlink === prev.nlink;
+}
+
 /** Whether a file's previous chunk list can be taken as it is (the file is not read). */
 function reusable(w: Walk, st: SourceStat, prev: TreeEntry | undefined): prev is TreeEntry {
   return sameFile(st, prev) && (w.prevComplete || prev.chunks.every((c) => c.equals(ZERO_CHUNK) || w.known.has(c)));
@@ -603,7 +612,7 @@ async function backupNode(
         w.stats.bytes += prev.size;
         w.progress.bytesDone += prev.size;
         // the common case, nothing at all changed: the previous entry itself (no new object)
-        if (xattrs === prev.xattrs && (st.mode & 0o7777) === prev.mode && st.uid === prev.uid && st.gid === prev.gid && st.nlink === prev.nlink) return prev;
+        if (sameOwnMeta(st, xattrs, prev)) return prev;
         return entryOf(name, st, xattrs, prev.size, prev.chunks, null, null);
       }
       const hkey = st.nlink > 1 ? `${st.dev}:${st.ino}` : null;
@@ -636,7 +645,7 @@ async function backupNode(
     case NodeKind.symlink: {
       w.stats.symlinks++;
       if (sameSymlink(st, prev)) {
-        if (xattrs === prev.xattrs && (st.mode & 0o7777) === prev.mode && st.uid === prev.uid && st.gid === prev.gid && st.nlink === prev.nlink) return prev;
+        if (sameOwnMeta(st, xattrs, prev)) return prev;
         return entryOf(name, st, xattrs, 0, NO_CHUNKS, null, prev.target);
       }
       return entryOf(name, st, xattrs, 0, NO_CHUNKS, null, w.fs.readlink(p));
@@ -1061,8 +1070,7 @@ class EnterMaker {
   private readonly items: readonly (Item | null)[];
   /** The items before this one are in the line. */
   private next = 0;
-  private ids = Buffer.allocUnsafe(ID_BYTES * 64);
-  private idsLen = 0;
+  private readonly ids = new Writer(ID_BYTES * 64);
   private readonly counts: DirCounts = { files: 0, bytes: 0, symlinks: 0, others: 0 };
   /** A file read on a worker: its entry is not known yet. */
   private unknown = false;
@@ -1083,7 +1091,7 @@ class EnterMaker {
     if (e.kind === NodeKind.file) {
       this.counts.files++;
       this.counts.bytes += e.size;
-      for (const c of e.chunks) if (!c.equals(ZERO_CHUNK)) this.addId(c);
+      for (const c of e.chunks) if (!c.equals(ZERO_CHUNK)) this.ids.raw(c);
     } else if (e.kind === NodeKind.symlink) this.counts.symlinks++;
     else this.counts.others++;
   }
@@ -1091,7 +1099,7 @@ class EnterMaker {
   write(out: DirRecordsWriter, p: Buffer): void {
     this.dirsBefore(this.items.length);
     if (this.unknown) out.enter(p, NEVER_MATCHES, EMPTY, NO_COUNTS);
-    else out.enter(p, this.line.view(), this.ids.subarray(0, this.idsLen), this.counts);
+    else out.enter(p, this.line.view(), this.ids.finish(), this.counts);
   }
 
   private dirsBefore(end: number): void {
@@ -1101,14 +1109,6 @@ class EnterMaker {
     }
   }
 
-  private addId(id: Buffer): void {
-    if (this.idsLen + ID_BYTES > this.ids.length) {
-      const grown = Buffer.allocUnsafe(this.ids.length * 2);
-      this.ids.copy(grown, 0, 0, this.idsLen);
-      this.ids = grown;
-    }
-    this.idsLen += id.copy(this.ids, this.idsLen);
-  }
 }
 const EMPTY = Buffer.alloc(0);
 
