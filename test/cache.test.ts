@@ -119,6 +119,33 @@ describe('a backup\'s references in sorted runs in the cache (RefRuns, refRuns, 
     assert.equal(fs.readdirSync('/proc/self/fd').length, fds - 1, 'its descriptor closed');
   });
 
+  it('takes ids a directory\'s block at a time (pushAll) as it takes them one by one, across the runs\' ends', async () => {
+    const all = Buffer.concat(pushed);
+    // blocks of 0 to 1,999 ids, so that some end exactly at a run's end and others cross it
+    const blocks: Buffer[] = [];
+    for (let at = 0, k = 0; at < all.length; k++) {
+      const n = k % 7 === 0 ? 0 : k % 5 === 0 ? 1_999 : (k * 37) % 1_000;
+      blocks.push(all.subarray(at, Math.min(all.length, at + n * 32)));
+      at += n * 32;
+    }
+    blocks.push(all.subarray(0, BLOCK_IDS * 32)); // one run's worth at once, again
+    const once = [...pushed, ...ids.slice(0, BLOCK_IDS)];
+    const want = [...new Set(once.map((b) => b.toString('hex')))].sort().join('');
+    const dir = await tempDir('runs-all');
+    for (const store of [new DirTreeCache(dir, 'repo').refRuns(), null, fileRunStore(fs.openSync('/dev/full', 'r+'), '/dev/full')]) {
+      const refs = new RefRuns(store);
+      let most = 0;
+      for (const b of blocks) {
+        refs.pushAll(b);
+        most = Math.max(most, refs.inMemory);
+      }
+      assert.equal(refs.length, once.length);
+      if (store !== null && refs.spilled) assert.ok(most < BLOCK_IDS, `less than one block in memory: ${most}`);
+      assert.equal(refs.spilled ? merged(refs) : Buffer.concat(refs.sortedInMemory()).toString('hex'), want);
+      refs.dispose();
+    }
+  });
+
   it('keeps every id in memory without a store, or when the store refuses the first run (a full disk)', () => {
     for (const store of [null, fileRunStore(fs.openSync('/dev/full', 'r+'), '/dev/full')]) {
       const refs = new RefRuns(store);

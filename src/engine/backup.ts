@@ -889,7 +889,7 @@ async function unchangedTail(
   const allSame = items.every((it, i) => it.st.kind !== NodeKind.dir || subs[i]?.same === true);
   if (allSame && leave?.valid === true && (w.prevComplete || w.known.has(leave.id))) {
     if (ids !== null) {
-      for (let o = 0; o < ids.length; o += 32) w.refs.push(ids.subarray(o, o + 32));
+      w.refs.pushAll(ids);
       release(ids);
     }
     addCounts(w, counts);
