@@ -240,4 +240,41 @@ describe('Loading trees', () => {
     // compact entries: "no xattrs" is one shared (frozen) array, not one per entry
     assert.ok(tree.every((e) => e.xattrs === tree[0]!.xattrs) && Object.isFrozen(tree[0]!.xattrs));
   });
+
+  it('loads small trees through one zstd context: each tree keeps its own bytes, and a frame that lies about its size is refused', async () => {
+    const stored = new Map<string, Buffer>();
+    const cache: TreeCache = {
+      get: (id) => (stored.has(id.toString('hex')) ? Buffer.from(stored.get(id.toString('hex'))!) : null),
+      put: () => {},
+      drop: (id) => stored.delete(id.toString('hex')),
+    };
+    const repo = CacheOnlyRepository.make(cache);
+    const trees = [1, 3, 40, 300, 700, 900, 2].map((n) =>
+      encodeTree(Array.from({ length: n }, (_, i) => ({
+        kind: NodeKind.symlink, name: Buffer.from(`link-${n}-${String(i).padStart(4, '0')}`), mode: 0o777, uid: 0, gid: 0, mtimeNs: BigInt(i), ctimeNs: 1n,
+        inode: i, nlink: 1, xattrs: [], size: 0, chunks: [], subtree: null, target: sample(40 + (i % 90), false, i), rdev: 0,
+      }))),
+    );
+    assert.ok(trees.some((t) => t.length < 65_536) && trees.some((t) => t.length > 65_536), 'trees on both sides of the reused context\'s limit');
+    const ids = trees.map((plain) => {
+      const id = objectId(repo.keys, ObjectType.tree, plain);
+      stored.set(id.toString('hex'), compressAndSeal(repo.keys, ObjectType.tree, id, plain));
+      return id;
+    });
+    const views = [];
+    for (const id of ids) views.push(await repo.loadTreeView(null as unknown as Storage, id));
+    views.forEach((v, k) => assert.equal(v.bytes.equals(trees[k]!), true, `tree ${k} after all were loaded`));
+    // a frame that declares one byte less than it holds (the zstd frame sealed and authenticated as such)
+    const plain = trees[2]!;
+    const frame = Buffer.from(zstdCompressSync(plain, { params: { [zc.ZSTD_c_contentSizeFlag]: 1 } }));
+    assert.equal(zstdContentSize(frame), plain.length);
+    assert.equal(frame[4]! >> 6, 1, 'a two-byte size field (the size less 256)');
+    frame.writeUInt16LE(plain.length - 256 - 1, 5 + ((frame[4]! >> 5) & 1 ? 0 : 1)); // (no dictionary id)
+    assert.equal(zstdContentSize(frame), plain.length - 1);
+    const liar = objectId(repo.keys, ObjectType.tree, plain);
+    stored.set(liar.toString('hex'), sealObject(repo.keys, liar, ObjectType.tree, Compression.zstd, frame, counterRng('liar')));
+    await assert.rejects(repo.loadTreeView({ getObject: async () => { throw new Error('not in the repository either'); } } as unknown as Storage, liar), /not in the repository either/);
+    assert.equal(stored.has(liar.toString('hex')), false, 'the cache entry dropped as damaged');
+    assert.equal((await repo.loadTreeView(null as unknown as Storage, ids[0]!)).bytes.equals(trees[0]!), true, 'the context works after the refused frame');
+  });
 });

@@ -20,7 +20,7 @@ import { mapInLanes } from '../core/lanes.js';
 import type { DirectWriterSpec, ObjectReader, SnapshotInfo, Storage } from '../storage/types.js';
 import type { KeyStore, TreeCache } from './cache.js';
 import { SealPool, compressAndSeal } from './seal.js';
-import { openSealed } from './open.js';
+import { Decompressor, openSealed } from './open.js';
 import { RestorePool } from './restore-pool.js';
 
 export const rng = (n: number): Buffer => randomBytes(n);
@@ -253,6 +253,14 @@ export class Repository {
     return openSealed(this.keys, id, type, data, expectedLength);
   }
 
+  /** One zstd context for the small trees loaded (openSealed). */
+  private readonly treeZ = new Decompressor();
+
+  /** A tree's plaintext from its stored bytes, in a buffer of its own. */
+  private openTree(id: Buffer, data: Buffer): Buffer {
+    return openSealed(this.keys, id, ObjectType.tree, data, undefined, this.treeZ);
+  }
+
   async loadTree(reader: ObjectReader, id: Buffer): Promise<TreeEntry[]> {
     return this.loadTreeAs(reader, id, decodeTree);
   }
@@ -266,7 +274,7 @@ export class Repository {
     const cached = this.cache?.get(id);
     if (cached) {
       try {
-        return parse(this.openData(id, ObjectType.tree, cached)); // (the plaintext is a buffer of its own)
+        return parse(this.openTree(id, cached)); // (the plaintext is a buffer of its own)
       } catch {
         this.cache?.drop(id); // a damaged cache entry costs a download, never correctness
       } finally {
@@ -281,7 +289,7 @@ export class Repository {
       if (err instanceof SnapError && err.code === 'not-found') throw new IntegrityError(hex, `Tree ${hex} is missing`);
       throw err;
     }
-    const tree = parse(this.openData(id, ObjectType.tree, data));
+    const tree = parse(this.openTree(id, data));
     this.cache?.put(id, data);
     return tree;
   }
