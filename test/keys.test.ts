@@ -77,3 +77,45 @@ test('the key is derived from the local key copy while the storage connects, and
     await storage.close();
   }
 });
+
+test('open asks for the config, the snapshot list and the key names together, and still names a path that is not a repository', async () => {
+  const r = await makeRepo();
+  const storage = await openStorage(r.repo);
+  // count the storage's calls that are under way when each one starts (a remote sends them together)
+  let open = 0;
+  let most = 0;
+  const counted = new Proxy(storage, {
+    get(target, prop, receiver) {
+      const v = Reflect.get(target, prop, receiver) as unknown;
+      if (typeof v !== 'function' || !['readFile', 'listSnapshots', 'listKeys'].includes(String(prop))) return v;
+      return async (...args: unknown[]) => {
+        open++;
+        most = Math.max(most, open);
+        try {
+          return await (v as (...a: unknown[]) => Promise<unknown>).apply(target, args);
+        } finally {
+          open--;
+        }
+      };
+    },
+  });
+  const repo = await Repository.open(counted, Buffer.from(r.env['SNAPCRYPT_PASSWORD']!));
+  assert.ok(repo.config.id.length > 0);
+  assert.equal(most, 3, 'config, snapshots and key names asked for at once');
+  // no config, and a snapshot list that cannot be read: the answer is still "no repository there"
+  const notRepo = await tempDir('keys-not-repo');
+  fs.mkdirSync(path.join(notRepo, 'current'));
+  fs.writeFileSync(path.join(notRepo, 'snapshots'), 'a file where the snapshots directory would be');
+  const unhandled: unknown[] = [];
+  const onUnhandled = (err: unknown): void => void unhandled.push(err);
+  process.on('unhandledRejection', onUnhandled);
+  try {
+    const s = await openStorage(notRepo);
+    await assert.rejects(s.listSnapshots(), /Cannot list the snapshots/);
+    await assert.rejects(Repository.open(s, Buffer.from('any')), (err: unknown) => (err as { code?: string }).code === 'not-a-repository');
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  } finally {
+    process.off('unhandledRejection', onUnhandled);
+  }
+  assert.deepEqual(unhandled, [], 'the listings\' failures are not left unhandled');
+});

@@ -50,11 +50,13 @@ Exit status: 0 done, 3 done but some files could not be read (listed as warnings
     // a PATH that does not exist is named before the passphrase is asked for
     normalisePaths(ctx.positionals, source, process.cwd());
     const repo = await ctx.openRepo();
-    ctx.warnIfStale((await repo.storage.listSnapshots()).sort((a, b) => a.time - b.time).at(-1), repo.storage.location);
+    const listing = repo.storage.listSnapshots(); // (asked for with the lock: one round trip less)
+    listing.catch(() => undefined);
     const lock = await repo.storage.lock(`snapcrypt backup`);
     const t0 = Date.now();
     let warnings = 0;
     try {
+      ctx.warnIfStale((await listing).sort((a, b) => a.time - b.time).at(-1), repo.storage.location);
       const r = await backup(repo, {
         paths: ctx.positionals,
         source,

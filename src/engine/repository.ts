@@ -134,14 +134,21 @@ export class Repository {
     keyStore: KeyStore | null = null,
     early: EarlyKeys | null = null,
   ): Promise<Repository> {
-    const configBuf = await storage.readFile('config');
+    // the listings are asked for with the config (over SSH one round trip instead of three); a
+    // failure of theirs counts only once the config says that this is a repository
+    const configP = storage.readFile('config');
+    const snapsP = storage.listSnapshots();
+    const keysP = storage.listKeys();
+    snapsP.catch(() => undefined);
+    keysP.catch(() => undefined);
+    const configBuf = await configP;
     if (configBuf === null) {
       throw new SnapError('not-a-repository', `Cannot open repository ${storage.location}: no repository there`, {
         hint: 'create one with "snapcrypt init" or check --repo',
       });
     }
     const config = decodeConfig(configBuf, storage.location);
-    const snaps = await storage.listSnapshots();
+    const snaps = await snapsP;
     type KeySource = Pick<ObjectReader, 'listKeys' | 'readFile'> & { readonly local?: boolean };
     const local: KeySource | null = keyStore && {
       local: true,
@@ -149,7 +156,7 @@ export class Repository {
       readFile: (name: string) => keyStore.read(config.id, name.slice('keys/'.length)),
     };
     const sources: Array<() => Promise<KeySource>> = [
-      async () => storage,
+      async () => ({ listKeys: () => keysP, readFile: (name: string) => storage.readFile(name) }),
       ...(local ? [async () => local] : []),
       ...snaps.reverse().map((s) => () => storage.openSnapshot(s.name)),
     ];
