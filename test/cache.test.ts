@@ -206,3 +206,47 @@ describe('a backup\'s references in sorted runs in the cache (RefRuns, refRuns, 
     refs.dispose();
   });
 });
+
+describe('tree cache entries (DirTreeCache put, get, drop)', () => {
+  const entryFile = (dir: string, id: Buffer): string => path.join(dir, 'repo', 'trees', id.toString('hex').slice(0, 2), id.toString('hex'));
+
+  it('writes an entry once under its final name, leaves an existing one alone, and is written again after a drop', async () => {
+    const dir = await tempDir('trees');
+    const cache = new DirTreeCache(dir, 'repo');
+    const id = randomBytes(32);
+    const bytes = randomBytes(5000);
+    cache.put(id, bytes);
+    assert.deepEqual(cache.get(id), bytes);
+    assert.deepEqual(fs.readdirSync(path.dirname(entryFile(dir, id))), [id.toString('hex')], 'no temp file beside it');
+    // an entry cut short (a crash while it was written) stays as it is until it is dropped
+    fs.truncateSync(entryFile(dir, id), 1000);
+    cache.put(id, bytes);
+    assert.equal(cache.get(id)!.length, 1000, 'an existing entry is left alone');
+    const other = randomBytes(32);
+    cache.put(other, bytes);
+    assert.deepEqual(cache.get(other), bytes, 'the cache still works after an existing entry');
+    cache.drop(id); // what the repository does with an entry that fails its authentication
+    assert.equal(cache.get(id), null);
+    cache.put(id, bytes);
+    assert.deepEqual(cache.get(id), bytes, 'written again');
+  });
+
+  it('leaves no partial entry when the disk fills, and stops writing for the run', { skip: process.getuid?.() !== 0 && process.env['CI'] !== 'true' ? 'needs root to mount a small tmpfs' : false }, async () => {
+    const dir = await tempDir('trees-full');
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', dir]);
+    try {
+      const cache = new DirTreeCache(dir, 'repo');
+      const ids = Array.from({ length: 8 }, () => randomBytes(32));
+      for (const id of ids) cache.put(id, randomBytes(300_000));
+      assert.equal(cache.get(ids[0]!), null, 'the cache is off for the rest of the run');
+      const after = new DirTreeCache(dir, 'repo'); // the next run's
+      const kept = ids.filter((id) => after.get(id) !== null);
+      assert.ok(kept.length >= 1 && kept.length < ids.length, `some entries fit: ${kept.length}`);
+      for (const id of kept) assert.equal(after.get(id)!.length, 300_000, 'every entry there is whole');
+      const files = fs.readdirSync(path.join(dir, 'repo', 'trees'), { recursive: true, encoding: 'utf8' }).filter((f) => f.length > 2);
+      assert.equal(files.length, kept.length, 'nothing else is left');
+    } finally {
+      execFileSync('umount', [dir]);
+    }
+  });
+});

@@ -38,23 +38,39 @@ export class DirTreeCache implements TreeCache {
   /** The prefix directories made (or found) in this run: made once, not once per tree. */
   private readonly made = new Set<string>();
 
+  /**
+   * Written in place under its final name, created exclusively: an entry cut short (a crash, a full
+   * disk) fails its authentication when used and is dropped like any damaged one, so a temp file and
+   * a rename (twice the file system's work: 900 trees on btrfs 57-98 ms against 30-32) buy nothing.
+   * An entry that exists already is left alone: the same id is the same bytes, and a damaged one is
+   * dropped when it is read.
+   */
   put(id: Buffer, data: Buffer): void {
     if (!this.ok) return;
     const f = this.file(id);
-    const tmp = `${f}.${process.pid}.tmp`;
     try {
       const dir = path.dirname(f);
       if (!this.made.has(dir)) fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
       this.made.add(dir);
-      fs.writeFileSync(tmp, data, { mode: 0o600 });
-      fs.renameSync(tmp, f);
     } catch {
-      this.ok = false; // a read-only or full cache disables itself for this run
-      try {
-        fs.rmSync(tmp, { force: true });
-      } catch {
-        /* ignore */
-      }
+      this.ok = false; // a read-only cache disables itself for this run
+      return;
+    }
+    let fd: number;
+    try {
+      fd = fs.openSync(f, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL, 0o600);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') this.ok = false;
+      return;
+    }
+    try {
+      let off = 0;
+      while (off < data.length) off += fs.writeSync(fd, data, off, data.length - off);
+    } catch {
+      this.ok = false; // a full cache disables itself for this run, without the entry it could not finish
+      removeQuietly(f);
+    } finally {
+      fs.closeSync(fd);
     }
   }
 
