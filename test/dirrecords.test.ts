@@ -74,8 +74,10 @@ async function harness(): Promise<Harness> {
     srcTree: async (res) => {
       const loads = h.treeLoads;
       let id: Buffer = Buffer.from(res.root.tree, 'hex');
+      // (that snapshot's own objects: current, and the tree cache, keep only the latest's)
+      const reader = await storage.openSnapshot(res.snapshot.name);
       for (const part of src.split('/').filter((x) => x.length > 0)) {
-        const e = (await r.loadTree(storage, id)).find((x) => x.name.toString() === part);
+        const e = (await r.loadTree(reader, id)).find((x) => x.name.toString() === part);
         assert.ok(e?.subtree, `${part} in the snapshot`);
         id = e.subtree;
       }

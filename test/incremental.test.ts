@@ -235,3 +235,41 @@ test('a symlink whose inode, times and length are unchanged keeps its target wit
   await storage.close();
   await assertRestores(repo, src, 'after a symlink was replaced'); // (the targets compared too)
 });
+
+test('a committed backup drops the trees it replaced from the tree cache, and keeps the ones it still lists', async () => {
+  const repo = await makeRepo();
+  const src = await tempDir('incr-cache-src');
+  for (const d of ['a/b/c', 'd/e', 'f']) {
+    fs.mkdirSync(path.join(src, d), { recursive: true });
+    for (let i = 0; i < 3; i++) fs.writeFileSync(path.join(src, d, `file${i}`), randomBytes(300 + i));
+  }
+  await backup(repo, src, 'first');
+  const repoId = (fs.readFileSync(path.join(repo.repo, 'current', 'config'), 'latin1').match(/[0-9a-f]{32}/) ?? [''])[0]!;
+  const treesDir = path.join(repo.cacheDir, repoId, 'trees');
+  const cached = (): string[] => (fs.existsSync(treesDir) ? fs.readdirSync(treesDir, { recursive: true, encoding: 'utf8' }).map((f) => path.basename(f)).filter((f) => /^[0-9a-f]{64}$/.test(f)) : []);
+  const listed = (): Set<string> => {
+    const index = fs.readFileSync(path.join(repo.repo, 'current', 'index'));
+    const out = new Set<string>();
+    for (let o = 0; o < index.length; o += 32) out.add(index.subarray(o, o + 32).toString('hex'));
+    return out;
+  };
+  // a restore loads every tree of the snapshot into the cache
+  await assertRestores(repo, src, 'the first snapshot');
+  const before = cached();
+  assert.ok(before.length >= 7, `the first snapshot's trees are in the cache: ${before.length}`);
+
+  fs.appendFileSync(path.join(src, 'a', 'b', 'c', 'file0'), 'changed');
+  await backup(repo, src, 'after a change three levels down');
+  const now = listed();
+  const after = cached();
+  const gone = before.filter((id) => !after.includes(id));
+  assert.ok(gone.length >= 4, `the trees of c, b, a and the source directory left the cache: ${gone.length}`);
+  for (const id of gone) assert.ok(!now.has(id), `a dropped tree is not listed by the new snapshot: ${id}`);
+  for (const id of after) assert.ok(now.has(id), `every tree left in the cache is listed by the new snapshot: ${id}`);
+  assert.ok(after.length >= 3, `the trees of d, e and f stay: ${after.length}`);
+  // the earlier snapshot is still whole: its trees come from the repository again
+  const target = await tempDir('incr-cache-restore');
+  const first = jsonLines((await runCli(['snapshots', '--repo', repo.repo, '--json'], { env: repo.env })).stdout).filter((o) => o['type'] === 'snapshot')[0]!;
+  expectExit(await runCli(['restore', '--repo', repo.repo, `${String(first['id']).slice(0, 8)}:${src}`, '--target', target], { env: repo.env }), 'restore of the first snapshot');
+  assert.equal(fs.readFileSync(path.join(target, path.basename(src), 'a', 'b', 'c', 'file0')).length, 300, 'the first version');
+});

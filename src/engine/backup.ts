@@ -260,6 +260,13 @@ interface Walk {
   readonly workerReader: DirectWriterSpec | null;
   /** Files being read on worker threads now. */
   onWorkers: number;
+  /** The previous trees of the directories whose tree changed: dropped from the tree cache once committed. */
+  readonly replaced: Writer;
+}
+
+/** Notes a directory's previous tree as replaced when its new tree differs. */
+function noteReplaced(w: Walk, prevId: Buffer | null | undefined, id: Buffer): void {
+  if (prevId && !prevId.equals(id)) w.replaced.raw(prevId);
 }
 
 /**
@@ -932,7 +939,9 @@ async function unchangedTail(
   }
   const id = await storeTreeBytes(w, tree.finish());
   if (record) w.recordsOut?.leave(valid, id);
-  return { id, same: (await prev.id())?.equals(id) === true };
+  const prevId = await prev.id();
+  noteReplaced(w, prevId, id);
+  return { id, same: prevId?.equals(id) === true };
 }
 
 /**
@@ -1057,6 +1066,7 @@ async function changedTail(
     id = await storeTreeBytes(w, plain);
   }
   if (record) w.recordsOut?.leave(valid, id);
+  noteReplaced(w, prevId, id);
   return { id, same: prevId !== null && id.equals(prevId) };
 }
 
@@ -1164,6 +1174,7 @@ async function backupAncestors(w: Walk, p: Buffer, node: PathNode, prevTree: Tre
       w.stats.dirs++;
       const prevSub = prev?.kind === NodeKind.dir && prev.subtree ? await loadPrevTree(w, prev.subtree) : null;
       const subtree = await backupAncestors(w, cp, child, prevSub);
+      noteReplaced(w, prev?.kind === NodeKind.dir ? prev.subtree : null, subtree);
       // the previous xattrs while they are unchanged: a backup with nothing changed then starts no
       // xattr helper at all
       const xattrs = sameXattrs(st, prev) ? prev.xattrs : await w.fs.xattrs(cp).catch(() => []);
@@ -1258,6 +1269,7 @@ async function runBackup(
     progress: { filesDone: 0, bytesDone: 0, filesTotal: null, bytesTotal: null, currentPath: '' }, lastProgress: 0,
     records, recordsOut, line: new StatLine(), enterLine: new StatLine(),
     workerReader: async !== null && up.pool.readsFiles ? (opts.source.workerReader?.() ?? null) : null, onWorkers: 0,
+    replaced: new Writer(ID_BYTES * 64),
   };
   if (opts.prescan && opts.onProgress) {
     const t = prescan(opts.source, paths, opts.excluder);
@@ -1270,6 +1282,7 @@ async function runBackup(
   const treeId = pathTree.target
     ? (await settle(await backupDir(w, Buffer.from('/'), new PrevDir(w, null, null, prevRoot && Buffer.from(parent!.root.tree, 'hex'), prevRoot), true))).id
     : await backupAncestors(w, Buffer.from('/'), pathTree, prevRoot);
+  if (!pathTree.target) noteReplaced(w, parent ? Buffer.from(parent.root.tree, 'hex') : null, treeId);
   step('trees-done');
   await up.drain();
   step('uploaded');
@@ -1327,6 +1340,10 @@ async function runBackup(
     repo.cache?.putIndex?.(rootHex, index);
   }
   recordsOut?.finish(rootId);
+  // the trees this snapshot replaced leave the tree cache, which would otherwise keep every tree it
+  // was ever given (one the snapshot still lists elsewhere, such as an empty directory's, costs a
+  // download when next needed, never correctness)
+  await repo.cache?.dropAll?.(w.replaced.finish());
   step('committed');
   opts.onProgress?.({ ...w.progress, currentPath: '' });
   return { snapshot, rootId: rootId.toString('hex'), root };

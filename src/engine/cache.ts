@@ -11,6 +11,11 @@ export interface TreeCache {
   put(id: Buffer, data: Buffer): void;
   drop(id: Buffer): void;
   /**
+   * Removes the entries of these 32-byte ids (one after another in one buffer), if present: the trees
+   * a committed backup replaced. Optional; never fails.
+   */
+  dropAll?(ids: Buffer): Promise<void>;
+  /**
    * The index this workstation committed with head `head` (sorted 32-byte ids), if the cache holds
    * it; a backup whose current still has that head takes it as the list of objects current holds,
    * instead of listing them. Optional: a cache without it makes every backup list current.
