@@ -78,10 +78,10 @@ export class DirTreeCache implements TreeCache {
     }
   }
 
-  /** Removes the entries of the ids in `ids` (32 bytes each), DROP_LANES at a time on libuv's pool. */
+  /** Removes the entries of the ids in `ids` (ID_BYTES each), DROP_LANES at a time on libuv's pool. */
   async dropAll(ids: Buffer): Promise<void> {
     const all: Buffer[] = [];
-    for (let o = 0; o + 32 <= ids.length; o += 32) all.push(ids.subarray(o, o + 32));
+    for (let o = 0; o + ID_BYTES <= ids.length; o += ID_BYTES) all.push(ids.subarray(o, o + ID_BYTES));
     // (node:fs's callback call: an ssh:// client loads no node:fs/promises, test/layers.test.ts)
     await mapInLanes(all, DROP_LANES, (id) => new Promise<void>((resolve) => fs.unlink(this.file(id), () => resolve())));
   }

@@ -30,33 +30,24 @@ export function openSealed(keys: Keys, id: Buffer, type: ObjectTypeCode, data: B
   const o = openObject(keys, id, data);
   if (o.type !== type) throw new IntegrityError(hex, `Object ${hex} has type ${o.type}, expected ${type}`);
   let plain: Buffer;
-  let declared: number | null;
-  if (z !== undefined && expectedLength !== undefined && (o.compression === Compression.zstd || o.compression === Compression.none)) {
+  // a small tree's size, from its frame, when z is given without one (its plaintext is then copied out)
+  const declared = z !== undefined && expectedLength === undefined && o.compression === Compression.zstd ? zstdContentSize(o.payload) : null;
+  const expected = expectedLength ?? (declared !== null && declared <= SMALL_PLAINTEXT ? declared : undefined);
+  if (z !== undefined && expected !== undefined && (o.compression === Compression.zstd || o.compression === Compression.none)) {
     let out: Buffer | null;
     try {
-      out = o.compression === Compression.zstd ? z.decompress(o.payload, expectedLength) : z.copy(o.payload);
+      out = o.compression === Compression.zstd ? z.decompress(o.payload, expected) : z.copy(o.payload);
     } catch {
       throw new IntegrityError(hex, `Object ${hex} does not decompress`);
     } finally {
       release(o.inner); // (the plaintext is in z's buffer)
     }
-    if (out === null) throw new IntegrityError(hex, `Object ${hex} does not decompress to the ${expectedLength} bytes expected`);
-    plain = out;
-  } else if (z !== undefined && o.compression === Compression.zstd && (declared = zstdContentSize(o.payload)) !== null && declared <= SMALL_PLAINTEXT) {
-    let out: Buffer | null;
-    try {
-      out = z.decompress(o.payload, declared);
-    } catch {
-      throw new IntegrityError(hex, `Object ${hex} does not decompress`);
-    } finally {
-      release(o.inner);
-    }
-    if (out === null) throw new IntegrityError(hex, `Object ${hex} does not decompress to the ${declared} bytes its frame declares`);
-    plain = Buffer.from(out); // (z's buffer serves the next call)
+    if (out === null) throw new IntegrityError(hex, `Object ${hex} does not decompress to the ${expected} bytes expected`);
+    plain = expectedLength === undefined ? Buffer.from(out) : out; // (z's buffer serves the next call)
   } else if (o.compression === Compression.zstd) {
     try {
       const maxOutputLength = type === ObjectType.data ? MAX_CHUNK_SIZE : MAX_TREE_SIZE;
-      const size = expectedLength ?? zstdContentSize(o.payload);
+      const size = expectedLength ?? declared ?? zstdContentSize(o.payload);
       const chunkSize = size === null ? undefined : Math.max(64, Math.min(size + 1, maxOutputLength));
       plain = zstdDecompressSync(o.payload, chunkSize === undefined ? { maxOutputLength } : { maxOutputLength, chunkSize });
     } catch {
